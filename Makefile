@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python pipelines/synthetic.py
+
+test: $(STAMP)
+	$(BIN)/ruff check cosim_dask tests scripts pipelines
+	$(BIN)/python -m pytest
+
+# Skips the slow end-to-end tests; CI runs everything through `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check cosim_dask tests scripts pipelines
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_kernel.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,353 @@
+"""The math core: similarities and a chunk's partial loss and gradient, in NumPy only.
+
+Notation follows ``shared/seed/cosine-similarity-gradient.md``: for a pair (x, y) and a
+symmetric A, ``n = xᵀAx``, ``m = yᵀAy``, ``l = xᵀAy`` and ``s = l / sqrt(n m)``. The seed's
+per-element derivative is
+
+    ∂s/∂A_ij = y_i x_j / sqrt(nm) − (s/2) (x_i x_j / n + y_i y_j / m).
+
+Symmetrised, with the A-normalised vectors x̂ = x/√n, ŷ = y/√m, it is a rank-two matrix
+
+    ∇_A s = (1 − s)/4 · u uᵀ − (1 + s)/4 · v vᵀ,   u = x̂ + ŷ,  v = x̂ − ŷ,
+
+and since |s| ≤ 1 both weights have the sign of dloss/ds (or its opposite). So the gradient of
+a chunk is ``PᵀP − NᵀN`` with one row per pair in P and one in N: two symmetric rank-k updates
+(SYRK, half the FLOPs of a GEMM) on top of the forward product. The work runs over row blocks
+small enough to stay in cache, and each block's d × d result is added in float64.
+
+Convention: ``grad`` is the symmetric matrix G with dL = ⟨G, dA⟩_F for every symmetric dA.
+The gradient with respect to the d(d+1)/2 free parameters (the seed's "total gradient" of a
+tied off-diagonal A_ij = A_ji) is G_ii on the diagonal and 2 G_ij off it: see
+:func:`tied_gradient`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidPairsError, ShapeError
+from .losses import Loss, get_loss
+
+#: Rows per block: a (block × d) float32 block and its products stay in L2 for d ≤ 256.
+DEFAULT_BLOCK_ROWS = 2048
+_ALIGNMENT = 64
+
+
+@dataclass
+class Partial:
+    """Sums over a set of pairs that add across chunks; only the final combination divides.
+
+    ``grad`` is the summed gradient with respect to the parameters (A for the full form,
+    M for the factor form), float64.
+    """
+
+    loss: float
+    grad: np.ndarray
+    count: int
+    skipped: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __add__(self, other: Partial) -> Partial:
+        extra = dict(self.extra)
+        for key, value in other.extra.items():
+            extra[key] = extra.get(key, 0.0) + value
+        return Partial(
+            loss=self.loss + other.loss,
+            grad=self.grad + other.grad,
+            count=self.count + other.count,
+            skipped=self.skipped + other.skipped,
+            extra=extra,
+        )
+
+
+def combine_partials(partials: list[Partial]) -> Partial:
+    """Sum a list of partials (one level of a tree reduction)."""
+    if not partials:
+        raise ValueError("combine_partials needs at least one partial")
+    total = partials[0]
+    for p in partials[1:]:
+        total = total + p
+    return total
+
+
+def as_pair_arrays(
+    x: np.ndarray, y: np.ndarray, target: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate shapes and dtypes of a chunk of pairs; return aligned, contiguous arrays.
+
+    float32 stays float32 (the GEMMs run in single precision, sums in double); any other
+    real dtype becomes float64. Arrays that arrive over the network may be misaligned, which
+    pushes NumPy's matmul off BLAS, so those are copied.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2 or y.ndim != 2:
+        raise ShapeError(f"x and y must be 2-D (pairs × dim); got shapes {x.shape} and {y.shape}")
+    if x.shape != y.shape:
+        raise ShapeError(f"x and y must have the same shape; got {x.shape} and {y.shape}")
+    for name, a in (("x", x), ("y", y)):
+        if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+            raise ShapeError(f"{name} must hold real numbers; got dtype {a.dtype}")
+    dtype = np.float32 if x.dtype == np.float32 and y.dtype == np.float32 else np.float64
+    x, y = _aligned(x, dtype), _aligned(y, dtype)
+    if target is not None:
+        target = np.asarray(target, dtype=np.float64).reshape(-1)
+        if target.shape[0] != x.shape[0]:
+            raise ShapeError(
+                f"target has {target.shape[0]} entries but there are {x.shape[0]} pairs"
+            )
+    return x, y, target
+
+
+def _aligned(a: np.ndarray, dtype: type) -> np.ndarray:
+    if a.dtype == dtype and a.flags.c_contiguous and a.ctypes.data % _ALIGNMENT == 0:
+        return a
+    out = np.empty(a.shape, dtype=dtype)  # NumPy's allocator aligns large buffers
+    out[...] = a
+    return out
+
+
+def _check_metric(A: np.ndarray, d: int) -> np.ndarray:
+    A = np.asarray(A, dtype=np.float64)
+    if A.shape != (d, d):
+        raise ShapeError(f"A must be {d} × {d} to match the vectors; got shape {A.shape}")
+    return A
+
+
+def _invalid_message(n_bad: int, first: int, chunk_id: object) -> str:
+    where = f" in chunk {chunk_id}" if chunk_id is not None else ""
+    return (
+        f"{n_bad} pair(s){where} have a zero, NaN/Inf or non-positive xᵀAx / yᵀAy vector, "
+        f"or a non-finite target (first at row {first}); clean the data (e.g. "
+        f"`cosim ingest --drop-invalid`) or use on_invalid='skip'"
+    )
+
+
+def _similarity_terms(
+    xb: np.ndarray, yb: np.ndarray, xa: np.ndarray, ya: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n, m, l for a block given x·A (or x·Mᵀ) products, in float64."""
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf rows are reported later
+        return _terms(xb, yb, xa, ya)
+
+
+def _terms(xb, yb, xa, ya):
+    n = np.einsum("ij,ij->i", xb, xa).astype(np.float64)
+    m = np.einsum("ij,ij->i", yb, ya).astype(np.float64)
+    cross = np.einsum("ij,ij->i", xb, ya).astype(np.float64)
+    return n, m, cross
+
+
+def _products(xb: np.ndarray, yb: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf rows are reported later
+        return xb @ B, yb @ B
+
+
+def _valid_mask(n: np.ndarray, m: np.ndarray, cross: np.ndarray, t: np.ndarray | None):
+    ok = np.isfinite(n) & np.isfinite(m) & np.isfinite(cross) & (n > 0) & (m > 0)
+    if t is not None:
+        ok &= np.isfinite(t)
+    return ok
+
+
+def _cosine(n: np.ndarray, m: np.ndarray, cross: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s = cross / np.sqrt(n * m)
+    s = np.where(ok, s, 0.0)
+    return np.clip(s, -1.0, 1.0)  # roundoff can leave |s| a hair above 1
+
+
+def pair_similarity(
+    x: np.ndarray,
+    y: np.ndarray,
+    A: np.ndarray | None = None,
+    *,
+    on_invalid: str = "raise",
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> np.ndarray:
+    """Similarity ``xᵀAy / sqrt(xᵀAx · yᵀAy)`` of every pair.
+
+    Parameters
+    ----------
+    x, y : (b, d) arrays
+    A : (d, d) symmetric PSD array, or None for plain cosine similarity (A = I).
+    on_invalid : ``"raise"`` (default) raises :class:`InvalidPairsError` for pairs whose
+        similarity is undefined; ``"nan"`` returns NaN for them.
+
+    Returns
+    -------
+    (b,) float64 array in [−1, 1].
+    """
+    x, y, _ = as_pair_arrays(x, y)
+    d = x.shape[1]
+    A = np.eye(d) if A is None else _check_metric(A, d)
+    A_c = A.astype(x.dtype)
+    out = np.empty(x.shape[0], dtype=np.float64)
+    bad = np.zeros(x.shape[0], dtype=bool)
+    for lo in range(0, x.shape[0], block_rows):
+        xb, yb = x[lo : lo + block_rows], y[lo : lo + block_rows]
+        n, m, cross = _similarity_terms(xb, yb, *_products(xb, yb, A_c))
+        ok = _valid_mask(n, m, cross, None)
+        out[lo : lo + len(xb)] = _cosine(n, m, cross, ok)
+        bad[lo : lo + len(xb)] = ~ok
+    if bad.any():
+        if on_invalid == "raise":
+            raise InvalidPairsError(_invalid_message(int(bad.sum()), int(np.argmax(bad)), None))
+        out[bad] = np.nan
+    return out
+
+
+def chunk_partial(
+    x: np.ndarray,
+    y: np.ndarray,
+    target: np.ndarray,
+    A: np.ndarray,
+    loss: str | Loss = "mse",
+    *,
+    on_invalid: str = "raise",
+    chunk_id: object = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> Partial:
+    """Summed loss and symmetric gradient with respect to A of one chunk of pairs.
+
+    Parameters
+    ----------
+    x, y : (b, d) float32 or float64
+    target : (b,) targets (binary ±1 or graded in [−1, 1])
+    A : (d, d) symmetric metric
+    loss : a loss name or :class:`~cosim_dask.losses.Loss`
+    on_invalid : ``"raise"`` or ``"skip"`` (skipped pairs are counted in ``skipped``)
+    chunk_id : named in the error message for invalid pairs
+
+    Returns
+    -------
+    Partial with ``grad`` (d, d) float64, symmetric.
+    """
+    x, y, t = as_pair_arrays(x, y, target)
+    loss_fn = get_loss(loss)
+    d = x.shape[1]
+    A = _check_metric(A, d)
+    A_c = A.astype(x.dtype)
+    grad = np.zeros((d, d), dtype=np.float64)
+    total, count, skipped = 0.0, 0, 0
+    for lo in range(0, x.shape[0], block_rows):
+        xb, yb, tb = x[lo : lo + block_rows], y[lo : lo + block_rows], t[lo : lo + block_rows]
+        n, m, cross = _similarity_terms(xb, yb, *_products(xb, yb, A_c))
+        ok = _valid_mask(n, m, cross, tb)
+        if not ok.all():
+            if on_invalid == "raise":
+                raise InvalidPairsError(
+                    _invalid_message(int((~ok).sum()), lo + int(np.argmin(ok)), chunk_id)
+                )
+            skipped += int((~ok).sum())
+        s = _cosine(n, m, cross, ok)
+        values, dloss = loss_fn.pointwise(s, np.where(ok, tb, 0.0))
+        dloss = np.where(ok, dloss, 0.0)
+        total += float(values[ok].sum())
+        count += int(ok.sum())
+        plus, minus = _rank_two_rows(xb, yb, n, m, s, dloss, ok)
+        grad += plus.T @ plus  # same operand twice: NumPy calls SYRK
+        grad -= minus.T @ minus
+    return Partial(loss=total, grad=grad, count=count, skipped=skipped)
+
+
+def _rank_two_rows(xb, yb, n, m, s, dloss, ok):
+    """Rows P, N with Σ dloss·∇_A s = PᵀP − NᵀN (see the module docstring)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv_sqrt_n = np.where(ok, 1.0 / np.sqrt(n), 0.0)
+        inv_sqrt_m = np.where(ok, 1.0 / np.sqrt(m), 0.0)
+    h = np.abs(dloss) / 4.0
+    cu = np.sqrt(h * (1.0 - s))  # weight of u = x̂ + ŷ
+    cv = np.sqrt(h * (1.0 + s))  # weight of v = x̂ − ŷ
+    pos = dloss >= 0
+    # plus = p1·x + p2·y, minus = q1·x + q2·y, one row per pair each.
+    p1 = np.where(pos, cu, cv) * inv_sqrt_n
+    p2 = np.where(pos, cu, -cv) * inv_sqrt_m
+    q1 = np.where(pos, cv, cu) * inv_sqrt_n
+    q2 = np.where(pos, -cv, cu) * inv_sqrt_m
+    dt = xb.dtype
+    plus = xb * p1.astype(dt)[:, None]
+    plus += yb * p2.astype(dt)[:, None]
+    minus = xb * q1.astype(dt)[:, None]
+    minus += yb * q2.astype(dt)[:, None]
+    return plus, minus
+
+
+def factor_chunk_partial(
+    x: np.ndarray,
+    y: np.ndarray,
+    target: np.ndarray,
+    M: np.ndarray,
+    loss: str | Loss = "mse",
+    *,
+    on_invalid: str = "raise",
+    chunk_id: object = None,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+) -> Partial:
+    """Summed loss and gradient with respect to M (k × d), where A = MᵀM.
+
+    With v = Mx, w = My (the seed's first derivation), per pair
+    ``∂s/∂M = (w xᵀ + v yᵀ)/sqrt(nm) − s (v xᵀ/n + w yᵀ/m)``, summed as two GEMMs per block:
+    ``Vᵀ(c·Y − gs/n·X) + Wᵀ(c·X − gs/m·Y)`` with c = g/sqrt(nm), g = dloss/ds.
+    Costs O(b k d) rather than O(b d²): the form to use when k ≪ d.
+    """
+    x, y, t = as_pair_arrays(x, y, target)
+    loss_fn = get_loss(loss)
+    d = x.shape[1]
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2 or M.shape[1] != d:
+        raise ShapeError(f"M must be k × {d} to match the vectors; got shape {M.shape}")
+    Mt = np.ascontiguousarray(M.T.astype(x.dtype))
+    grad = np.zeros(M.shape, dtype=np.float64)
+    total, count, skipped = 0.0, 0, 0
+    for lo in range(0, x.shape[0], block_rows):
+        xb, yb, tb = x[lo : lo + block_rows], y[lo : lo + block_rows], t[lo : lo + block_rows]
+        v, w = _products(xb, yb, Mt)
+        n, m, cross = _similarity_terms(v, w, v, w)
+        ok = _valid_mask(n, m, cross, tb)
+        if not ok.all():
+            if on_invalid == "raise":
+                raise InvalidPairsError(
+                    _invalid_message(int((~ok).sum()), lo + int(np.argmin(ok)), chunk_id)
+                )
+            skipped += int((~ok).sum())
+        s = _cosine(n, m, cross, ok)
+        values, dloss = loss_fn.pointwise(s, np.where(ok, tb, 0.0))
+        g = np.where(ok, dloss, 0.0)
+        total += float(values[ok].sum())
+        count += int(ok.sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.where(ok, g / np.sqrt(n * m), 0.0)
+            gs_n = np.where(ok, g * s / n, 0.0)
+            gs_m = np.where(ok, g * s / m, 0.0)
+        dt = xb.dtype
+        px = yb * c.astype(dt)[:, None] - xb * gs_n.astype(dt)[:, None]
+        py = xb * c.astype(dt)[:, None] - yb * gs_m.astype(dt)[:, None]
+        grad += v.T @ px
+        grad += w.T @ py
+    return Partial(loss=total, grad=grad, count=count, skipped=skipped)
+
+
+def loss_and_gradient(
+    x: np.ndarray,
+    y: np.ndarray,
+    target: np.ndarray,
+    A: np.ndarray,
+    loss: str | Loss = "mse",
+) -> tuple[float, np.ndarray]:
+    """Summed loss over the pairs and its symmetric (d, d) float64 gradient with respect to A.
+
+    For users with their own optimiser; the distributed trainer uses the same core.
+    """
+    p = chunk_partial(x, y, target, A, loss)
+    return p.loss, p.grad
+
+
+def tied_gradient(grad: np.ndarray) -> np.ndarray:
+    """Gradient with respect to the free parameters of a symmetric A (upper triangle).
+
+    Off-diagonal A_ij and A_ji are one parameter, so its derivative is G_ij + G_ji = 2 G_ij;
+    the result's entry (i, j), i ≤ j, holds it (the lower triangle is zero).
+    """
+    return np.triu(2.0 * grad, k=1) + np.diag(np.diag(grad))

@@ -1,0 +1,236 @@
+"""Solvers that take optimisation steps on the driver; one registry, found by name.
+
+A solver holds its own state (arrays and scalars only, so a checkpoint can store it without
+pickling) and advances one step per :meth:`Solver.step`. It sees the problem only through an
+``evaluate(params, batch)`` callable returning ``(loss, grad)``: the mean loss and its gradient
+over all pairs (``batch=None``) or over the sample of chunks numbered ``batch``. Whether that
+runs in-process or on a Dask cluster is not the solver's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .errors import CosimError, UnknownNameError
+
+Evaluate = Callable[[np.ndarray, int | None], tuple[float, np.ndarray]]
+Project = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class StepInfo:
+    """What one step did: the loss and gradient norm at the new point, the step length taken
+    and how many evaluations (distributed passes) it cost."""
+
+    loss: float
+    grad_norm: float
+    step_size: float
+    evaluations: int
+
+
+class Solver:
+    """Base class. Subclasses set ``name``, ``stochastic`` and implement ``start``/``step``."""
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.params: np.ndarray | None = None
+        self.loss: float = np.inf
+        self.grad: np.ndarray | None = None
+        self.iteration = 0
+
+    def start(self, params: np.ndarray, evaluate: Evaluate) -> StepInfo:
+        self.params = params
+        self.loss, self.grad = evaluate(params, None if not self.stochastic else 0)
+        return StepInfo(self.loss, float(np.linalg.norm(self.grad)), 0.0, 1)
+
+    def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
+        raise NotImplementedError
+
+    # State for checkpoints: a flat dict of arrays and numbers.
+    def state(self) -> dict[str, np.ndarray | float | int]:
+        return {"params": self.params, "loss": self.loss, "grad": self.grad,
+                "iteration": self.iteration}
+
+    def restore(self, state: dict) -> None:
+        self.params = np.asarray(state["params"], dtype=np.float64)
+        self.loss = float(state["loss"])
+        self.grad = np.asarray(state["grad"], dtype=np.float64)
+        self.iteration = int(state["iteration"])
+
+
+def _backtrack(
+    evaluate: Evaluate, project: Project, params, loss, grad, direction, step0,
+    shrink=0.5, c1=1e-4, max_tries=30,
+):
+    """Armijo backtracking along ``direction`` with projection; returns the accepted point."""
+    step = step0
+    for tries in range(1, max_tries + 1):
+        candidate = project(params + step * direction)
+        new_loss, new_grad = evaluate(candidate, None)
+        decrease = float(np.sum(grad * (candidate - params)))
+        if np.isfinite(new_loss) and new_loss <= loss + c1 * min(decrease, 0.0):
+            return candidate, new_loss, new_grad, step, tries
+        step *= shrink
+    return params, loss, grad, 0.0, max_tries
+
+
+class GradientDescent(Solver):
+    """Gradient descent with a backtracking line search; the step grows again after success."""
+
+    name = "gd"
+
+    def __init__(self, lr: float = 1.0, grow: float = 2.0) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise CosimError(f"lr={lr!r} must be > 0")
+        self.lr = lr
+        self.grow = grow
+
+    def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
+        self.params, self.loss, self.grad, used, tries = _backtrack(
+            evaluate, project, self.params, self.loss, self.grad, -self.grad, self.lr
+        )
+        self.lr = used * self.grow if used > 0 else self.lr * 0.5**tries
+        self.iteration += 1
+        return StepInfo(self.loss, float(np.linalg.norm(self.grad)), used, tries)
+
+    def state(self):
+        return {**super().state(), "lr": self.lr}
+
+    def restore(self, state):
+        super().restore(state)
+        self.lr = float(state["lr"])
+
+
+class LBFGS(Solver):
+    """Limited-memory BFGS (two-loop recursion) with a projected backtracking line search.
+
+    Our own rather than scipy's so that its state (the last ``memory`` curvature pairs) is
+    checkpointed and a resumed run continues exactly where it stopped.
+    """
+
+    name = "lbfgs"
+
+    def __init__(self, memory: int = 10, lr: float = 1.0) -> None:
+        super().__init__()
+        if memory < 1:
+            raise CosimError(f"memory={memory!r} must be >= 1")
+        if lr <= 0:
+            raise CosimError(f"lr={lr!r} must be > 0")
+        self.memory = memory
+        self.lr = lr
+        self.s_hist: list[np.ndarray] = []
+        self.y_hist: list[np.ndarray] = []
+
+    def _direction(self) -> np.ndarray:
+        q = self.grad.copy()
+        alphas = []
+        for s, y in zip(reversed(self.s_hist), reversed(self.y_hist), strict=True):
+            rho = 1.0 / np.sum(y * s)
+            a = rho * np.sum(s * q)
+            q -= a * y
+            alphas.append((rho, a))
+        if self.s_hist:
+            s, y = self.s_hist[-1], self.y_hist[-1]
+            q *= np.sum(s * y) / np.sum(y * y)
+        else:
+            # First step: a gradient step scaled to move the parameters by lr·10 % at most.
+            q *= 0.1 * self.lr * max(np.linalg.norm(self.params), 1.0) / max(
+                np.linalg.norm(q), 1e-300)
+        for (rho, a), s, y in zip(reversed(alphas), self.s_hist, self.y_hist, strict=True):
+            b = rho * np.sum(y * q)
+            q += (a - b) * s
+        return -q
+
+    def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
+        direction = self._direction()
+        if np.sum(direction * self.grad) >= 0:  # not a descent direction: reset memory
+            self.s_hist, self.y_hist = [], []
+            direction = self._direction()
+        old_params, old_grad = self.params, self.grad
+        self.params, self.loss, self.grad, used, tries = _backtrack(
+            evaluate, project, self.params, self.loss, self.grad, direction, 1.0
+        )
+        if used > 0:
+            s, y = self.params - old_params, self.grad - old_grad
+            if np.sum(s * y) > 1e-12 * np.sqrt(np.sum(s * s) * np.sum(y * y)):
+                self.s_hist.append(s)
+                self.y_hist.append(y)
+                del self.s_hist[: -self.memory], self.y_hist[: -self.memory]
+        else:
+            self.s_hist, self.y_hist = [], []
+        self.iteration += 1
+        return StepInfo(self.loss, float(np.linalg.norm(self.grad)), used, tries)
+
+    def state(self):
+        state = {**super().state(), "history": len(self.s_hist)}
+        for i, (s, y) in enumerate(zip(self.s_hist, self.y_hist, strict=True)):
+            state[f"s{i}"], state[f"y{i}"] = s, y
+        return state
+
+    def restore(self, state):
+        super().restore(state)
+        count = int(state["history"])
+        self.s_hist = [np.asarray(state[f"s{i}"]) for i in range(count)]
+        self.y_hist = [np.asarray(state[f"y{i}"]) for i in range(count)]
+
+
+class Adam(Solver):
+    """Adam on mini-batches of sampled chunks (batch number = step number, seeded sampling)."""
+
+    name = "adam"
+    stochastic = True
+
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise CosimError(f"lr={lr!r} must be > 0")
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m1: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def start(self, params, evaluate):
+        info = super().start(params, evaluate)
+        self.m1, self.m2 = np.zeros_like(params), np.zeros_like(params)
+        return info
+
+    def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
+        t = self.iteration + 1
+        self.m1 = self.beta1 * self.m1 + (1 - self.beta1) * self.grad
+        self.m2 = self.beta2 * self.m2 + (1 - self.beta2) * self.grad**2
+        m1_hat = self.m1 / (1 - self.beta1**t)
+        m2_hat = self.m2 / (1 - self.beta2**t)
+        # Adam's step is in units of the parameters: scale by their size so lr is unitless.
+        scale = max(np.sqrt(np.mean(self.params**2)), 1e-12)
+        self.params = project(self.params - self.lr * scale * m1_hat / (np.sqrt(m2_hat) + self.eps))
+        self.loss, self.grad = evaluate(self.params, t)
+        self.iteration = t
+        return StepInfo(self.loss, float(np.linalg.norm(self.grad)), self.lr, 1)
+
+    def state(self):
+        return {**super().state(), "m1": self.m1, "m2": self.m2}
+
+    def restore(self, state):
+        super().restore(state)
+        self.m1, self.m2 = np.asarray(state["m1"]), np.asarray(state["m2"])
+
+
+SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (LBFGS, GradientDescent, Adam)}
+
+
+def get_solver(name: str, **params) -> Solver:
+    """A new solver by name (``"lbfgs"``, ``"gd"``, ``"adam"``); ``params`` go to its init."""
+    try:
+        cls = SOLVERS[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown solver {name!r}; choose one of: {', '.join(SOLVERS)}"
+        ) from None
+    return cls(**{k: v for k, v in params.items() if v is not None})

@@ -1,0 +1,262 @@
+"""The vectorised kernel against the seed's per-element formulas and finite differences."""
+
+import numpy as np
+import pytest
+from conftest import random_pairs, random_spd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cosim_dask import (
+    chunk_partial,
+    factor_chunk_partial,
+    loss_and_gradient,
+    pair_similarity,
+    tied_gradient,
+)
+from cosim_dask.errors import InvalidPairsError, ShapeError
+from cosim_dask.kernel import Partial, combine_partials
+
+
+def seed_dsim_dA(x, y, A):
+    """The seed's per-element derivatives, by a plain loop: (untied ∂s/∂A_ij, tied total)."""
+    n, m, l = x @ A @ x, y @ A @ y, x @ A @ y  # noqa: E741 - the seed's names
+    d = len(x)
+    untied = np.empty((d, d))
+    tied = np.zeros((d, d))
+    for i in range(d):
+        for j in range(d):
+            untied[i, j] = (2 * y[i] * x[j] * n * m - l * m * x[i] * x[j] - l * n * y[i] * y[j]) / (
+                2 * (n * m) ** 1.5
+            )
+            if i < j:
+                tied[i, j] = ((y[i] * x[j] + y[j] * x[i]) * n * m - l * m * x[i] * x[j]
+                              - l * n * y[i] * y[j]) / (n * m) ** 1.5
+            elif i == j:
+                tied[i, i] = untied[i, i]
+    return untied, tied
+
+
+def seed_dsim_dM(x, y, M):
+    """The seed's first derivation: ∂s/∂M_ij with v = Mx, w = My, by a plain loop."""
+    v, w = M @ x, M @ y
+    vv, ww, vw = v @ v, w @ w, v @ w
+    k, d = M.shape
+    out = np.empty((k, d))
+    for i in range(k):
+        for j in range(d):
+            out[i, j] = ((x[j] * w[i] + v[i] * y[j]) * vv * ww
+                         - vw * (x[j] * v[i] * ww + vv * y[j] * w[i])) / (vv * ww) ** 1.5
+    return out
+
+
+def identity_loss_partial(x, y, A):
+    """With loss = s (mse of s against t expands; use d loss/ds = 1 via a custom loss)."""
+    from cosim_dask.losses import Loss
+
+    class Linear(Loss):
+        name = "linear"
+
+        def pointwise(self, s, t):
+            return s, np.ones_like(s)
+
+    return chunk_partial(x[None], y[None], np.zeros(1), A, Linear())
+
+
+def test_similarity_matches_definition(rng):
+    d = 7
+    x, y, _ = random_pairs(rng, 20, d)
+    A = random_spd(rng, d)
+    expected = [xi @ A @ yi / np.sqrt((xi @ A @ xi) * (yi @ A @ yi))
+                for xi, yi in zip(x, y, strict=True)]
+    np.testing.assert_allclose(pair_similarity(x, y, A), expected, rtol=1e-12)
+    plain = [xi @ yi / np.linalg.norm(xi) / np.linalg.norm(yi) for xi, yi in zip(x, y, strict=True)]
+    np.testing.assert_allclose(pair_similarity(x, y), plain, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 3, 6])
+def test_gradient_matches_seed_per_element_formula(rng, d):
+    A = random_spd(rng, d)
+    for _ in range(5):
+        x, y = rng.standard_normal(d), rng.standard_normal(d)
+        grad = identity_loss_partial(x, y, A).grad
+        untied, tied = seed_dsim_dA(x, y, A)
+        # The symmetric gradient is the symmetrised untied one ...
+        np.testing.assert_allclose(grad, 0.5 * (untied + untied.T), rtol=1e-10, atol=1e-12)
+        # ... and the free-parameter gradient is the seed's tied total gradient.
+        np.testing.assert_allclose(tied_gradient(grad), tied, rtol=1e-10, atol=1e-12)
+
+
+def test_factor_gradient_matches_seed_M_derivation(rng):
+    d, k = 6, 4
+    M = rng.standard_normal((k, d))
+    from cosim_dask.losses import Loss
+
+    class Linear(Loss):
+        name = "linear"
+
+        def pointwise(self, s, t):
+            return s, np.ones_like(s)
+
+    for _ in range(5):
+        x, y = rng.standard_normal(d), rng.standard_normal(d)
+        got = factor_chunk_partial(x[None], y[None], np.zeros(1), M, Linear()).grad
+        np.testing.assert_allclose(got, seed_dsim_dM(x, y, M), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "contrastive"])
+def test_factor_gradient_equals_chain_rule(rng, loss):
+    d, k = 9, 5
+    x, y, t = random_pairs(rng, 300, d)
+    M = rng.standard_normal((k, d))
+    pm = factor_chunk_partial(x, y, t, M, loss, block_rows=64)
+    pa = chunk_partial(x, y, t, M.T @ M, loss)
+    assert pm.loss == pytest.approx(pa.loss, rel=1e-12)
+    np.testing.assert_allclose(pm.grad, 2 * M @ pa.grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("loss", ["mse", "contrastive"])
+def test_gradient_against_central_differences(rng, loss):
+    d = 8
+    x, y, t = random_pairs(rng, 400, d)
+    t = np.where(rng.random(400) < 0.5, 1.0, -1.0) if loss == "contrastive" else t
+    A = random_spd(rng, d)
+    _, grad = loss_and_gradient(x, y, t, A, loss)
+    for _ in range(4):
+        D = rng.standard_normal((d, d))
+        D = D + D.T
+        h = 1e-6
+        f_plus, _ = loss_and_gradient(x, y, t, A + h * D, loss)
+        f_minus, _ = loss_and_gradient(x, y, t, A - h * D, loss)
+        fd = (f_plus - f_minus) / (2 * h)
+        assert np.sum(grad * D) == pytest.approx(fd, rel=1e-6, abs=1e-8)
+
+
+def test_factor_gradient_against_central_differences(rng):
+    d, k = 7, 3
+    x, y, t = random_pairs(rng, 200, d)
+    M = rng.standard_normal((k, d))
+    grad = factor_chunk_partial(x, y, t, M).grad
+    for _ in range(4):
+        D = rng.standard_normal((k, d))
+        h = 1e-6
+        fd = (factor_chunk_partial(x, y, t, M + h * D).loss
+              - factor_chunk_partial(x, y, t, M - h * D).loss) / (2 * h)
+        assert np.sum(grad * D) == pytest.approx(fd, rel=1e-6, abs=1e-8)
+
+
+def test_float32_partial_close_to_float64(rng):
+    d = 64
+    x, y, t = random_pairs(rng, 20000, d)
+    A = random_spd(rng, d)
+    p64 = chunk_partial(x, y, t, A)
+    p32 = chunk_partial(x.astype(np.float32), y.astype(np.float32), t, A)
+    assert p32.grad.dtype == np.float64
+    assert p32.loss == pytest.approx(p64.loss, rel=1e-4)
+    err = np.linalg.norm(p32.grad - p64.grad) / np.linalg.norm(p64.grad)
+    assert err < 1e-4
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 60),
+    d=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+    loss=st.sampled_from(["mse", "contrastive"]),
+    cut=st.floats(0, 1),
+)
+def test_invariants(b, d, seed, loss, cut):
+    rng = np.random.default_rng(seed)
+    x, y, t = random_pairs(rng, b, d)
+    A = random_spd(rng, d)
+    p = chunk_partial(x, y, t, A, loss, block_rows=7)
+    # Symmetric.
+    np.testing.assert_array_equal(p.grad, p.grad.T)
+    # Scale invariance sim(cA) = sim(A) gives ⟨∇, A⟩_F = 0.
+    # Each pair's term ⟨uuᵀ, A⟩ is O(1) (x̂, ŷ have unit A-norm), so roundoff is O(b·ε).
+    scale = np.linalg.norm(p.grad) * np.linalg.norm(A)
+    assert abs(np.sum(p.grad * A)) <= 1e-9 * scale + 1e-12 * b
+    # Normalising x and y first changes nothing.
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    yn = y / np.linalg.norm(y, axis=1, keepdims=True)
+    np.testing.assert_allclose(pair_similarity(xn, yn, A), pair_similarity(x, y, A), atol=1e-12)
+    # Partials of any split add up to the partial of the whole.
+    k = int(round(cut * b))
+    left = chunk_partial(x[:k], y[:k], t[:k], A, loss)
+    right = chunk_partial(x[k:], y[k:], t[k:], A, loss)
+    total = combine_partials([left, right])
+    assert total.count == p.count == b
+    assert total.loss == pytest.approx(p.loss, rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(total.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_partial_accumulates_in_float64():
+    x = np.ones((3, 2), np.float32)
+    p = chunk_partial(x, x * 2, np.ones(3), np.eye(2))
+    assert p.grad.dtype == np.float64 and isinstance(p.loss, float)
+
+
+@pytest.mark.parametrize(
+    "bad_x",
+    [
+        lambda x: x.__setitem__((3, slice(None)), 0.0),
+        lambda x: x.__setitem__((3, 0), np.nan),
+        lambda x: x.__setitem__((3, 1), np.inf),
+    ],
+)
+def test_invalid_rows_raise_with_count_and_chunk(rng, bad_x):
+    x, y, t = random_pairs(rng, 10, 4)
+    bad_x(x)
+    with pytest.raises(InvalidPairsError, match=r"1 pair\(s\) in chunk 7 .*row 3"):
+        chunk_partial(x, y, t, np.eye(4), chunk_id=7)
+    with pytest.raises(InvalidPairsError):
+        pair_similarity(x, y)
+
+
+def test_invalid_rows_skipped_by_policy(rng):
+    x, y, t = random_pairs(rng, 10, 4)
+    x[[2, 5]] = 0.0
+    p = chunk_partial(x, y, t, np.eye(4), on_invalid="skip")
+    keep = np.ones(10, bool)
+    keep[[2, 5]] = False
+    q = chunk_partial(x[keep], y[keep], t[keep], np.eye(4))
+    assert (p.count, p.skipped) == (8, 2)
+    assert p.loss == pytest.approx(q.loss)
+    np.testing.assert_allclose(p.grad, q.grad)
+    s = pair_similarity(x, y, on_invalid="nan")
+    assert np.isnan(s[[2, 5]]).all() and np.isfinite(s[keep]).all()
+
+
+def test_non_psd_metric_is_an_error_not_nan(rng):
+    x, y, t = random_pairs(rng, 10, 3)
+    with pytest.raises(InvalidPairsError, match="non-positive"):
+        chunk_partial(x, y, t, -np.eye(3))
+
+
+def test_shape_errors(rng):
+    x, y, t = random_pairs(rng, 10, 3)
+    with pytest.raises(ShapeError, match="same shape"):
+        chunk_partial(x, y[:5], t, np.eye(3))
+    with pytest.raises(ShapeError, match="target has 4"):
+        chunk_partial(x, y, t[:4], np.eye(3))
+    with pytest.raises(ShapeError, match="A must be 3 × 3"):
+        chunk_partial(x, y, t, np.eye(4))
+    with pytest.raises(ShapeError, match="real numbers"):
+        pair_similarity(x.astype(complex), y)
+
+
+def test_misaligned_input_gives_same_result(rng):
+    x, y, t = random_pairs(rng, 100, 16, np.float32)
+    buf = np.empty(x.size * 4 + 1, np.uint8)[1:].view(np.float32)  # forced misalignment
+    buf_x = buf.reshape(x.shape)
+    buf_x[...] = x
+    assert buf_x.ctypes.data % 64 != 0
+    A = np.eye(16)
+    a, b = chunk_partial(buf_x, y, t, A), chunk_partial(x, y, t, A)
+    np.testing.assert_array_equal(a.grad, b.grad)
+
+
+def test_partial_addition_keeps_extras():
+    g = np.zeros((1, 1))
+    total = Partial(1.0, g, 2, 0, {"a": 1.0}) + Partial(2.0, g, 3, 1, {"a": 2.0, "b": 1.0})
+    assert (total.loss, total.count, total.skipped) == (3.0, 5, 1)
+    assert total.extra == {"a": 3.0, "b": 1.0}
