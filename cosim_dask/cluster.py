@@ -1,0 +1,114 @@
+"""Connect to a Dask cluster or start a LocalCluster; nothing here knows about the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import dask
+from distributed import Client, LocalCluster
+
+from .errors import ClusterError
+
+#: BLAS threads in processes that share cores collapse (FACTS: one GEMM ran 50× slower).
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass
+class ClusterConfig:
+    """How to reach or build the cluster.
+
+    ``scheduler``: an address (``tcp://host:8786``, ``tls://...``); None uses Dask's own
+    configuration (``DASK_SCHEDULER_ADDRESS`` / ``scheduler-address``) and otherwise starts a
+    LocalCluster with ``workers`` × ``threads_per_worker`` and ``memory_limit`` per worker.
+    """
+
+    scheduler: str | None = None
+    workers: int = 2
+    threads_per_worker: int = 1
+    memory_limit: str | None = "auto"
+    dashboard_address: str = "127.0.0.1:0"
+    security: object | None = None  # distributed.security.Security, or a path to a TLS config
+    timeout: float = 10.0
+    processes: bool = True
+
+
+def scheduler_address(config: ClusterConfig) -> str | None:
+    """The scheduler to connect to, from the option or from Dask's configuration."""
+    return config.scheduler or dask.config.get("scheduler-address", None) or None
+
+
+def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
+    """A client, and the LocalCluster it owns (None when it joined an existing cluster).
+
+    An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds.
+    """
+    security = _security(config.security)
+    address = scheduler_address(config)
+    if address:
+        try:
+            client = Client(address, timeout=config.timeout, security=security)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address!r} within {config.timeout:g} s "
+                f"({type(exc).__name__}); check the address, or omit --scheduler to start a "
+                f"local cluster"
+            ) from None
+        return client, None
+    if config.workers < 1 or config.threads_per_worker < 1:
+        raise ClusterError(
+            f"workers={config.workers} and threads_per_worker={config.threads_per_worker} "
+            "must be at least 1"
+        )
+    env = {name: str(config.threads_per_worker) for name in _BLAS_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        cluster = LocalCluster(
+            n_workers=config.workers,
+            threads_per_worker=config.threads_per_worker,
+            memory_limit=config.memory_limit,
+            processes=config.processes,
+            dashboard_address=config.dashboard_address,
+            host="127.0.0.1",
+            security=security,
+        )
+    return Client(cluster, security=security), cluster
+
+
+def _security(security: object | None):
+    if security is None or not isinstance(security, str | os.PathLike):
+        return security
+    from distributed.security import Security
+
+    path = os.fspath(security)
+    if not os.path.exists(path):
+        raise ClusterError(f"the security config {path!r} does not exist")
+    import yaml
+
+    with open(path) as f:
+        settings = yaml.safe_load(f) or {}
+    tls = settings.get("distributed", {}).get("comm", {}).get("tls", settings)
+    try:
+        return Security(
+            require_encryption=True,
+            tls_ca_file=tls["ca-file"],
+            tls_client_cert=tls.get("client", {}).get("cert"),
+            tls_client_key=tls.get("client", {}).get("key"),
+            tls_scheduler_cert=tls.get("scheduler", {}).get("cert"),
+            tls_scheduler_key=tls.get("scheduler", {}).get("key"),
+            tls_worker_cert=tls.get("worker", {}).get("cert"),
+            tls_worker_key=tls.get("worker", {}).get("key"),
+        )
+    except KeyError as exc:
+        raise ClusterError(f"the security config {path!r} lacks the key {exc.args[0]!r}") from None
+
+
+def cluster_memory(client: Client) -> int:
+    """Total memory limit of the cluster's workers, in bytes (0 when unknown)."""
+    info = client.scheduler_info(n_workers=-1)
+    return int(sum(w.get("memory_limit") or 0 for w in info["workers"].values()))
+
+
+def close(client: Client, cluster: LocalCluster | None) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()

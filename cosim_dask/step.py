@@ -1,0 +1,274 @@
+"""One distributed evaluation: a task per chunk on the worker that holds or reads it, then a
+tree reduction of the partials; only the root's sums reach the driver.
+
+Nothing here knows the CLI. The NumPy work is :mod:`cosim_dask.kernel`; this module decides
+where it runs and how the results add up.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import dask
+import numpy as np
+from distributed import Client
+
+from .errors import StoreError
+from .kernel import Partial, as_pair_arrays
+from .losses import Loss, get_loss
+from .metric import Parameterisation
+from .objective import sample_chunks
+from .scores import ScoreStats
+from .split import validation_mask
+
+#: Pairs per task in memory; partials stay small whatever the chunk size.
+DEFAULT_SPLIT_EVERY = 8
+
+
+@dataclass(frozen=True)
+class StoreSlice:
+    """Rows [lo, hi) of chunk ``index`` of a pair store, read by the worker itself."""
+
+    path: str
+    index: int
+    lo: int
+    hi: int
+
+
+@functools.lru_cache(maxsize=8)
+def _open_arrays(path: str):
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    return group["x"], group["y"], group["target"]
+
+
+def read_slice(piece: StoreSlice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read one chunk's rows on the worker; a corrupt or unreadable chunk names itself."""
+    arrays = _open_arrays(piece.path)
+    out = []
+    for name, array in zip(("x", "y", "target"), arrays, strict=True):
+        try:
+            out.append(np.asarray(array[piece.lo : piece.hi]))
+        except Exception as exc:  # zarr/codec errors have many types; name the chunk
+            raise StoreError(
+                f"cannot read chunk {piece.index} (rows {piece.lo}:{piece.hi}) of array "
+                f"{name!r} in {piece.path!r}: {type(exc).__name__}: {exc}"
+            ) from None
+    return out[0], out[1], out[2]
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a chunk task computes, the same for every chunk of a pass."""
+
+    parameterisation: Parameterisation
+    loss: Loss
+    validation: float = 0.0
+    seed: int = 0
+    on_invalid: str = "raise"
+    with_train: bool = True
+    with_validation: bool = False
+    joint: bool = False
+
+
+@dataclass
+class ChunkResult:
+    """A chunk's train partial and validation statistics; adds like its parts."""
+
+    train: Partial | None
+    validation: ScoreStats | None
+
+    def __add__(self, other: ChunkResult) -> ChunkResult:
+        return ChunkResult(_add(self.train, other.train), _add(self.validation, other.validation))
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkResult:
+    """The work of one chunk: read (if needed), split, partial on train rows, stats on the rest."""
+    x, y, t = read_slice(data) if isinstance(data, StoreSlice) else data
+    x, y, t = as_pair_arrays(x, y, t)  # aligned, contiguous: arrays off the wire may not be
+    val = validation_mask(index, len(x), spec.validation, spec.seed)
+    train = None
+    if spec.with_train:
+        rows = ~val
+        if val.any():
+            x_t, y_t, t_t = x[rows], y[rows], t[rows]
+        else:
+            x_t, y_t, t_t = x, y, t
+        train = spec.parameterisation.chunk_partial(
+            x_t, y_t, t_t, params, spec.loss, on_invalid=spec.on_invalid, chunk_id=index
+        )
+    stats = None
+    if spec.with_validation:
+        rows = val if spec.validation > 0 else np.ones(len(x), bool)
+        stats = score_rows(x[rows], y[rows], t[rows], spec.parameterisation.metric(params),
+                           spec.loss, spec.joint)
+    return ChunkResult(train, stats)
+
+
+def score_rows(x, y, t, A, loss: Loss, joint: bool = False) -> ScoreStats:
+    from .kernel import pair_similarity
+
+    s = pair_similarity(x, y, A, on_invalid="nan")
+    ok = np.isfinite(s) & np.isfinite(t)
+    s, t = s[ok], t[ok]
+    values, _ = loss.pointwise(s, t)
+    return ScoreStats.of(s, t, values, joint=joint)
+
+
+def combine_results(*results: ChunkResult) -> ChunkResult:
+    total = results[0]
+    for r in results[1:]:
+        total = total + r
+    return total
+
+
+def tree_depth(n_leaves: int, split_every: int) -> int:
+    """Levels of combine tasks above the leaves: ⌈log_k(n)⌉ (0 for a single leaf)."""
+    return 0 if n_leaves <= 1 else math.ceil(math.log(n_leaves) / math.log(split_every) - 1e-12)
+
+
+def tree_reduce(leaves: list, split_every: int, token: str):
+    """Sum delayed leaves k at a time, level by level: a tree, never a chain.
+
+    Groups are consecutive and the order within each is fixed, so the float64 sums — and
+    the result — do not depend on which worker finishes first.
+    """
+    if split_every < 2:
+        raise ValueError(f"split_every={split_every} must be at least 2")
+    level = 0
+    while len(leaves) > 1:
+        level += 1
+        leaves = [
+            dask.delayed(combine_results)(
+                *leaves[j : j + split_every], dask_key_name=f"cosim-combine-{token}-{level}-{j}"
+            )
+            for j in range(0, len(leaves), split_every)
+        ]
+    return leaves[0]
+
+
+@dataclass
+class Pieces:
+    """The chunks of a dataset as tasks see them, their row counts, and what keeps them alive."""
+
+    items: list
+    rows: list[int]
+    held: tuple = ()
+    streaming: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.streaming = bool(self.items) and isinstance(self.items[0], StoreSlice)
+
+
+class DaskPairs:
+    """Partial sums over a pair dataset on a Dask cluster; the ``partial_sum`` of an Objective.
+
+    ``pieces`` hold either :class:`StoreSlice` items (streaming: each task reads its rows from
+    the store) or tuples of delayed (x, y, target) chunks (data persisted in worker memory).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        pieces: Pieces,
+        parameterisation: Parameterisation,
+        loss: Loss | str = "mse",
+        *,
+        validation: float = 0.0,
+        seed: int = 0,
+        batch_chunks: int | None = None,
+        split_every: int | None = None,
+        on_invalid: str = "raise",
+        broadcast: str = "scatter",
+    ) -> None:
+        self.client = client
+        self.source = pieces
+        self.pieces = pieces.items
+        self.rows = pieces.rows
+        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid)
+        self.batch_chunks = batch_chunks
+        self.split_every = split_every or dask.config.get("split_every", None) or \
+            DEFAULT_SPLIT_EVERY
+        if self.split_every < 2:
+            raise ValueError(f"split_every={self.split_every} must be at least 2")
+        self.broadcast = broadcast
+        self.last_validation: ScoreStats | None = None
+        self.last_pairs = 0
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self.pieces)
+
+    def _params_ref(self, params: np.ndarray):
+        if self.broadcast == "scatter":
+            # One copy to every worker per step; a task reference, not a graph constant.
+            return self.client.scatter(params, broadcast=True, hash=False)
+        return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
+
+    def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
+        token = uuid.uuid4().hex[:12]
+        ref = self._params_ref(params)
+        leaves = [
+            dask.delayed(chunk_task)(
+                self.pieces[i], ref, spec, i, dask_key_name=f"cosim-chunk-{token}-{i}"
+            )
+            for i in chunks
+        ]
+        root = tree_reduce(leaves, self.split_every, token)
+        future = self.client.compute(root)
+        try:
+            return future.result()
+        finally:
+            future.release()
+            if hasattr(ref, "release"):
+                ref.release()
+
+    def __call__(self, params: np.ndarray, batch: int | None = None) -> Partial:
+        full = batch is None or self.batch_chunks is None
+        chunks = (range(self.n_chunks) if full
+                  else sample_chunks(self.n_chunks, self.batch_chunks, self.spec.seed, batch))
+        spec = ChunkSpec(**{**self.spec.__dict__,
+                            "with_validation": full and self.spec.validation > 0})
+        result = self.run(params, spec, list(chunks))
+        self.last_pairs = sum(self.rows[i] for i in chunks)
+        if result.validation is not None:
+            self.last_validation = result.validation
+        return result.train
+
+    def validate(self, params: np.ndarray) -> ScoreStats:
+        """Validation statistics alone (one pass over the validation rows)."""
+        spec = ChunkSpec(**{**self.spec.__dict__, "with_train": False, "with_validation": True})
+        return self.run(params, spec, list(range(self.n_chunks))).validation
+
+
+def store_pieces(path: str, slices: Sequence[slice]) -> Pieces:
+    """Streaming pieces: every task reads its own rows from the store, every pass."""
+    pieces = [StoreSlice(str(path), i, s.start, s.stop) for i, s in enumerate(slices)]
+    return Pieces(pieces, [s.stop - s.start for s in slices])
+
+
+def persisted_pieces(client: Client, x, y, target) -> Pieces:
+    """Pieces of Dask arrays persisted in the workers' memory (read once, reused each step).
+
+    Persisted chunks keep their lineage: a lost worker's chunks are recomputed from the
+    store (unlike data scattered from the client).
+    """
+    if x.chunks[0] != y.chunks[0] or x.chunks[0] != target.chunks[0]:
+        raise ValueError("x, y and target must share their row chunks")
+    x = x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
+    y = y.rechunk({1: -1}) if y.numblocks[1] > 1 else y
+    x, y, target = client.persist([x, y, target])
+    xs, ys, ts = x.to_delayed().ravel(), y.to_delayed().ravel(), target.to_delayed().ravel()
+    # The persisted arrays hold the futures: keep them, or the workers drop the data.
+    return Pieces(list(zip(xs, ys, ts, strict=True)), list(x.chunks[0]), (x, y, target))

@@ -1,0 +1,156 @@
+"""The distributed evaluation on a real LocalCluster against the single-process NumPy core."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from conftest import random_spd
+from distributed import Client, LocalCluster
+
+from cosim_dask.errors import InvalidPairsError
+from cosim_dask.kernel import chunk_partial
+from cosim_dask.metric import FactorMetric, FullMetric
+from cosim_dask.objective import InMemoryPairs, Objective
+from cosim_dask.split import validation_mask
+from cosim_dask.step import DaskPairs, persisted_pieces, store_pieces, tree_depth
+from cosim_dask.synthetic import synthetic_pairs
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", host="127.0.0.1") as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y, t, _ = synthetic_pairs(5000, 12, rank=4, seed=1, targets="binary")
+    return x.astype(np.float64), y.astype(np.float64), t.astype(np.float64)
+
+
+def dask_pairs(client, data, chunk_rows, split_every, form=FullMetric(), **kw):
+    x, y, t = data
+    pieces = persisted_pieces(client, da.from_array(x, chunks=(chunk_rows, -1)),
+                                    da.from_array(y, chunks=(chunk_rows, -1)),
+                                    da.from_array(t, chunks=chunk_rows))
+    return DaskPairs(client, pieces, form, "mse", split_every=split_every, **kw)
+
+
+@pytest.mark.parametrize("chunk_rows,split_every", [(5000, 2), (700, 2), (700, 3), (333, 8)])
+def test_distributed_partial_equals_numpy(client, data, chunk_rows, split_every):
+    x, y, t = data
+    rng = np.random.default_rng(0)
+    A = random_spd(rng, 12)
+    expected = chunk_partial(x, y, t, A)
+    got = dask_pairs(client, data, chunk_rows, split_every)(A)
+    assert got.count == expected.count == 5000
+    assert got.loss == pytest.approx(expected.loss, rel=1e-12)
+    np.testing.assert_allclose(got.grad, expected.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_result_is_deterministic_run_to_run(client, data):
+    pairs = dask_pairs(client, data, 300, 4)
+    A = random_spd(np.random.default_rng(1), 12)
+    first = pairs(A)
+    for _ in range(3):
+        again = pairs(A)
+        assert again.loss == first.loss
+        np.testing.assert_array_equal(again.grad, first.grad)
+
+
+def test_factor_form_distributed(client, data):
+    x, y, t = data
+    M = np.random.default_rng(2).standard_normal((5, 12))
+    got = dask_pairs(client, data, 900, 2, form=FactorMetric(rank=5))(M)
+    expected = FactorMetric(rank=5).chunk_partial(x, y, t, M, "mse")
+    np.testing.assert_allclose(got.grad, expected.grad, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n_leaves,k,depth", [(1, 2, 0), (2, 2, 1), (8, 2, 3), (9, 2, 4),
+                                               (64, 8, 2), (65, 8, 3), (10000, 32, 3)])
+def test_tree_depth(n_leaves, k, depth):
+    assert tree_depth(n_leaves, k) == depth
+
+
+@pytest.mark.parametrize("n_chunks,k", [(17, 2), (17, 4), (30, 8)])
+def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
+    from cosim_dask import step
+
+    captured = {}
+    original = step.tree_reduce
+
+    def spy(leaves, split_every, token):
+        root = original(leaves, split_every, token)
+        captured["graph"] = dict(root.__dask_graph__())
+        return root
+
+    step.tree_reduce = spy
+    try:
+        dask_pairs(client, data, -(-5000 // n_chunks), k)(np.eye(12))
+    finally:
+        step.tree_reduce = original
+    combine = [key for key in captured["graph"] if str(key).startswith("cosim-combine-")]
+    levels = {int(str(key).split("-")[3]) for key in combine}
+    assert max(levels) == tree_depth(n_chunks, k)
+    # No combine task takes more than k inputs: a tree, not one fan-in of everything.
+    for key in combine:
+        task = captured["graph"][key]
+        assert len(task.dependencies) <= k
+
+
+def test_streaming_from_store_equals_persisted(client, data, tmp_path):
+    x, y, t = data
+    root = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    for name, a in (("x", x), ("y", y), ("target", t)):
+        z = root.create_array(name, shape=a.shape, dtype=a.dtype,
+                              chunks=(1000,) + a.shape[1:])
+        z[...] = a
+    slices = [slice(lo, min(lo + 1000, 5000)) for lo in range(0, 5000, 1000)]
+    pieces = store_pieces(str(tmp_path / "s.zarr"), slices)
+    streamed = DaskPairs(client, pieces, FullMetric(), "mse", split_every=2)
+    persisted = dask_pairs(client, data, 1000, 2)
+    A = random_spd(np.random.default_rng(3), 12)
+    a, b = streamed(A), persisted(A)
+    assert a.loss == b.loss
+    np.testing.assert_array_equal(a.grad, b.grad)
+
+
+def test_validation_rows_are_held_out(client, data):
+    x, y, t = data
+    pairs = dask_pairs(client, data, 1000, 2, validation=0.2, seed=5)
+    A = np.eye(12)
+    train = pairs(A)
+    masks = [validation_mask(i, 1000, 0.2, 5) for i in range(5)]
+    val = np.concatenate(masks)
+    expected = chunk_partial(x[~val], y[~val], t[~val], A)
+    assert train.count == (~val).sum()
+    assert train.loss == pytest.approx(expected.loss, rel=1e-12)
+    assert pairs.last_validation.count == val.sum()
+
+
+def test_minibatch_samples_chunks(client, data):
+    pairs = dask_pairs(client, data, 500, 2, batch_chunks=3, seed=1)
+    p = pairs(np.eye(12), batch=4)
+    assert p.count == 1500
+    assert pairs(np.eye(12), batch=4).loss == p.loss  # same batch number, same chunks
+
+
+def test_invalid_rows_error_names_the_chunk(client, data):
+    x, y, t = (a.copy() for a in data)
+    x[2345] = 0.0
+    pairs = dask_pairs(client, (x, y, t), 1000, 2)
+    with pytest.raises(InvalidPairsError, match="1 pair.* in chunk 2 .*row 345"):
+        pairs(np.eye(12))
+
+
+def test_objective_matches_in_memory(client, data):
+    x, y, t = data
+    form = FullMetric()
+    local = Objective(form, InMemoryPairs(x, y, t, form, "mse", chunk_rows=800), 0.1)
+    remote = Objective(form, dask_pairs(client, data, 800, 3), 0.1)
+    A = random_spd(np.random.default_rng(4), 12)
+    (fl, gl), (fr, gr) = local(A), remote(A)
+    assert fl == pytest.approx(fr, rel=1e-12)
+    np.testing.assert_allclose(gl, gr, rtol=1e-10, atol=1e-14)
