@@ -138,7 +138,7 @@ def tree_depth(n_leaves: int, split_every: int) -> int:
     return 0 if n_leaves <= 1 else math.ceil(math.log(n_leaves) / math.log(split_every) - 1e-12)
 
 
-def tree_reduce(leaves: list, split_every: int, token: str):
+def tree_reduce(leaves: list, split_every: int, token: str, combine=None):
     """Sum delayed leaves k at a time, level by level: a tree, never a chain.
 
     Groups are consecutive and the order within each is fixed, so the float64 sums — and
@@ -146,11 +146,12 @@ def tree_reduce(leaves: list, split_every: int, token: str):
     """
     if split_every < 2:
         raise ValueError(f"split_every={split_every} must be at least 2")
+    combine = combine or combine_results
     level = 0
     while len(leaves) > 1:
         level += 1
         leaves = [
-            dask.delayed(combine_results)(
+            dask.delayed(combine)(
                 *leaves[j : j + split_every], dask_key_name=f"cosim-combine-{token}-{level}-{j}"
             )
             for j in range(0, len(leaves), split_every)

@@ -1,0 +1,108 @@
+"""Out-of-core evaluation of a metric on a pair dataset, beside plain cosine (A = I).
+
+One pass on the cluster: each chunk scores its rows under the learned metric and under the
+identity and returns histogram statistics per split; the tree reduction adds them.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from .losses import Loss, get_loss
+from .scores import ScoreStats
+from .split import validation_mask
+from .step import Pieces, StoreSlice, read_slice, score_rows, tree_reduce
+
+SPLITS = ("train", "validation", "all")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    loss: Loss
+    validation: float
+    seed: int
+    splits: tuple[str, ...]
+    joint: bool
+
+
+def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int) -> dict[str, ScoreStats]:
+    """Scores of one chunk under A and under I, for each asked split."""
+    x, y, t = read_slice(data) if isinstance(data, StoreSlice) else data
+    x, y, t = np.asarray(x), np.asarray(y), np.asarray(t, dtype=np.float64)
+    val = validation_mask(index, len(x), spec.validation, spec.seed)
+    out = {}
+    for split in spec.splits:
+        rows = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}[split]
+        for name, metric in (("learned", A), ("plain", None)):
+            out[f"{name}/{split}"] = score_rows(x[rows], y[rows], t[rows], metric, spec.loss,
+                                                spec.joint)
+    return out
+
+
+def _add_dicts(*parts: dict[str, ScoreStats]) -> dict[str, ScoreStats]:
+    total = dict(parts[0])
+    for p in parts[1:]:
+        for k, v in p.items():
+            total[k] = total[k] + v
+    return total
+
+
+def score_pieces(
+    client: Client,
+    pieces: Pieces,
+    A: np.ndarray,
+    *,
+    loss: Loss | str = "mse",
+    validation: float = 0.0,
+    seed: int = 0,
+    splits: tuple[str, ...] = ("all",),
+    joint: bool = False,
+    split_every: int = 8,
+) -> dict[str, ScoreStats]:
+    """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"``."""
+    import dask
+
+    spec = EvalSpec(get_loss(loss), validation, seed, splits, joint)
+    token = uuid.uuid4().hex[:12]
+    ref = client.scatter(np.asarray(A, dtype=np.float64), broadcast=True, hash=False)
+    leaves = [dask.delayed(eval_task)(p, ref, spec, i, dask_key_name=f"cosim-eval-{token}-{i}")
+              for i, p in enumerate(pieces.items)]
+    future = client.compute(tree_reduce(leaves, split_every, token, combine=_add_dicts))
+    try:
+        return future.result()
+    finally:
+        future.release()
+        ref.release()
+
+
+def summarize(stats: dict[str, ScoreStats], split: str, *, binary: bool,
+              thresholds: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Figures per metric (``learned``, ``plain``) for one split: loss, MSE, AUC, accuracy at
+    the given (or best) threshold, Spearman for graded targets."""
+    out = {}
+    for name in ("learned", "plain"):
+        s = stats[f"{name}/{split}"]
+        row: dict[str, Any] = {"pairs": s.count, "loss": s.mean_loss, "mse": s.mse}
+        if binary:
+            threshold = (thresholds or {}).get(name)
+            if threshold is None or not math.isfinite(threshold):
+                threshold = s.best_threshold()
+            row.update(auc=s.auc(), threshold=threshold, accuracy=s.accuracy(threshold))
+        if s.joint_hist is not None:
+            row["spearman"] = s.spearman()
+        out[name] = row
+    return out
+
+
+def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float]]:
+    """The ROC curve, thinned to at most ``max_points`` points, for the model file."""
+    fpr, tpr = stats.roc()
+    keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).astype(int))
+    return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
+
