@@ -113,7 +113,10 @@ def _progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], Non
     """A rich progress bar on stderr; yields the ``progress(rows)`` callback."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("pairs"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)
+    # Off when stderr is not a terminal: logs and pipes get the summary line only.
+    with Progress(*columns, console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
         task = bar.add_task(label, total=total)
         yield lambda rows: bar.advance(task, rows)
 

@@ -23,6 +23,7 @@ Input rules (documented in the README, "Store format"):
 
 from __future__ import annotations
 
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -63,8 +64,8 @@ def _describe(src: ArrayLike, name: str) -> str:
 
 def _load(src: ArrayLike, name: str) -> np.ndarray:
     """A memory map of a .npy file (never read whole), or the array itself."""
-    if isinstance(src, np.ndarray):
-        return src
+    if not isinstance(src, str | os.PathLike):
+        return np.asarray(src)
     path = Path(src)
     if not path.is_file():
         raise CosimError(f"{name} file {str(path)!r} does not exist")
@@ -74,6 +75,18 @@ def _load(src: ArrayLike, name: str) -> np.ndarray:
         raise CosimError(f"{name} file {str(path)!r} is not a readable .npy array "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
                          ) from exc
+
+
+def _release(a: np.ndarray) -> None:
+    """Unmap the pages of a memory-mapped input this process has touched so far.
+
+    Pages read through a memory map count in the process's RSS until the kernel needs them
+    back; dropping them after each block keeps the resident set at a few chunks. The data
+    stay in the page cache, so nothing is re-read from disk.
+    """
+    m = getattr(a, "_mmap", None)
+    if isinstance(m, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 def _check_vectors(a: np.ndarray, what: str) -> None:
@@ -95,9 +108,10 @@ def _check_targets(t: np.ndarray, what: str) -> None:
 
 
 def _to_float32(a: np.ndarray) -> np.ndarray:
+    # A copy, never a view of a memory map (its pages are released after each block).
     # float64 values beyond float32's range become ±inf, which validation then reports.
     with np.errstate(over="ignore"):
-        return np.asarray(a, dtype=np.float32)
+        return np.array(a, dtype=np.float32)
 
 
 def clean_block(
@@ -238,7 +252,10 @@ def ingest_arrays(
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for lo in range(0, n, rows):
             hi = min(lo + rows, n)
-            yield _to_float32(xs[lo:hi]), _to_float32(ys[lo:hi]), np.asarray(ts[lo:hi])
+            block = _to_float32(xs[lo:hi]), _to_float32(ys[lo:hi]), np.array(ts[lo:hi])
+            for a in (xs, ys, ts):
+                _release(a)
+            yield block
 
     provenance = {"command": "ingest", "kind": "arrays", "normalize": normalize,
                   "sources": {k: _source(v) for k, v in (("x", x), ("y", y),
@@ -250,8 +267,9 @@ def ingest_arrays(
 
 def _source(src: ArrayLike) -> Any:
     """Provenance of one input: path, size and mtime (hashing a huge file costs a read)."""
-    if isinstance(src, np.ndarray):
-        return {"array": list(src.shape), "dtype": str(src.dtype)}
+    if not isinstance(src, str | os.PathLike):
+        a = np.asarray(src)
+        return {"array": list(a.shape), "dtype": str(a.dtype)}
     p = Path(src)
     st = p.stat()
     return {"path": str(p.resolve()), "bytes": st.st_size,
@@ -271,7 +289,7 @@ def _pyarrow() -> Any:
 
 def pair_list_rows(pairs: str | os.PathLike) -> int | None:
     """Number of pairs in a Parquet pair list (from its footer); None for CSV (unknown)."""
-    if _pair_format(pairs) != "parquet":
+    if _pair_format(pairs) != "parquet" or not Path(pairs).is_file():
         return None
     pa = _pyarrow()
     return int(pa.parquet.ParquetFile(os.fspath(pairs)).metadata.num_rows)
@@ -367,11 +385,14 @@ def ingest_pairs(
     -------
     IngestReport
     """
+    path = os.fspath(pairs)
+    _pair_format(path)
+    if not Path(path).is_file():
+        raise CosimError(f"pair list {path!r} does not exist")
     E = _load(embeddings, "embeddings")
     _check_vectors(E, f"embeddings {_describe(embeddings, 'embeddings')}")
     m, d = E.shape
     rows = choose_chunk_rows(d, pair_list_rows(pairs), chunk_rows)
-    path = os.fspath(pairs)
     columns = [i_column, j_column, target_column]
     if len(set(columns)) != 3:
         raise CosimError(f"the index and target columns must differ, got {columns}")
@@ -398,7 +419,9 @@ def ingest_pairs(
             t = np.asarray(tcol.cast(pa.float64()).to_numpy(zero_copy_only=False),
                            dtype=np.float64)
             # Gather from the memory map in sorted order: sequential reads, then reorder.
-            yield _gather(E, i), _gather(E, j), t
+            block = _gather(E, i), _gather(E, j), t
+            _release(E)
+            yield block
             row0 += len(t)
 
     provenance = {"command": "ingest", "kind": "pairs", "normalize": normalize,
