@@ -1,0 +1,430 @@
+"""The Zarr v3 pair-store format: create, write chunk by chunk, open as Dask arrays, split.
+
+A pair store is a Zarr v3 group (a local directory, or an fsspec URL zarr opens, such as
+``memory://``) holding three aligned arrays chunked along the pair axis only::
+
+    x       (n, d) float32   chunks (chunk_rows, d)
+    y       (n, d) float32   chunks (chunk_rows, d)
+    target  (n,)   float32   chunks (chunk_rows,)
+    hidden_metric (d, d) float64, one chunk     (generated stores only: A*)
+
+and group attributes naming the format and its version, ``n``, ``d``, ``chunk_rows``, how the
+targets are read (``"binary"`` ±1 or ``"graded"`` in [-1, 1]), the codec, target statistics,
+a creation uuid and provenance. The format attributes are written last, when every chunk is in
+place, so a store whose writing stopped half-way is never mistaken for a complete one; local
+stores are moreover written under a temporary name and renamed (:mod:`cosim_dask.atomic`).
+
+The train/validation split needs no second copy of the data: :func:`validation_mask` draws a
+seeded per-row mask for each chunk from ``(seed, chunk_index)`` alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+
+from .atomic import atomic_directory
+from .errors import CosimError, StoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import dask.array
+
+FORMAT = "cosim-pairs"
+FORMAT_VERSION = 1
+TARGET_KINDS = ("binary", "graded")
+
+#: Bytes of one ``x`` chunk the default chunking aims at: 32 MiB is 65,536 rows at d = 128,
+#: about 100 ms of gradient work per task (FACTS.md: keep tasks >= ~50 ms) and a few hundred
+#: MB per worker for x, y and the kernel's temporaries. See README "Store format".
+TARGET_CHUNK_BYTES = 32 * 2**20
+MIN_CHUNK_ROWS = 1024
+MAX_CHUNK_ROWS = 2**20
+
+#: Codec names -> zarr ``create_array`` keyword arguments. The default is chosen by
+#: scripts/bench_store.py: Gaussian or model float32 embeddings compress only to ~0.92-0.95
+#: of raw, so compression buys little disk and costs read speed, which every epoch pays.
+CODECS: dict[str, dict[str, Any]] = {
+    "none": {"compressors": None},
+    "lz4": {"compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle",
+                                                  typesize=4)},
+    "zstd1": {"compressors": zarr.codecs.ZstdCodec(level=1)},
+    "zstd3": {"compressors": zarr.codecs.ZstdCodec(level=3)},
+    "blosc-zstd": {"compressors": zarr.codecs.BloscCodec(cname="zstd", clevel=3,
+                                                         shuffle="shuffle", typesize=4)},
+}
+DEFAULT_CODEC = "none"
+
+#: Histogram bins over [-1, 1] kept for graded targets (`cosim info`).
+HIST_BINS = 10
+
+
+def default_chunk_rows(d: int) -> int:
+    """Pairs per chunk for dimension ``d``: the largest power of two with an ``x`` chunk
+    of at most :data:`TARGET_CHUNK_BYTES` (65,536 at d = 128), within [1,024, 1,048,576]."""
+    rows = TARGET_CHUNK_BYTES // (4 * max(int(d), 1))
+    rows = 1 << max(int(rows).bit_length() - 1, 0)
+    return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
+
+
+def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
+    """``chunk_rows`` if given, else the default for ``d``; at most ``n`` when known, since
+    zarr stores an edge chunk at full size (uncompressed, a 100-pair store would take 64 MB)."""
+    rows = default_chunk_rows(d) if chunk_rows is None else int(chunk_rows)
+    if rows < 1:
+        raise CosimError(f"chunk_pairs={rows} must be >= 1")
+    return max(1, min(rows, n)) if n else rows
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (``memory://...``, ``s3://...``), which are written in place."""
+    return "://" in os.fspath(path)
+
+
+@dataclass(frozen=True)
+class PairStore:
+    """An opened pair store: metadata plus lazily read Dask arrays in the store's chunks."""
+
+    path: str
+    n: int
+    d: int
+    chunk_rows: int
+    targets: str
+    attrs: dict
+    x: dask.array.Array
+    y: dask.array.Array
+    target: dask.array.Array
+    hidden_metric: np.ndarray | None
+    fingerprint: str
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of row chunks (the last may be shorter)."""
+        return -(-self.n // self.chunk_rows)
+
+    def chunk_slices(self) -> list[slice]:
+        """The row range of each chunk, in order: ``[slice(0, c), slice(c, 2c), ...]``."""
+        return [slice(lo, min(lo + self.chunk_rows, self.n))
+                for lo in range(0, self.n, self.chunk_rows)]
+
+
+def fingerprint(attrs: dict) -> str:
+    """A stable 16-hex-digit id of a store's content identity (format, shape, chunking,
+    creation uuid): the same store always gives the same value, a rewrite a new one."""
+    keys = ("format", "format_version", "n", "d", "chunk_rows", "targets", "uuid")
+    blob = json.dumps({k: attrs.get(k) for k in keys}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def open_store(path: str | os.PathLike) -> PairStore:
+    """Open a pair store lazily.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A store directory or an fsspec URL.
+
+    Returns
+    -------
+    PairStore
+        ``x`` and ``y`` are ``(n, d)`` and ``target`` ``(n,)`` Dask arrays whose chunks are
+        exactly the store's row chunks (no rechunk).
+
+    Raises
+    ------
+    StoreError
+        One line naming the path and the fix when the store is missing, is not a cosim pair
+        store, has another format version or inconsistent shapes.
+    """
+    import dask.array as da
+
+    spath = os.fspath(path)
+    if not is_url(spath) and not Path(spath).exists():
+        raise StoreError(f"pair store {spath!r} does not exist; create one with "
+                         "`cosim generate` or `cosim ingest`")
+    try:
+        group = zarr.open_group(spath, mode="r")
+    except Exception as exc:  # zarr raises several kinds; all mean "no readable group here"
+        raise StoreError(f"{spath!r} is not a cosim pair store (no Zarr group: "
+                         f"{type(exc).__name__}); create one with `cosim ingest`") from exc
+    attrs = dict(group.attrs)
+    if attrs.get("format") != FORMAT:
+        raise StoreError(f"{spath!r} is not a cosim pair store (format attribute "
+                         f"{attrs.get('format')!r}, expected {FORMAT!r}); create one with "
+                         "`cosim ingest` or `cosim generate`")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"pair store {spath!r} has format version "
+                         f"{attrs.get('format_version')!r}; this cosim-dask reads version "
+                         f"{FORMAT_VERSION}: re-create it with `cosim ingest`")
+    try:
+        n, d, rows = int(attrs["n"]), int(attrs["d"]), int(attrs["chunk_rows"])
+        kind = str(attrs["targets"])
+        arrays = {name: group[name] for name in ("x", "y", "target")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"pair store {spath!r} is incomplete ({exc!s} missing or malformed); "
+                         "re-create it with `cosim ingest`") from exc
+    expected = {"x": ((n, d), (rows, d)), "y": ((n, d), (rows, d)), "target": ((n,), (rows,))}
+    for name, (shape, chunks) in expected.items():
+        arr = arrays[name]
+        if not isinstance(arr, zarr.Array) or arr.shape != shape or arr.chunks != chunks:
+            got = (getattr(arr, "shape", None), getattr(arr, "chunks", None))
+            raise StoreError(f"pair store {spath!r} is inconsistent: {name} has shape/chunks "
+                             f"{got}, attributes say {shape}/{chunks}; re-create it")
+    if kind not in TARGET_KINDS:
+        raise StoreError(f"pair store {spath!r} has targets={kind!r}, expected one of "
+                         f"{TARGET_KINDS}; re-create it")
+    hidden = None
+    if "hidden_metric" in group:
+        hidden = np.asarray(group["hidden_metric"][...], dtype=np.float64)
+        if hidden.shape != (d, d):
+            raise StoreError(f"pair store {spath!r} is inconsistent: hidden_metric has shape "
+                             f"{hidden.shape}, expected {(d, d)}; re-create it")
+    return PairStore(
+        path=spath, n=n, d=d, chunk_rows=rows, targets=kind, attrs=attrs,
+        x=da.from_zarr(arrays["x"]), y=da.from_zarr(arrays["y"]),
+        target=da.from_zarr(arrays["target"]),
+        hidden_metric=hidden, fingerprint=fingerprint(attrs),
+    )
+
+
+def validation_mask(chunk_index: int, rows: int, fraction: float, seed: int) -> np.ndarray:
+    """The validation rows of one chunk: a seeded Bernoulli(``fraction``) mask.
+
+    Parameters
+    ----------
+    chunk_index : int
+        Which chunk of the store (0-based).
+    rows : int
+        Rows in that chunk; a shorter last chunk gets a prefix of the full-length mask.
+    fraction : float
+        Expected share of validation rows, in [0, 1).
+    seed : int
+        Split seed; the mask depends on ``(seed, chunk_index)`` and nothing else.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(rows,)`` bool, True for validation rows; all False when ``fraction`` is 0.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:  # also rejects NaN
+        raise CosimError(f"validation fraction={fraction!r} must be in [0, 1)")
+    if fraction == 0.0:
+        return np.zeros(rows, dtype=bool)
+    # A constant stream tag keeps this generator independent of the synthetic data's,
+    # which seeds with [seed, 0xC, chunk].
+    rng = np.random.default_rng([int(seed), 0x5A11, int(chunk_index)])
+    return rng.random(rows) < fraction
+
+
+@dataclass
+class TargetStats:
+    """Running counts over written targets; decides "binary" and feeds `cosim info`."""
+
+    pos: int = 0
+    neg: int = 0
+    zero: int = 0
+    other: int = 0
+    total: float = 0.0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, dtype=np.int64))
+
+    def add(self, t: np.ndarray) -> None:
+        self.pos += int(np.count_nonzero(t == 1))
+        self.neg += int(np.count_nonzero(t == -1))
+        self.zero += int(np.count_nonzero(t == 0))
+        self.other = self.other + t.size - int(np.count_nonzero((t == 1) | (t == -1)))
+        self.total += float(np.sum(t, dtype=np.float64))
+        self.hist += np.histogram(t, bins=HIST_BINS, range=(-1.0, 1.0))[0]
+
+    def as_attrs(self, n: int) -> dict:
+        return {"count_pos": self.pos, "count_neg": self.neg, "count_zero": self.zero,
+                "mean": self.total / n if n else 0.0,
+                "hist_edges": np.linspace(-1, 1, HIST_BINS + 1).round(6).tolist(),
+                "hist_counts": self.hist.tolist()}
+
+
+class PairStoreWriter:
+    """Append pairs in blocks of any size; whole chunks are written as they fill up.
+
+    Memory holds at most one chunk plus the block being appended. Use through
+    :func:`create_store`, which finalises the attributes and renames the store into place.
+    """
+
+    def __init__(self, group: zarr.Group, *, d: int, chunk_rows: int, codec: str,
+                 shard_chunks: int | None = None) -> None:
+        if codec not in CODECS:
+            raise CosimError(f"codec={codec!r} is not one of {sorted(CODECS)}")
+        self.group, self.d, self.chunk_rows, self.codec = group, d, chunk_rows, codec
+        # With sharding, write whole shards: writing one inner chunk at a time would make
+        # zarr re-read and re-write the shard file for every chunk.
+        self.write_rows = chunk_rows * (shard_chunks or 1)
+        opts: dict[str, Any] = dict(CODECS[codec])
+        shards = None if not shard_chunks else (self.write_rows,)
+        self.arrays = {
+            name: group.create_array(
+                name, shape=(0, *tail), chunks=(chunk_rows, *tail), dtype="float32",
+                fill_value=0.0, shards=None if shards is None else shards + tail, **opts)
+            for name, tail in (("x", (d,)), ("y", (d,)), ("target", ()))
+        }
+        self.n = 0
+        self.stats = TargetStats()
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+
+    def append(self, x: np.ndarray, y: np.ndarray, t: np.ndarray) -> None:
+        """Queue ``x`` (b, d), ``y`` (b, d) and ``t`` (b,), writing every chunk that fills."""
+        if len(t) == 0:
+            return
+        self._pending.append((np.asarray(x, np.float32), np.asarray(y, np.float32),
+                              np.asarray(t, np.float32)))
+        self._pending_rows += len(t)
+        if self._pending_rows >= self.write_rows:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        if not self._pending:
+            return
+        x, y, t = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
+        full = len(t) if final else len(t) // self.write_rows * self.write_rows
+        lo, hi = self.n, self.n + full
+        if full:
+            for name, data in (("x", x), ("y", y), ("target", t)):
+                arr = self.arrays[name]
+                if arr.shape[0] < hi:
+                    arr.resize((hi, *arr.shape[1:]))
+                arr[lo:hi] = data[:full]
+            self.stats.add(t[:full])
+            self.n = hi
+        rest = (x[full:], y[full:], t[full:])
+        self._pending = [rest] if len(rest[2]) else []
+        self._pending_rows = len(rest[2])
+
+    def finish(self, *, targets: str | None, attrs: dict) -> dict:
+        """Write what is left, then the format attributes; returns the attributes."""
+        self._flush(final=True)
+        if self.n == 0:
+            raise StoreError("no pairs to write: the input has no (valid) rows")
+        s = self.stats
+        if targets is None:
+            if s.other == 0:
+                targets = "binary"
+            elif s.neg == 0 and s.zero > 0 and s.other == s.zero:
+                # every target is 0 or 1: almost surely 0/1 labels, and reading 0 as a
+                # graded "unrelated" would silently train the wrong thing.
+                raise CosimError("targets are all 0 or 1: pass --zero-is-negative to read "
+                                 "them as binary (0 -> -1), or --targets graded to keep them")
+            else:
+                targets = "graded"
+        full = {
+            **attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "n": self.n,
+            "d": self.d, "chunk_rows": self.chunk_rows, "targets": targets, "codec": self.codec,
+            "target_stats": s.as_attrs(self.n),
+        }
+        full.setdefault("uuid", uuid.uuid4().hex)
+        full.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+        self.group.attrs.update(full)
+        return full
+
+
+@contextmanager
+def create_store(
+    path: str | os.PathLike, *, d: int, chunk_rows: int | None = None,
+    codec: str = DEFAULT_CODEC, targets: str | None = None,
+    hidden_metric: np.ndarray | None = None, provenance: dict | None = None,
+    overwrite: bool = False, shard_chunks: int | None = None,
+) -> Iterator[PairStoreWriter]:
+    """Create a pair store and yield a :class:`PairStoreWriter` to fill it.
+
+    On leaving the block the store is finalised (format attributes last) and, for a local
+    path, renamed into place; on an exception nothing is left and an existing store at
+    ``path`` is untouched. ``targets=None`` infers "binary" when every target is ±1.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        Store directory (written atomically) or fsspec URL (written in place).
+    d : int
+        Vector dimension.
+    chunk_rows : int, optional
+        Pairs per chunk; default :func:`default_chunk_rows` of ``d``.
+    hidden_metric : numpy.ndarray, optional
+        ``(d, d)`` A* of a generated store.
+    provenance : dict, optional
+        JSON-serialisable record of how the store was made.
+    """
+    if d < 1:
+        raise CosimError(f"dim={d} must be >= 1")
+    if targets is not None and targets not in TARGET_KINDS:
+        raise CosimError(f"targets={targets!r} must be one of {TARGET_KINDS}")
+    rows = choose_chunk_rows(d, None, chunk_rows)
+    from . import __version__
+
+    if provenance is None:
+        provenance = {}
+    attrs = {"cosim_version": __version__, "provenance": provenance}
+    if hidden_metric is not None:
+        attrs["hidden_metric_rank"] = (provenance or {}).get("params", {}).get("rank")
+
+    def fill(group: zarr.Group) -> Iterator[PairStoreWriter]:
+        writer = PairStoreWriter(group, d=d, chunk_rows=rows, codec=codec,
+                                 shard_chunks=shard_chunks)
+        if hidden_metric is not None:
+            group.create_array("hidden_metric", data=np.asarray(hidden_metric, np.float64),
+                               compressors=None)
+        yield writer
+        writer.finish(targets=targets, attrs=attrs)
+
+    spath = os.fspath(path)
+    if is_url(spath):
+        try:
+            group = zarr.open_group(spath, mode="w" if overwrite else "w-")
+        except FileExistsError as exc:
+            raise StoreError(f"pair store {spath!r} already exists; pass --overwrite to "
+                             "replace it") from exc
+        yield from fill(group)
+        return
+    with atomic_directory(spath, overwrite=overwrite, what="pair store") as tmp:
+        yield from fill(zarr.open_group(str(tmp), mode="w-", zarr_format=3))
+
+
+def bytes_on_disk(path: str | os.PathLike) -> int:
+    """Bytes the store occupies: file sizes for a directory, stored chunk bytes for a URL."""
+    spath = os.fspath(path)
+    if not is_url(spath):
+        return sum(f.stat().st_size for f in Path(spath).rglob("*") if f.is_file())
+    group = zarr.open_group(spath, mode="r")
+    return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
+
+
+def store_info(path: str | os.PathLike) -> dict:
+    """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data)."""
+    store = open_store(path)
+    a = store.attrs
+    info: dict[str, Any] = {
+        "path": store.path, "format": f"{FORMAT} v{FORMAT_VERSION}",
+        "fingerprint": store.fingerprint, "n": store.n, "d": store.d,
+        "chunk_rows": store.chunk_rows, "n_chunks": store.n_chunks,
+        "codec": a.get("codec"), "dtype": str(store.x.dtype), "targets": store.targets,
+        "bytes_in_memory": int(store.x.nbytes + store.y.nbytes + store.target.nbytes),
+        "bytes_on_disk": bytes_on_disk(path), "target_stats": a.get("target_stats"),
+        "created": a.get("created"), "uuid": a.get("uuid"),
+        "cosim_version": a.get("cosim_version"), "provenance": a.get("provenance"),
+    }
+    if store.hidden_metric is not None:
+        eig = np.linalg.eigvalsh(store.hidden_metric)
+        info["hidden_metric"] = {
+            "rank": a.get("hidden_metric_rank"),
+            "eigenvalues_min_max": [float(eig[0]), float(eig[-1])],
+        }
+    return info

@@ -1,0 +1,247 @@
+"""Benchmark the pair-store format: codecs, chunk sizes and the streaming commands' memory.
+
+    python scripts/bench_store.py            # ~5 min: 512k-pair codec table, 3M-pair RSS runs
+    python scripts/bench_store.py --quick    # a smoke run in seconds
+
+1. Codecs: the same pairs (float32, d = 128, from the synthetic generator) written with every
+   codec in :data:`cosim_dask.store.CODECS` (plus the default sharded), then read in full chunk
+   by chunk, warm (page cache) and cold (the store's pages evicted with posix_fadvise, which
+   touches only these files). Figures are ratios to the default measured in the same run: the
+   machine is shared, so absolute MB/s are noisy.
+2. Chunk sizes for the default codec: full-read throughput and the gradient time of one chunk
+   (FACTS.md: tasks should compute for >= ~50 ms).
+3. Peak RSS of `cosim generate` and `cosim ingest` (aligned .npy, and embeddings + Parquet
+   pair list) as subprocesses on a dataset several times larger than that RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import zarr
+
+from cosim_dask.kernel import chunk_partial
+from cosim_dask.store import CODECS, DEFAULT_CODEC, bytes_on_disk, create_store
+from cosim_dask.synthetic import hidden_metric, synthetic_chunk
+
+MB = 1e6
+COSIM = str(Path(sys.executable).with_name("cosim"))
+
+
+def evict(path: Path) -> None:
+    """Drop this store's pages from the guest page cache (only its own files; the VM's host
+    may still cache them, so "cold" here is an upper bound for a real disk)."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages (just written) would not be dropped
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def read_all(path: Path, rows: int) -> float:
+    """Seconds to read every chunk of x, y and target into NumPy, one chunk at a time."""
+    g = zarr.open_group(str(path), mode="r")
+    x, y, t = g["x"], g["y"], g["target"]
+    n = x.shape[0]
+    started = time.perf_counter()
+    for lo in range(0, n, rows):
+        sl = slice(lo, min(lo + rows, n))
+        x[sl], y[sl], t[sl]
+    return time.perf_counter() - started
+
+
+def write_store(path: Path, blocks: list, d: int, rows: int, codec: str,
+                shard_chunks: int | None = None) -> float:
+    started = time.perf_counter()
+    with create_store(path, d=d, chunk_rows=rows, codec=codec, overwrite=True,
+                      shard_chunks=shard_chunks) as w:
+        for x, y, t in blocks:
+            w.append(x, y, t)
+    return time.perf_counter() - started
+
+
+def codec_table(work: Path, n: int, d: int, rows: int, repeats: int) -> None:
+    A = hidden_metric(d, seed=0)
+    blocks = [synthetic_chunk(min(rows, n - lo), A, seed=0, chunk=i)
+              for i, lo in enumerate(range(0, n, rows))]
+    raw = n * (2 * d + 1) * 4
+    configs = [(c, c, None) for c in CODECS] + [(f"{DEFAULT_CODEC}+shard4", DEFAULT_CODEC, 4)]
+    results = {}
+    for label, codec, shards in configs:
+        path = work / f"codec-{label}.zarr"
+        w = min(write_store(path, blocks, d, rows, codec, shards) for _ in range(repeats))
+        read_all(path, rows)  # warm the page cache
+        warm = min(read_all(path, rows) for _ in range(repeats))
+        cold = []
+        for _ in range(repeats):
+            evict(path)
+            cold.append(read_all(path, rows))
+        results[label] = (w, warm, min(cold), bytes_on_disk(path))
+        shutil.rmtree(path)
+    base = results[DEFAULT_CODEC]
+    print(f"\n## Codecs: {n:,} pairs x d={d}, {rows:,}-pair chunks, raw {raw / MB:,.0f} MB "
+          f"(best of {repeats}; ratios to the default '{DEFAULT_CODEC}', same run)\n")
+    print("| codec | disk/raw | write MB/s | read warm MB/s | read cold MB/s | "
+          "warm Mpairs/s | write x | warm x | cold x |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, (w, warm, cold, disk) in results.items():
+        print(f"| {label} | {disk / raw:.3f} | {raw / w / MB:,.0f} | {raw / warm / MB:,.0f} | "
+              f"{raw / cold / MB:,.0f} | {n / warm / 1e6:.2f} | {base[0] / w:.2f} | "
+              f"{base[1] / warm:.2f} | {base[2] / cold:.2f} |")
+
+
+def chunk_table(work: Path, n: int, d: int, sizes: list[int], repeats: int) -> None:
+    A = hidden_metric(d, seed=0)
+    print(f"\n## Chunk size, codec '{DEFAULT_CODEC}', {n:,} pairs x d={d}\n")
+    print("| chunk pairs | x chunk MiB | read warm MB/s | read cold MB/s | gradient ms/chunk |")
+    print("|---|---|---|---|---|")
+    raw = n * (2 * d + 1) * 4
+    for rows in sizes:
+        blocks = [synthetic_chunk(min(rows, n - lo), A, seed=0, chunk=i)
+                  for i, lo in enumerate(range(0, n, rows))]
+        path = work / f"chunk-{rows}.zarr"
+        write_store(path, blocks, d, rows, DEFAULT_CODEC)
+        read_all(path, rows)
+        warm = min(read_all(path, rows) for _ in range(repeats))
+        cold = []
+        for _ in range(repeats):
+            evict(path)
+            cold.append(read_all(path, rows))
+        x, y, t = blocks[0]
+        chunk_partial(x[:4096], y[:4096], t[:4096], np.eye(d))  # warm up BLAS first
+        grad = min(_timed(lambda x=x, y=y, t=t: chunk_partial(x, y, t, np.eye(d)))
+                   for _ in range(repeats))
+        shutil.rmtree(path)
+        print(f"| {rows:,} | {rows * d * 4 / 2**20:.0f} | {raw / warm / MB:,.0f} | "
+              f"{raw / min(cold) / MB:,.0f} | {grad * 1e3:.0f} |")
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _hwm(pid: int) -> int:
+    """Peak resident set (VmHWM) of a live process, in bytes; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss(cmd: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of a subprocess.
+
+    Polls the child's VmHWM (its own high-water mark since exec) every 20 ms, falling back to
+    psutil's RSS off Linux. Not rusage: a child's ru_maxrss on Linux starts from the parent's
+    RSS at fork, and this script holds hundreds of MB by then.
+    """
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _hwm(proc.pid))
+        if not peak:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, psutil.Process(proc.pid).memory_info().rss)
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed: {proc.stderr.read().decode()}")
+    return time.perf_counter() - started, peak / 2**20
+
+
+def rss_table(work: Path, n: int, d: int, table_rows: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    gen = work / "rss-generated.zarr"
+    data_mib = n * (2 * d + 1) * 4 / 2**20
+    rows = []
+    secs, rss = peak_rss([COSIM, "generate", str(gen), "--pairs", str(n), "--dim", str(d),
+                          "--overwrite"])
+    rows.append(("cosim generate", data_mib, secs, rss))
+    # Aligned .npy sources, streamed out of the generated store (not held in memory).
+    g = zarr.open_group(str(gen), mode="r")
+    paths = {name: work / f"{name}.npy" for name in ("x", "y", "target")}
+    for name, p in paths.items():
+        out = np.lib.format.open_memmap(p, mode="w+", dtype=np.float32, shape=g[name].shape)
+        step = g[name].chunks[0]
+        for lo in range(0, n, step):
+            out[lo:lo + step] = g[name][lo:lo + step]
+        out.flush()
+        del out
+    secs, rss = peak_rss([COSIM, "ingest", str(work / "rss-arrays.zarr"), "--x", str(paths["x"]),
+                          "--y", str(paths["y"]), "--target", str(paths["target"])])
+    rows.append(("cosim ingest --x/--y/--target (.npy)", data_mib, secs, rss))
+    shutil.rmtree(work / "rss-arrays.zarr")
+    for p in paths.values():
+        p.unlink()
+    # Embedding table plus a Parquet pair list of n pairs.
+    rng = np.random.default_rng(0)
+    np.save(work / "E.npy", rng.standard_normal((table_rows, d), dtype=np.float32))
+    writer = None
+    for lo in range(0, n, 1_000_000):
+        b = min(1_000_000, n - lo)
+        batch = pa.table({"i": rng.integers(0, table_rows, b), "j": rng.integers(0, table_rows, b),
+                          "target": rng.choice([-1.0, 1.0], b)})
+        writer = writer or pq.ParquetWriter(work / "pairs.parquet", batch.schema)
+        writer.write_table(batch)
+    writer.close()
+    secs, rss = peak_rss([COSIM, "ingest", str(work / "rss-pairs.zarr"), "--embeddings",
+                          str(work / "E.npy"), "--pairs", str(work / "pairs.parquet")])
+    rows.append((f"cosim ingest --embeddings ({table_rows:,} rows) --pairs (.parquet)",
+                 data_mib, secs, rss))
+    print(f"\n## Peak RSS of the streaming commands: {n:,} pairs x d={d}\n")
+    print("| command | store data MiB | seconds | peak RSS MiB | data / RSS |")
+    print("|---|---|---|---|---|")
+    for name, data, secs, rss in rows:
+        print(f"| {name} | {data:,.0f} | {secs:.1f} | {rss:,.0f} | {data / rss:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--codec-pairs", type=int, default=524_288)
+    ap.add_argument("--rss-pairs", type=int, default=3_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["codecs", "chunks", "rss"])
+    args = ap.parse_args()
+    if args.quick:
+        args.codec_pairs, args.rss_pairs, args.repeats = 32_768, 200_000, 1
+    d = args.dim
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-store-") as tmp:
+        work = Path(tmp)
+        print(f"# bench_store: zarr {zarr.__version__}, numpy {np.__version__}, "
+              f"{os.cpu_count()} cores")
+        if "codecs" not in args.skip:
+            codec_table(work, args.codec_pairs, d, min(65_536, args.codec_pairs), args.repeats)
+        if "chunks" not in args.skip:
+            sizes = [s for s in (16_384, 32_768, 65_536, 131_072) if s <= args.codec_pairs]
+            chunk_table(work, args.codec_pairs, d, sizes, args.repeats)
+        if "rss" not in args.skip:
+            rss_table(work, args.rss_pairs, d, table_rows=max(args.rss_pairs // 10, 1000))
+
+
+if __name__ == "__main__":
+    main()
