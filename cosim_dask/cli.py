@@ -256,6 +256,221 @@ def _format_info(info: dict) -> list[str]:
 
 # End of the pair-store commands.
 # ---------------------------------------------------------------------------------------
+# --- training, evaluation -------------------------------------------------------------
+
+
+class LossName(StrEnum):
+    mse = "mse"
+    contrastive = "contrastive"
+
+
+class ParamName(StrEnum):
+    full = "full"
+    factor = "factor"
+
+
+class SolverName(StrEnum):
+    lbfgs = "lbfgs"
+    gd = "gd"
+    adam = "adam"
+
+
+class CacheMode(StrEnum):
+    auto = "auto"
+    memory = "memory"
+    stream = "stream"
+
+
+Scheduler = Annotated[str | None, typer.Option(
+    "--scheduler", envvar="DASK_SCHEDULER_ADDRESS",
+    help="Address of an existing Dask scheduler (tcp://host:8786, tls://...). Default: start a "
+         "LocalCluster.", rich_help_panel="Cluster")]
+Workers = Annotated[int, typer.Option(
+    min=1, help="LocalCluster worker processes.", rich_help_panel="Cluster")]
+Threads = Annotated[int, typer.Option(
+    "--threads-per-worker", min=1, help="Threads per LocalCluster worker.",
+    rich_help_panel="Cluster")]
+MemoryLimit = Annotated[str, typer.Option(
+    "--memory-limit", help="Memory limit per LocalCluster worker ('4GiB', 'auto').",
+    rich_help_panel="Cluster")]
+DashboardAddress = Annotated[str, typer.Option(
+    "--dashboard-address", help="Where the LocalCluster dashboard listens (loopback by "
+    "default; e.g. 0.0.0.0:8787 opens it to the network on purpose).",
+    rich_help_panel="Cluster")]
+SecurityOpt = Annotated[Path | None, typer.Option(
+    "--security", help="A Dask TLS config (YAML with distributed.comm.tls keys) for tls:// "
+    "schedulers.", rich_help_panel="Cluster")]
+
+
+@contextmanager
+def _cluster(scheduler, workers, threads, memory_limit, dashboard_address, security):
+    from .cluster import ClusterConfig, close, connect
+
+    config = ClusterConfig(scheduler=scheduler, workers=workers, threads_per_worker=threads,
+                           memory_limit=memory_limit, dashboard_address=dashboard_address,
+                           security=security)
+    client, cluster = run(lambda: connect(config))
+    try:
+        yield client
+    finally:
+        close(client, cluster)
+
+
+def _fmt(value, spec: str = ".5g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+@app.command()
+def train(
+    store: Annotated[str, typer.Argument(help="The pair store to learn from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
+    loss: Annotated[LossName, typer.Option(help="Loss on the similarities.")] = LossName.mse,
+    negative_target: Annotated[float | None, typer.Option(
+        help="mse: the target for label −1 (default −1; 0 asks for orthogonality).")] = None,
+    param: Annotated[ParamName, typer.Option(
+        help="full: learn A (PSD-projected); factor: learn M with A = MᵀM.")] = ParamName.full,
+    rank: Annotated[int | None, typer.Option(min=1, help="Rank k of M (factor form).")] = None,
+    solver: Annotated[SolverName, typer.Option(help="Optimiser.")] = SolverName.lbfgs,
+    steps: Annotated[int, typer.Option(min=0, help="Maximum solver steps.")] = 50,
+    lr: Annotated[float | None, typer.Option(help="Step size (solver default if omitted).")
+                  ] = None,
+    regularization: Annotated[float, typer.Option(
+        min=0.0, help="λ of λ‖A − I‖²_F.")] = 0.0,
+    validation: Annotated[float, typer.Option(
+        min=0.0, max=0.99, help="Share of rows held out for validation.")] = 0.1,
+    patience: Annotated[int | None, typer.Option(
+        min=1, help="Stop after this many steps without a better validation score.")] = None,
+    batch_chunks: Annotated[int | None, typer.Option(
+        min=1, help="adam: chunks per mini-batch.")] = None,
+    tol: Annotated[float, typer.Option(min=0.0, help="Relative loss-change tolerance.")
+                   ] = 1e-7,
+    seed: Annotated[int, typer.Option(help="Seed for the split, sampling and start.")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=1, help="Write a checkpoint every N steps.")] = 10,
+    resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --out.")
+                      ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    split_every: Annotated[int | None, typer.Option(
+        min=2, help="Fan-in of the tree reduction.")] = None,
+    cache: Annotated[CacheMode, typer.Option(
+        help="memory: keep the data in cluster memory; stream: read it each step; auto: "
+             "memory when it fits in half the cluster.")] = CacheMode.auto,
+    skip_invalid: Annotated[bool, typer.Option(
+        help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
+    scheduler: Scheduler = None,
+    workers: Workers = 2,
+    threads_per_worker: Threads = 1,
+    memory_limit: MemoryLimit = "auto",
+    dashboard_address: DashboardAddress = "127.0.0.1:0",
+    security: SecurityOpt = None,
+) -> None:
+    """Learn a cosine metric from a pair store on a Dask cluster."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from .driver import TrainConfig
+    from .train import RunOptions, check_request, train_store
+
+    config = TrainConfig(
+        loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
+        solver=solver.value, lr=lr, steps=steps, tol=tol, regularization=regularization,
+        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed)
+    options = RunOptions(cache=cache.value, split_every=split_every,
+                         checkpoint_every=checkpoint_every,
+                         on_invalid="skip" if skip_invalid else "raise")
+    run(lambda: check_request(store, str(out), config, options, overwrite=overwrite,
+                              resume=resume))
+    console = Console(stderr=True)
+    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
+                  security) as client:
+        console.print(f"Dask dashboard: {client.dashboard_link}")
+        progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), console=console,
+                            transient=False)
+        task = progress.add_task("train", total=steps, status="")
+
+        def on_start(info) -> None:
+            s = info["store"]
+            resumed = info["resumed_at"]
+            console.print(
+                f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
+                f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
+                + (f"; resuming at step {resumed}" if resumed is not None else ""))
+            if resumed:
+                progress.update(task, completed=resumed)
+
+        def on_step(r) -> None:
+            status = (f"loss {_fmt(r['loss'])}  |grad| {_fmt(r['grad_norm'], '.2e')}  "
+                      f"{_fmt(r['pairs_per_s'], ',.0f')} pairs/s")
+            if r.get("val_auc") is not None:
+                status += f"  val AUC {r['val_auc']:.4f}"
+            elif r.get("val_loss") is not None:
+                status += f"  val loss {_fmt(r['val_loss'])}"
+            progress.update(task, completed=r["step"], status=status)
+
+        with progress:
+            result = run(lambda: train_store(
+                store, str(out), config, client=client, options=options, overwrite=overwrite,
+                resume=resume, on_step=on_step, on_start=on_start))
+    attrs = result.model.attrs
+    console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
+                  f"{result.seconds:.1f} s")
+    _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+    typer.echo(f"model written to {out}")
+
+
+def _print_figures(figures: dict | None) -> None:
+    if not figures:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="held-out pairs" if figures else None)
+    table.add_column("metric")
+    keys = [k for k in ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")
+            if k in figures["learned"]]
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, label in (("plain", "plain cosine (A = I)"), ("learned", "learned A")):
+        row = figures[name]
+        table.add_row(label, *(f"{row[k]:,}" if k == "pairs" else _fmt(row[k], ".4f")
+                               for k in keys))
+    Console().print(table)
+
+
+class Split(StrEnum):
+    auto = "auto"
+    validation = "validation"
+    train = "train"
+    all = "all"
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    store: Annotated[str, typer.Argument(help="A pair store to evaluate on.")],
+    split: Annotated[Split, typer.Option(
+        help="Rows to use: auto = the validation rows when STORE is the training store, "
+             "else all rows.")] = Split.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    scheduler: Scheduler = None,
+    workers: Workers = 2,
+    threads_per_worker: Threads = 1,
+    memory_limit: MemoryLimit = "auto",
+    dashboard_address: DashboardAddress = "127.0.0.1:0",
+    security: SecurityOpt = None,
+) -> None:
+    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
+    from .evaluate import evaluate_model
+
+    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
+                  security) as client:
+        report = run(lambda: evaluate_model(str(model), store, client=client, split=split.value))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
+    _print_figures(report)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -16,8 +16,8 @@ from distributed import Client
 
 from .losses import Loss, get_loss
 from .scores import ScoreStats
-from .split import validation_mask
 from .step import Pieces, StoreSlice, read_slice, score_rows, tree_reduce
+from .store import validation_mask
 
 SPLITS = ("train", "validation", "all")
 
@@ -106,3 +106,53 @@ def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float
     keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).astype(int))
     return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
 
+
+
+def evaluate_model(
+    model_path: str, store_path: str, *, client: Client, split: str = "auto",
+    split_every: int = 8,
+) -> dict[str, Any]:
+    """Figures of a saved model on a store, beside plain cosine, computed on the cluster.
+
+    ``split="auto"`` uses the validation rows when the store is the one the model was trained
+    on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
+    training rows at training time.
+    """
+    from .errors import CosimError, ModelError
+    from .model import load_model
+    from .step import store_pieces
+    from .store import open_store
+
+    model = load_model(model_path)
+    store = open_store(store_path)
+    if store.d != model.d:
+        raise ModelError(
+            f"the model has d={model.d} but the store {store_path!r} has d={store.d}"
+        )
+    settings = model.attrs.get("settings", {})
+    fraction = float(settings.get("validation") or 0.0)
+    same_store = model.attrs.get("store_fingerprint") == store.fingerprint
+    if split == "auto":
+        split = "validation" if same_store and fraction > 0 else "all"
+    if split not in SPLITS:
+        raise CosimError(f"split={split!r} must be one of auto, {', '.join(SPLITS)}")
+    if split in ("train", "validation") and not same_store:
+        raise CosimError(
+            f"split={split!r} applies only to the model's training store; use --split all"
+        )
+    if split == "validation" and fraction == 0:
+        raise CosimError("the model was trained without validation rows; use --split all")
+    loss = get_loss(model.attrs.get("loss", "mse"), **_loss_params(settings))
+    binary = store.targets == "binary"
+    stats = score_pieces(client, store_pieces(store.path, store.chunk_slices()), model.A,
+                         loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
+                         splits=(split,), joint=not binary, split_every=split_every)
+    thresholds = {"learned": model.attrs.get("threshold"),
+                  "plain": model.attrs.get("plain_threshold")}
+    report = summarize(stats, split, binary=binary, thresholds=thresholds)
+    return {"split": split, "model": str(model_path), "store": str(store_path), **report}
+
+
+def _loss_params(settings: dict) -> dict:
+    keys = ("negative_target", "pos_margin", "neg_margin")
+    return {k: settings[k] for k in keys if settings.get(k) is not None}

@@ -23,7 +23,7 @@ from .losses import Loss, get_loss
 from .metric import Parameterisation
 from .objective import sample_chunks
 from .scores import ScoreStats
-from .split import validation_mask
+from .store import validation_mask
 
 #: Pairs per task in memory; partials stay small whatever the chunk size.
 DEFAULT_SPLIT_EVERY = 8

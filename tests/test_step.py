@@ -11,8 +11,8 @@ from cosim_dask.errors import InvalidPairsError
 from cosim_dask.kernel import chunk_partial
 from cosim_dask.metric import FactorMetric, FullMetric
 from cosim_dask.objective import InMemoryPairs, Objective
-from cosim_dask.split import validation_mask
 from cosim_dask.step import DaskPairs, persisted_pieces, store_pieces, tree_depth
+from cosim_dask.store import validation_mask
 from cosim_dask.synthetic import synthetic_pairs
 
 

@@ -1,0 +1,235 @@
+"""Training on a pair store on a Dask cluster: the wiring of store, step, driver and model.
+
+``train_store`` opens the store, decides whether the training set stays in cluster memory or
+streams from the store each step, runs the driver loop with checkpoints into the model file,
+and ends with an evaluation pass (thresholds on the training rows, ROC on the validation rows,
+each beside plain cosine) whose figures go into the model's attributes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from . import __version__
+from .atomic import check_new_output
+from .cluster import cluster_memory
+from .driver import (
+    StepCallback,
+    TrainConfig,
+    TrainState,
+    run_solver,
+    state_from_attrs,
+    state_to_attrs,
+)
+from .errors import CosimError, TrainingError
+from .evaluate import roc_points, score_pieces, summarize
+from .model import Model, load_model, save_model
+from .objective import Objective
+from .step import DaskPairs, Pieces, persisted_pieces, store_pieces
+from .store import PairStore, open_store
+
+CACHE_MODES = ("auto", "memory", "stream")
+#: Persist only when the training data takes at most this share of the cluster's memory.
+MEMORY_SHARE = 0.5
+
+
+@dataclass
+class RunOptions:
+    """Settings that change how a run executes but not its result."""
+
+    cache: str = "auto"
+    split_every: int | None = None
+    checkpoint_every: int | None = 10
+    on_invalid: str = "raise"
+
+    def check(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise CosimError(f"cache={self.cache!r} must be one of {', '.join(CACHE_MODES)}")
+        if self.split_every is not None and self.split_every < 2:
+            raise CosimError(f"split_every={self.split_every} must be at least 2")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise CosimError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.on_invalid not in ("raise", "skip"):
+            raise CosimError(f"on_invalid={self.on_invalid!r} must be 'raise' or 'skip'")
+
+
+@dataclass
+class TrainResult:
+    model: Model
+    state: TrainState
+    cache: str
+    seconds: float
+
+
+def choose_cache(mode: str, data_bytes: int, memory_bytes: int) -> str:
+    """``memory`` when asked, or when the data fits in MEMORY_SHARE of the cluster memory."""
+    if mode != "auto":
+        return mode
+    return "memory" if memory_bytes and data_bytes <= MEMORY_SHARE * memory_bytes else "stream"
+
+
+def store_bytes(store: PairStore) -> int:
+    return store.n * (2 * store.d + 1) * 4
+
+
+def make_pieces(client: Client, store: PairStore, cache: str) -> Pieces:
+    if cache == "memory":
+        return persisted_pieces(client, store.x, store.y, store.target)
+    return store_pieces(store.path, store.chunk_slices())
+
+
+def train_store(
+    store_path: str,
+    out: str,
+    config: TrainConfig,
+    *,
+    client: Client,
+    options: RunOptions | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Learn a metric from the pair store at ``store_path``; write the model to ``out``.
+
+    With ``resume``, continue the run checkpointed in ``out`` (same settings required; the
+    number of steps may grow) and reach the same result as an uninterrupted run.
+    """
+    options = options or RunOptions()
+    store = check_request(store_path, out, config, options, overwrite=overwrite, resume=resume)
+    form = config.make_parameterisation()
+    solver = config.make_solver()
+    state = _restore(out, config, store, solver) if resume else None
+
+    cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
+    pieces = make_pieces(client, store, cache)
+    pairs = DaskPairs(
+        client, pieces, form, config.make_loss(), validation=config.validation,
+        seed=config.seed, batch_chunks=config.batch_chunks if solver.stochastic else None,
+        split_every=options.split_every, on_invalid=options.on_invalid,
+    )
+    objective = Objective(form, pairs, config.regularization)
+    binary = store.targets == "binary"
+    base_attrs = {
+        "param": config.param, "rank": config.rank, "loss": config.loss,
+        "solver": config.solver, "settings": asdict(config), "settings_key": config.key(),
+        "store_fingerprint": store.fingerprint, "store_path": str(store_path),
+        "targets": store.targets, "cosim_version": __version__,
+    }
+    if on_start:
+        on_start({"store": store, "cache": cache, "chunks": pieces and len(pieces.items),
+                  "resumed_at": state.step if state else None})
+
+    def checkpoint(solver_, state_: TrainState) -> None:
+        save_model(out, _model(form, solver_, state_, base_attrs, complete=False),
+                   overwrite=True)
+
+    started = time.perf_counter()
+    state = run_solver(
+        objective, solver, form.initial(store.d, seed=config.seed), config, state=state,
+        on_step=on_step, checkpoint=checkpoint, checkpoint_every=options.checkpoint_every,
+        targets_binary=binary,
+    )
+    seconds = time.perf_counter() - started
+    model = _model(form, solver, state, base_attrs, complete=True)
+    model.attrs.update(_final_figures(client, pieces, model.A, config, binary, options))
+    model.attrs["train_seconds"] = seconds
+    save_model(out, model, overwrite=True)
+    return TrainResult(model, state, cache, seconds)
+
+
+def check_request(
+    store_path: str,
+    out: str,
+    config: TrainConfig,
+    options: RunOptions,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+) -> PairStore:
+    """Every check that needs no cluster, so bad input fails in a second, before start-up."""
+    config.check()
+    options.check()
+    if resume and overwrite:
+        raise CosimError("--resume and --overwrite contradict each other; pass one")
+    if resume:
+        if not Path(out).exists():
+            raise TrainingError(f"nothing to resume: {out!r} does not exist; drop --resume")
+    else:
+        check_new_output(out, overwrite=overwrite, what="model")
+    store = open_store(store_path)
+    if config.rank is not None and config.rank > store.d:
+        raise CosimError(f"rank={config.rank} must be between 1 and the dimension d={store.d}")
+    if resume:
+        _restore(out, config, store, config.make_solver())
+    return store
+
+
+def _restore(out: str, config: TrainConfig, store: PairStore, solver) -> TrainState:
+    model = load_model(out, with_solver=True)
+    if model.solver_state is None:
+        raise TrainingError(f"{out!r} holds no solver state to resume from")
+    if model.attrs.get("settings_key") != config.key():
+        saved = model.attrs.get("settings", {})
+        now = asdict(config)
+        diff = [k for k in now if k not in ("steps", "patience") and saved.get(k) != now[k]]
+        raise TrainingError(
+            f"cannot resume {out!r}: it was trained with different settings "
+            f"({', '.join(f'{k}={saved.get(k)!r} now {now[k]!r}' for k in diff) or 'unknown'})"
+            "; use the same options, or start afresh with --overwrite"
+        )
+    if model.attrs.get("store_fingerprint") != store.fingerprint:
+        raise TrainingError(
+            f"cannot resume {out!r}: it was trained on another store "
+            f"({model.attrs.get('store_path')!r}); use that store or --overwrite"
+        )
+    solver.restore(model.solver_state)
+    return state_from_attrs({**model.attrs["train_state"], "history": model.attrs["history"]})
+
+
+def _model(form, solver, state: TrainState, base_attrs: dict, *, complete: bool) -> Model:
+    params = np.array(solver.params, dtype=np.float64)
+    A = form.metric(params)
+    last = state.history[-1] if state.history else {}
+    attrs = {
+        **base_attrs,
+        "steps": state.step,
+        "complete": complete,
+        "train_loss": last.get("loss"),
+        "val_loss": last.get("val_loss"),
+        "val_auc": last.get("val_auc"),
+        "stop_reason": state.stop_reason,
+        "history": state.history,
+        "train_state": {k: v for k, v in state_to_attrs(state).items() if k != "history"},
+        "saved": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    M = params if form.name == "factor" else None
+    return Model(A=A, M=M, attrs=attrs, solver_state=solver.state())
+
+
+def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, options) -> dict:
+    """Thresholds calibrated on the training rows; figures and ROC on the validation rows."""
+    splits = ("train", "validation") if config.validation > 0 else ("train",)
+    stats = score_pieces(client, pieces, A, loss=config.make_loss(),
+                         validation=config.validation, seed=config.seed, splits=splits,
+                         split_every=options.split_every or 8)
+    figures: dict[str, Any] = {"train_figures": summarize(stats, "train", binary=binary)}
+    if binary:
+        figures["threshold"] = figures["train_figures"]["learned"]["threshold"]
+        figures["plain_threshold"] = figures["train_figures"]["plain"]["threshold"]
+    if config.validation > 0:
+        thresholds = {"learned": figures.get("threshold"), "plain": figures.get("plain_threshold")}
+        figures["validation_figures"] = summarize(stats, "validation", binary=binary,
+                                                  thresholds=thresholds)
+        if binary:
+            figures["roc"] = {name: roc_points(stats[f"{name}/validation"])
+                              for name in ("learned", "plain")}
+    return figures

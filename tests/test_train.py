@@ -1,0 +1,261 @@
+"""`cosim train` / `cosim evaluate` end to end on real stores and real LocalClusters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cosim_dask.cli import app
+from cosim_dask.model import load_model
+from cosim_dask.store import open_store
+
+runner = CliRunner()
+CLUSTER = ["--workers", "2", "--threads-per-worker", "1"]
+
+
+def cosim(*args, expect=0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == expect, (result.exit_code, result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def binary_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stores") / "binary.zarr"
+    cosim("generate", path, "--pairs", 24000, "--dim", 16, "--rank", 3, "--noise", 0.05,
+          "--targets", "binary", "--seed", 1, "--chunk-pairs", 4000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def graded_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stores") / "graded.zarr"
+    cosim("generate", path, "--pairs", 16000, "--dim", 10, "--rank", 3, "--noise", 0.0,
+          "--targets", "graded", "--seed", 2, "--chunk-pairs", 3000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(binary_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "m.zarr"
+    result = cosim("train", binary_store, "--out", out, "--steps", 25, *CLUSTER)
+    return out, result
+
+
+def test_train_writes_a_model_that_beats_plain_cosine(trained):
+    out, result = trained
+    model = load_model(out)
+    assert model.A.shape == (16, 16)
+    assert np.linalg.eigvalsh(model.A)[0] > 0
+    attrs = model.attrs
+    assert attrs["complete"] and attrs["steps"] == len(attrs["history"]) - 1
+    assert attrs["loss"] == "mse" and attrs["solver"] == "lbfgs"
+    val = attrs["validation_figures"]
+    assert val["learned"]["auc"] > val["plain"]["auc"] + 0.05
+    losses = [h["loss"] for h in attrs["history"]]
+    assert losses[-1] < 0.7 * losses[0]
+    assert "Dask dashboard: http://127.0.0.1:" in result.output
+    assert "learned A" in result.output and "model written to" in result.output
+
+
+def test_evaluate_reports_learned_and_plain(trained, binary_store):
+    out, _ = trained
+    result = cosim("evaluate", out, binary_store, "--json", *CLUSTER)
+    report = json.loads(result.stdout)
+    assert report["split"] == "validation"
+    model = load_model(out)
+    # The same validation rows and thresholds as at training time: the same figures.
+    assert report["learned"]["auc"] == pytest.approx(
+        model.attrs["validation_figures"]["learned"]["auc"], abs=1e-12)
+    assert report["learned"]["auc"] > report["plain"]["auc"]
+    assert report["learned"]["pairs"] == model.attrs["validation_figures"]["learned"]["pairs"]
+
+
+def test_graded_targets_recover_hidden_metric(graded_store, tmp_path):
+    out = tmp_path / "g.zarr"
+    cosim("train", graded_store, "--out", out, "--steps", 60, "--validation", 0.1, *CLUSTER)
+    A = load_model(out).A
+    A_star = open_store(graded_store).hidden_metric
+    cos = np.sum(A * A_star) / np.linalg.norm(A) / np.linalg.norm(A_star)
+    assert cos >= 0.99
+
+
+def test_factor_form_and_stream_equals_memory(binary_store, tmp_path):
+    models = {}
+    for cache in ("memory", "stream"):
+        out = tmp_path / f"{cache}.zarr"
+        cosim("train", binary_store, "--out", out, "--param", "factor", "--rank", 4,
+              "--steps", 5, "--cache", cache, *CLUSTER)
+        models[cache] = load_model(out)
+    assert models["memory"].M.shape == (4, 16)
+    np.testing.assert_array_equal(models["memory"].A, models["stream"].A)
+
+
+def test_resume_equals_uninterrupted(binary_store, tmp_path):
+    whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
+    common = ["--steps", 8, "--checkpoint-every", 2, *CLUSTER]
+    cosim("train", binary_store, "--out", whole, *common)
+    cosim("train", binary_store, "--out", part, *common[:1], 3, *common[2:])
+    assert load_model(part).attrs["steps"] == 3
+    cosim("train", binary_store, "--out", part, "--resume", *common)
+    a, b = load_model(whole), load_model(part)
+    np.testing.assert_array_equal(a.A, b.A)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted(binary_store, tmp_path):
+    whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
+    args = ["--steps", 12, "--checkpoint-every", 1, "--solver", "gd", *CLUSTER]
+    cosim("train", binary_store, "--out", whole, *args)
+    cmd = [sys.executable, "-m", "cosim_dask", "train", str(binary_store), "--out", str(killed),
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if killed.exists() and load_model(killed).attrs["steps"] >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its LocalCluster, at once
+    proc.wait()
+    steps_done = load_model(killed).attrs["steps"]
+    assert 3 <= steps_done < 12
+    cosim("train", binary_store, "--out", killed, "--resume", *args)
+    np.testing.assert_array_equal(load_model(whole).A, load_model(killed).A)
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_train_through_external_scheduler_and_workers(binary_store, tmp_path):
+    port = _port()
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    procs = [subprocess.Popen(
+        [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", "127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [str(bindir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                 "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        from distributed import Client
+
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+        out = tmp_path / "ext.zarr"
+        cosim("train", binary_store, "--out", out, "--steps", 5, "--scheduler", address)
+        assert 1 <= load_model(out).attrs["steps"] <= 5
+        # Dask's own environment variable works too.
+        out2 = tmp_path / "ext2.zarr"
+        result = runner.invoke(app, ["train", str(binary_store), "--out", str(out2),
+                                     "--steps", "5"], env={"DASK_SCHEDULER_ADDRESS": address})
+        assert result.exit_code == 0, result.output
+        np.testing.assert_array_equal(load_model(out).A, load_model(out2).A)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+# --- bad input: one line, exit 2, nothing good overwritten ------------------------------
+
+
+def _one_line_error(result, *fragments):
+    """Exit 2, exactly one error line naming the problem, no traceback."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_existing_out_needs_overwrite(trained, binary_store):
+    out, _ = trained
+    before = load_model(out).A.copy()
+    result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), "--steps", "1"])
+    _one_line_error(result, "already exists", "--overwrite")
+    np.testing.assert_array_equal(load_model(out).A, before)
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--param", "factor", "--rank", "17"], ["rank=17", "d=16"]),
+    (["--rank", "3"], ["factor form"]),
+    (["--validation", "0", "--patience", "2"], ["patience needs validation"]),
+    (["--resume", "--overwrite"], ["contradict"]),
+])
+def test_bad_training_options(binary_store, tmp_path, args, fragments):
+    out = tmp_path / "m.zarr"
+    result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), *args, *CLUSTER])
+    _one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_resume_needs_a_checkpoint_and_the_same_settings(binary_store, tmp_path):
+    out = tmp_path / "m.zarr"
+    result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), "--resume"])
+    _one_line_error(result, "nothing to resume")
+    cosim("train", binary_store, "--out", out, "--steps", 2, *CLUSTER)
+    before = load_model(out).A.copy()
+    result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), "--resume",
+                                 "--loss", "contrastive", "--steps", "4", *CLUSTER])
+    _one_line_error(result, "different settings", "loss='mse' now 'contrastive'")
+    np.testing.assert_array_equal(load_model(out).A, before)
+
+
+def test_unreachable_scheduler_fails_fast(binary_store, tmp_path):
+    started = time.monotonic()
+    result = runner.invoke(app, ["train", str(binary_store), "--out", str(tmp_path / "m"),
+                                 "--scheduler", f"tcp://127.0.0.1:{_port()}"])
+    _one_line_error(result, "cannot reach the Dask scheduler")
+    assert time.monotonic() - started < 30
+
+
+def test_invalid_rows_stop_training_and_keep_the_old_model(binary_store, trained, tmp_path):
+    broken = tmp_path / "broken.zarr"
+    import shutil
+
+    shutil.copytree(binary_store, broken)
+    x = zarr.open_group(broken, mode="r+")["x"]
+    x[9000] = 0.0  # chunk 2 (4,000 rows per chunk), row 1,000 within it
+    out, _ = trained
+    before = load_model(out).A.copy()
+    result = runner.invoke(app, ["train", str(broken), "--out", str(out), "--overwrite",
+                                 *CLUSTER])
+    _one_line_error(result, "in chunk 2", "--drop-invalid")
+    np.testing.assert_array_equal(load_model(out).A, before)
+    # --skip-invalid trains on and counts them.
+    skip = tmp_path / "skip.zarr"
+    cosim("train", broken, "--out", skip, "--steps", 2, "--skip-invalid", *CLUSTER)
+
+
+def test_evaluate_rejects_a_model_of_another_dimension(trained, graded_store):
+    out, _ = trained
+    result = runner.invoke(app, ["evaluate", str(out), str(graded_store), *CLUSTER])
+    _one_line_error(result, "d=16", "d=10")
+
+
+def test_evaluate_rejects_what_is_not_a_model(binary_store, tmp_path):
+    result = runner.invoke(app, ["evaluate", str(binary_store), str(binary_store), *CLUSTER])
+    _one_line_error(result, "is not a cosim model")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(binary_store)])
+    _one_line_error(result, "does not exist")
