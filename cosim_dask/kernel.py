@@ -125,7 +125,8 @@ def _invalid_message(n_bad: int, first: int, chunk_id: object) -> str:
     return (
         f"{n_bad} pair(s){where} have a zero, NaN/Inf or non-positive xᵀAx / yᵀAy vector, "
         f"or a non-finite target (first at row {first}); clean the data (e.g. "
-        f"`cosim ingest --drop-invalid`) or use on_invalid='skip'"
+        f"`cosim ingest --drop-invalid`) or skip them (on_invalid='skip'; "
+        f"`cosim train --skip-invalid`)"
     )
 
 
