@@ -263,7 +263,9 @@ def test_external_scheduler_without_cosim_falls_back_to_driver(scheduler_without
 
 @pytest.fixture(scope="module")
 def browser():
-    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    if executable is None:
+        # Fail, not skip: CI installs Chromium, so its absence is a broken setup.
         pytest.fail(
             f"Chromium is not installed at {CHROMIUM}: the browser tests need Debian's "
             "chromium package (apt-get install -y chromium; .ci/run installs it)."
@@ -271,18 +273,16 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
 
 def publish_in_background(
-    pub: MetricsPublisher, n: int, pause: float
-) -> tuple[threading.Thread, list[dict]]:
-    logged: list[dict] = []
-
+    pub: MetricsPublisher, steps: range, pause: float, logged: list[dict]
+) -> threading.Thread:
     def run() -> None:
-        for i in range(n):
+        for i in steps:
             step = synthetic_step(i)
             pub.publish(step)
             logged.append(step)
@@ -290,7 +290,7 @@ def publish_in_background(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return thread, logged
+    return thread
 
 
 def watch_live_page(browser, pub: MetricsPublisher, n: int, screenshot: Path) -> list[int]:
@@ -299,14 +299,17 @@ def watch_live_page(browser, pub: MetricsPublisher, n: int, screenshot: Path) ->
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(str(e)))
-    thread, logged = publish_in_background(pub, n, pause=0.04)
+    logged = [synthetic_step(0)]
+    pub.publish(logged[0])
     page.goto(pub.url + "?interval=100")
     loss = page.locator('#chart-loss path.series[data-key="loss"]')
+    # A one-point path has no extent, so Playwright would call it hidden: wait for it in the DOM.
+    loss.wait_for(state="attached")  # the page drew the first step: now the run goes on
+    thread = publish_in_background(pub, range(1, n), pause=0.05, logged=logged)
     seen: list[int] = []
     deadline = time.monotonic() + 30
     while thread.is_alive() and time.monotonic() < deadline:  # sample the curve while it grows
-        if loss.count():
-            seen.append(int(loss.get_attribute("data-n")))
+        seen.append(int(loss.get_attribute("data-n")))
         time.sleep(0.15)
     thread.join()
     page.wait_for_function(
