@@ -316,6 +316,16 @@ def _cluster(scheduler, workers, threads, memory_limit, dashboard_address, secur
         close(client, cluster)
 
 
+def _dashboard_link(client) -> str:
+    from .dashboard import dashboard_url
+    from .errors import ClusterError
+
+    try:
+        return dashboard_url(client)
+    except ClusterError as exc:
+        return f"none ({exc})"
+
+
 def _fmt(value, spec: str = ".5g") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -357,6 +367,8 @@ def train(
              "memory when it fits in half the cluster.")] = CacheMode.auto,
     skip_invalid: Annotated[bool, typer.Option(
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
+    run_id: Annotated[str | None, typer.Option(
+        help="Name of this run on the live dashboard (default: date-time-random).")] = None,
     scheduler: Scheduler = None,
     workers: Workers = 2,
     threads_per_worker: Threads = 1,
@@ -383,13 +395,17 @@ def train(
     console = Console(stderr=True)
     with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
                   security) as client:
-        console.print(f"Dask dashboard: {client.dashboard_link}")
+        console.print(f"Dask dashboard: {_dashboard_link(client)}")
         progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), console=console,
                             transient=False)
         task = progress.add_task("train", total=steps, status="")
 
         def on_start(info) -> None:
+            if info.get("live_url"):
+                console.print(f"Live training page: {info['live_url']}")
+            if info.get("live_hint"):
+                console.print(info["live_hint"])
             s = info["store"]
             resumed = info["resumed_at"]
             console.print(
@@ -411,7 +427,7 @@ def train(
         with progress:
             result = run(lambda: train_store(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
-                resume=resume, on_step=on_step, on_start=on_start))
+                resume=resume, on_step=on_step, on_start=on_start, run_id=run_id))
     attrs = result.model.attrs
     console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")

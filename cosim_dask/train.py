@@ -97,6 +97,8 @@ def train_store(
     resume: bool = False,
     on_step: StepCallback | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
+    dashboard: bool = True,
+    run_id: str | None = None,
 ) -> TrainResult:
     """Learn a metric from the pair store at ``store_path``; write the model to ``out``.
 
@@ -124,20 +126,40 @@ def train_store(
         "store_fingerprint": store.fingerprint, "store_path": str(store_path),
         "targets": store.targets, "cosim_version": __version__,
     }
+    publisher = None
+    if dashboard:
+        from .dashboard import MetricsPublisher, new_run_id
+
+        publisher = MetricsPublisher(client, run_id or new_run_id(),
+                                     settings={**asdict(config), "store": str(store_path),
+                                               "out": str(out), "cache": cache})
+        base_attrs["run_id"] = publisher.run_id
     if on_start:
-        on_start({"store": store, "cache": cache, "chunks": pieces and len(pieces.items),
-                  "resumed_at": state.step if state else None})
+        on_start({"store": store, "cache": cache, "chunks": len(pieces.items),
+                  "resumed_at": state.step if state else None,
+                  "live_url": publisher.url if publisher else None,
+                  "live_hint": publisher.hint if publisher else None})
+
+    def step_done(record: dict[str, Any]) -> None:
+        if publisher:
+            publisher.publish(record)
+        if on_step:
+            on_step(record)
 
     def checkpoint(solver_, state_: TrainState) -> None:
         save_model(out, _model(form, solver_, state_, base_attrs, complete=False),
                    overwrite=True)
 
     started = time.perf_counter()
-    state = run_solver(
-        objective, solver, form.initial(store.d, seed=config.seed), config, state=state,
-        on_step=on_step, checkpoint=checkpoint, checkpoint_every=options.checkpoint_every,
-        targets_binary=binary,
-    )
+    try:
+        state = run_solver(
+            objective, solver, form.initial(store.d, seed=config.seed), config, state=state,
+            on_step=step_done, checkpoint=checkpoint,
+            checkpoint_every=options.checkpoint_every, targets_binary=binary,
+        )
+    finally:
+        if publisher:
+            publisher.close()
     seconds = time.perf_counter() - started
     model = _model(form, solver, state, base_attrs, complete=True)
     model.attrs.update(_final_figures(client, pieces, model.A, config, binary, options))

@@ -1,0 +1,380 @@
+"""The live dashboard: the run store, the JSON routes on a real cluster, the fallback served by
+the driver for a real external scheduler that cannot import cosim_dask, and the pages in a real
+headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from cosim_dask._dashboard_store import RunStore
+from cosim_dask.dashboard import (
+    PLUGIN_NAME,
+    CosimDashboardPlugin,
+    MetricsPublisher,
+    dashboard_url,
+    local_cluster_kwargs,
+    new_run_id,
+)
+from cosim_dask.errors import ClusterError, CosimError
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags this machine needs: no sandbox as root, and no background traffic to a closed network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def synthetic_step(i: int) -> dict[str, float | int | None]:
+    """One step of a made-up training run: validation every 5th step, like the trainer."""
+    val = i % 5 == 4
+    return {
+        "step": i,
+        "loss": 1.0 / (1.0 + i) + 0.01 * math.sin(i),
+        "grad_norm": 2.0 * 0.9**i,
+        "step_seconds": 0.05 + 0.001 * (i % 3),
+        "pairs_per_s": 600_000.0 + 1_000.0 * i,
+        "val_loss": 1.2 / (1.0 + i) if val else None,
+        "val_auc": 0.5 + 0.4 * (1 - 0.9**i) if val else None,
+        "step_size": 0.5 if i else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=False,
+            **local_cluster_kwargs("127.0.0.1:0"),
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        yield c
+
+
+# ------------------------------------------------------------------------------ the store
+
+
+def test_store_columns_backfill_ints_and_missing():
+    store = RunStore()
+    store.handle({"kind": "start", "run": "r1", "time": 1.0, "settings": {"lr": 0.1}})
+    store.handle({"kind": "step", "run": "r1", "time": 2.0, "metrics": {"step": 0, "loss": 1.5}})
+    store.handle(
+        {"kind": "step", "run": "r1", "time": 3.0, "metrics": {"step": 1, "val_auc": 0.75}}
+    )
+    body = store.run("r1")
+    assert body["settings"] == {"lr": 0.1}
+    assert body["steps"] == [
+        {"wall_time": 2.0, "step": 0, "loss": 1.5, "val_auc": None},
+        {"wall_time": 3.0, "step": 1, "loss": None, "val_auc": 0.75},
+    ]
+    assert isinstance(body["steps"][1]["step"], int)
+    assert store.run("r1", since=1)["steps"] == body["steps"][1:]
+    assert store.run("nope") is None
+    store.handle({"kind": "end", "run": "r1", "time": 4.0})
+    assert store.runs()[0]["status"] == "finished"
+
+
+def test_store_bounds_steps_and_runs():
+    store = RunStore(max_runs=2, max_steps=10)
+    for i in range(25):
+        store.handle({"kind": "step", "run": "a", "time": float(i), "metrics": {"step": i}})
+    body = store.run("a")
+    assert body["next"] == 25 and body["dropped"] == len(range(25)) - len(body["steps"])
+    assert [s["step"] for s in body["steps"]] == list(range(body["dropped"], 25))
+    assert len(body["steps"]) <= 11
+    store.handle({"kind": "end", "run": "a", "time": 30.0})
+    store.handle({"kind": "start", "run": "b", "time": 31.0})
+    store.handle({"kind": "start", "run": "c", "time": 32.0})  # evicts the finished run "a"
+    assert [r["run_id"] for r in store.runs()] == ["b", "c"]
+    store.handle({"kind": "step", "run": "bad/id", "time": 1.0, "metrics": {}})  # ignored
+    assert len(store.runs()) == 2
+
+
+def test_publisher_rejects_bad_input(client):
+    with pytest.raises(CosimError, match="run id"):
+        MetricsPublisher(client, "no spaces allowed")
+    with pytest.raises(CosimError, match="serve="):
+        MetricsPublisher(client, "ok", serve="elsewhere")  # type: ignore[arg-type]
+    pub = MetricsPublisher(client, new_run_id())
+    with pytest.raises(CosimError, match="'loss' must be a real number"):
+        pub.publish({"loss": "low"})
+    pub.close()
+    with pytest.raises(CosimError, match="was closed"):
+        pub.publish({"loss": 1.0})
+
+
+# ------------------------------------------------------------------- on a real LocalCluster
+
+
+def test_json_route_every_step_in_order_for_two_runs(client):
+    base = dashboard_url(client)
+    assert base.startswith("http://127.0.0.1:")  # loopback, even though the scheduler is inproc
+    a = MetricsPublisher(client, "json-a", settings={"solver": "lbfgs", "rank": 8})
+    b = MetricsPublisher(client, "json-b")  # the plugin is installed once, not twice
+    assert a.served_by == b.served_by == "scheduler" and a.hint is None
+    assert a.url == base.removesuffix("status") + "cosim/runs/json-a"
+    plugins = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.plugins))
+    assert plugins.count(PLUGIN_NAME) == 1
+
+    logged: dict[str, list[dict]] = {"json-a": [], "json-b": []}
+    for i in range(1_200):  # more than the 1,000 events the scheduler itself keeps per topic
+        step = synthetic_step(i)
+        a.publish(step)
+        logged["json-a"].append(step)
+        if i % 2 == 0:
+            other = {"step": i // 2, "loss": np.float32(0.5), "grad_norm": np.float64(i)}
+            b.publish(other)
+            logged["json-b"].append({"step": i // 2, "loss": 0.5, "grad_norm": float(i)})
+    a.close()
+
+    for pub in (a, b):
+        body = get_json(pub.json_url)
+        assert body["run_id"] == pub.run_id and body["n_steps"] == len(logged[pub.run_id])
+        got = [{k: v for k, v in s.items() if k != "wall_time"} for s in body["steps"]]
+        assert got == logged[pub.run_id]
+        times = [s["wall_time"] for s in body["steps"]]
+        assert times == sorted(times)
+    assert get_json(a.json_url)["status"] == "finished"
+    assert get_json(a.json_url)["settings"] == {"solver": "lbfgs", "rank": 8}
+    assert get_json(b.json_url)["status"] == "running"
+    tail = get_json(a.json_url + "?since=1195")
+    assert [s["step"] for s in tail["steps"]] == list(range(1195, 1200)) and tail["next"] == 1200
+
+    runs = {r["run_id"]: r for r in get_json(a.runs_url)["runs"]}
+    assert {"json-a", "json-b"} <= set(runs)
+    assert runs["json-a"]["last"]["step"] == 1199
+    assert runs["json-a"]["json"] == "cosim/api/runs/json-a"
+
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(a.json_url.replace("json-a", "json-zzz"), timeout=10)
+    assert err.value.code == 404
+    err.value.close()
+    # The Dask dashboard itself links to the cosim pages: a "Cosim" tab in its nav bar.
+    with urllib.request.urlopen(base, timeout=10) as response:
+        assert b'href="cosim"' in response.read()
+    b.close()
+
+
+@pytest.mark.slow
+def test_worker_processes_cluster_and_real_tasks():
+    """Processes for workers, real tasks between steps, the route as a script would poll it."""
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            **local_cluster_kwargs("127.0.0.1:0"),
+        ) as cluster,
+        Client(cluster) as c,
+        MetricsPublisher(c, "procs", settings={"workers": 2}) as pub,
+    ):
+        for i in range(20):
+            keys = [f"square-{i}-{k}" for k in range(4)]
+            total = sum(c.gather(c.map(lambda k: k * k, range(4), key=keys)))
+            pub.publish({"step": i, "loss": float(total) / (i + 1)})
+        body = get_json(pub.json_url)
+        assert [s["step"] for s in body["steps"]] == list(range(20))
+        assert body["steps"][-1]["loss"] == pytest.approx(14 / 20)
+
+
+# ------------------------------------------------- an external scheduler without cosim_dask
+
+
+@pytest.fixture
+def scheduler_without_cosim(tmp_path):
+    """A real ``dask scheduler`` process on loopback in which ``import cosim_dask`` fails."""
+    blocker = tmp_path / "block_cosim.py"
+    # None in sys.modules makes every later ``import cosim_dask`` raise ModuleNotFoundError,
+    # as on a scheduler whose environment lacks the package.
+    blocker.write_text("import sys\nsys.modules['cosim_dask'] = None\n")
+    scheduler_file = tmp_path / "scheduler.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "distributed.cli.dask_scheduler",
+            "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+            "--preload", str(blocker), "--scheduler-file", str(scheduler_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not scheduler_file.exists():
+            assert proc.poll() is None, "dask scheduler exited"
+            assert time.monotonic() < deadline, "dask scheduler did not start in 30 s"
+            time.sleep(0.05)
+        with Client(scheduler_file=str(scheduler_file), timeout=30) as c:
+            yield c
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_external_scheduler_without_cosim_falls_back_to_driver(scheduler_without_cosim):
+    c = scheduler_without_cosim
+    with pytest.raises(ClusterError, match="cannot import cosim_dask"):
+        MetricsPublisher(c, "strict", serve="scheduler")
+    with MetricsPublisher(c, "fallback", settings={"k": 1}) as pub:
+        assert pub.served_by == "driver"
+        assert "install cosim-dask in the scheduler's environment" in pub.hint
+        assert pub.url.startswith("http://127.0.0.1:") and pub.url.endswith("/cosim/runs/fallback")
+        for i in range(30):
+            pub.publish(synthetic_step(i))
+        body = get_json(pub.json_url)
+        assert [s["step"] for s in body["steps"]] == list(range(30))
+        assert get_json(pub.runs_url)["runs"][0]["run_id"] == "fallback"
+        # The Dask dashboard link still works (asked with a function sent by value).
+        assert dashboard_url(c).startswith("http://127.0.0.1:")
+    with pytest.raises(urllib.error.URLError):  # close() stopped the driver's server
+        urllib.request.urlopen(pub.json_url, timeout=5)
+
+
+# -------------------------------------------------------------------- in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
+    if executable is None:
+        # Fail, not skip: CI installs Chromium, so its absence is a broken setup.
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}: the browser tests need Debian's "
+            "chromium package (apt-get install -y chromium; .ci/run installs it)."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def publish_in_background(
+    pub: MetricsPublisher, steps: range, pause: float, logged: list[dict]
+) -> threading.Thread:
+    def run() -> None:
+        for i in steps:
+            step = synthetic_step(i)
+            pub.publish(step)
+            logged.append(step)
+            time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def watch_live_page(browser, pub: MetricsPublisher, n: int, screenshot: Path) -> list[int]:
+    """Open the page while ``n`` steps are published; check the curves hold the logged values."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    logged = [synthetic_step(0)]
+    pub.publish(logged[0])
+    page.goto(pub.url + "?interval=100")
+    loss = page.locator('#chart-loss path.series[data-key="loss"]')
+    # A one-point path has no extent, so Playwright would call it hidden: wait for it in the DOM.
+    loss.wait_for(state="attached")  # the page drew the first step: now the run goes on
+    thread = publish_in_background(pub, range(1, n), pause=0.05, logged=logged)
+    seen: list[int] = []
+    deadline = time.monotonic() + 30
+    while thread.is_alive() and time.monotonic() < deadline:  # sample the curve while it grows
+        seen.append(int(loss.get_attribute("data-n")))
+        time.sleep(0.15)
+    thread.join()
+    page.wait_for_function(
+        f"() => document.querySelector('#status').dataset.nSteps === '{n}'", timeout=10_000
+    )
+
+    def plotted(chart: str, key: str) -> tuple[list, list]:
+        path = page.locator(f'#chart-{chart} path.series[data-key="{key}"]')
+        return json.loads(path.get_attribute("data-x")), json.loads(path.get_attribute("data-y"))
+
+    for chart, key in [
+        ("loss", "loss"),
+        ("loss", "val_loss"),
+        ("val_auc", "val_auc"),
+        ("grad_norm", "grad_norm"),
+        ("step_size", "step_size"),
+        ("pairs_per_s", "pairs_per_s"),
+        ("step_seconds", "step_seconds"),
+    ]:
+        xs, ys = plotted(chart, key)
+        expected = [(s["step"], s[key]) for s in logged if s[key] is not None]
+        assert list(zip(xs, ys, strict=True)) == expected, key
+    assert page.locator("#latest td[data-key='step']").inner_text() == str(n - 1)
+    page.screenshot(path=str(screenshot), full_page=True)
+    page.close()
+    assert not problems, problems
+    return seen
+
+
+@pytest.mark.slow
+def test_live_page_on_the_dask_dashboard(browser, client, tmp_path):
+    first = MetricsPublisher(client, "live-1", settings={"solver": "lbfgs"})
+    second = MetricsPublisher(client, "live-2")
+    for i in range(5):  # a second run on the same cluster: its own page, its own curves
+        second.publish({"step": i, "loss": 10.0 + i})
+    n = 40
+    seen = watch_live_page(browser, first, n, tmp_path / "live.png")
+    assert len(set(seen)) >= 3 and seen == sorted(seen), seen  # the curves grew while we watched
+    assert (tmp_path / "live.png").stat().st_size > 10_000
+
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.goto(second.url + "?interval=100")
+    path = page.locator('#chart-loss path.series[data-key="loss"]')
+    path.wait_for()
+    assert json.loads(path.get_attribute("data-y")) == [10.0, 11.0, 12.0, 13.0, 14.0]
+    assert page.locator('#nav a[href="../../status"]').count() == 1  # back to Dask's pages
+    page.goto(first.url.replace("runs/live-1", ""))  # the index lists both runs
+    page.locator('tr[data-run-id="live-2"]').wait_for()
+    assert page.locator('tr[data-run-id="live-1"]').count() == 1
+    page.close()
+    assert not problems, problems
+    first.close()
+    second.close()
+
+
+@pytest.mark.slow
+def test_live_page_served_by_the_driver(browser, client, tmp_path):
+    with MetricsPublisher(client, "driver-run", serve="driver") as pub:
+        assert pub.served_by == "driver"
+        watch_live_page(browser, pub, 25, tmp_path / "driver.png")
+    assert (tmp_path / "driver.png").stat().st_size > 10_000
+
+
+def test_plugin_is_idempotent_by_name():
+    assert CosimDashboardPlugin.idempotent is True
+    assert CosimDashboardPlugin().name == PLUGIN_NAME
