@@ -338,8 +338,10 @@ def train(
     negative_target: Annotated[float | None, typer.Option(
         help="mse: the target for label −1 (default −1; 0 asks for orthogonality).")] = None,
     param: Annotated[ParamName, typer.Option(
-        help="full: learn A (PSD-projected); factor: learn M with A = MᵀM.")] = ParamName.full,
-    rank: Annotated[int | None, typer.Option(min=1, help="Rank k of M (factor form).")] = None,
+        help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
+             "the PSD cone after each step.")] = ParamName.factor,
+    rank: Annotated[int | None, typer.Option(
+        min=1, help="Rank k of M (factor form; default d, full rank).")] = None,
     solver: Annotated[SolverName, typer.Option(help="Optimiser.")] = SolverName.lbfgs,
     steps: Annotated[int, typer.Option(min=0, help="Maximum solver steps.")] = 50,
     lr: Annotated[float | None, typer.Option(help="Step size (solver default if omitted).")

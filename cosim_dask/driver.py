@@ -32,7 +32,9 @@ class TrainConfig:
     negative_target: float | None = None  # mse: the target for label −1 (default −1)
     pos_margin: float | None = None  # contrastive
     neg_margin: float | None = None  # contrastive
-    param: str = "full"
+    # L-BFGS on M (A = MᵀM) needs ~5× fewer passes than on A, whose PSD projection bends
+    # its steps where the optimum is low-rank (scripts/bench_train.py, converge).
+    param: str = "factor"
     rank: int | None = None
     solver: str = "lbfgs"
     lr: float | None = None

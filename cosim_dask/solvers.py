@@ -66,16 +66,27 @@ class Solver:
 
 def _backtrack(
     evaluate: Evaluate, project: Project, params, loss, grad, direction, step0,
-    shrink=0.5, c1=1e-4, max_tries=30,
+    c1=1e-4, max_tries=12,
 ):
-    """Armijo backtracking along ``direction`` with projection; returns the accepted point."""
+    """Armijo backtracking along ``direction`` with projection; returns the accepted point.
+
+    After a rejected trial the next step comes from the minimiser of the quadratic through
+    f(0), f'(0) and f(step), kept within [0.1, 0.5] of the rejected step: one or two trials
+    where plain halving can need many, and every trial is a full distributed pass.
+    """
     step = step0
+    slope = float(np.sum(grad * direction))
     for tries in range(1, max_tries + 1):
         candidate = project(params + step * direction)
         new_loss, new_grad = evaluate(candidate, None)
         decrease = float(np.sum(grad * (candidate - params)))
         if np.isfinite(new_loss) and new_loss <= loss + c1 * min(decrease, 0.0):
             return candidate, new_loss, new_grad, step, tries
+        shrink = 0.5
+        if np.isfinite(new_loss) and slope < 0:
+            curvature = new_loss - loss - slope * step
+            if curvature > 0:
+                shrink = float(np.clip(-slope * step / (2.0 * curvature), 0.1, 0.5))
         step *= shrink
     return params, loss, grad, 0.0, max_tries
 
@@ -157,6 +168,14 @@ class LBFGS(Solver):
         self.params, self.loss, self.grad, used, tries = _backtrack(
             evaluate, project, self.params, self.loss, self.grad, direction, 1.0
         )
+        if used == 0 and self.s_hist:
+            # The quasi-Newton direction failed (typically where the PSD projection bends
+            # it): forget the curvature pairs and try a scaled gradient step instead.
+            self.s_hist, self.y_hist = [], []
+            self.params, self.loss, self.grad, used, more = _backtrack(
+                evaluate, project, self.params, self.loss, self.grad, self._direction(), 1.0
+            )
+            tries += more
         if used > 0:
             s, y = self.params - old_params, self.grad - old_grad
             if np.sum(s * y) > 1e-12 * np.sqrt(np.sum(s * s) * np.sum(y * y)):

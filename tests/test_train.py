@@ -54,7 +54,8 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
     out, result = trained
     model = load_model(out)
     assert model.A.shape == (16, 16)
-    assert np.linalg.eigvalsh(model.A)[0] > 0
+    assert np.linalg.eigvalsh(model.A)[0] > -1e-10  # A = MᵀM: PSD by construction
+    assert model.M.shape == (16, 16)
     attrs = model.attrs
     assert attrs["complete"] and attrs["steps"] == len(attrs["history"]) - 1
     assert attrs["loss"] == "mse" and attrs["solver"] == "lbfgs"
@@ -199,7 +200,7 @@ def test_existing_out_needs_overwrite(trained, binary_store):
 
 @pytest.mark.parametrize("args,fragments", [
     (["--param", "factor", "--rank", "17"], ["rank=17", "d=16"]),
-    (["--rank", "3"], ["factor form"]),
+    (["--param", "full", "--rank", "3"], ["factor form"]),
     (["--validation", "0", "--patience", "2"], ["patience needs validation"]),
     (["--resume", "--overwrite"], ["contradict"]),
 ])
