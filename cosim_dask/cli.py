@@ -449,7 +449,7 @@ def _print_figures(figures: dict | None) -> None:
             if k in figures["learned"]]
     for key in keys:
         table.add_column(key, justify="right")
-    for name, label in (("plain", "plain cosine (A = I)"), ("learned", "learned A")):
+    for name, label in (("plain", "plain cosine"), ("learned", "learned A")):
         row = figures[name]
         table.add_row(label, *(f"{row[k]:,}" if k == "pairs" else _fmt(row[k], ".4f")
                                for k in keys))

@@ -1,49 +1,54 @@
-"""Demo: learn a hidden cosine metric from generated pairs, in memory, with the NumPy core.
+"""The main job: generate pairs from a hidden metric, train on a LocalCluster with the live
+dashboard, and evaluate the learned metric against plain cosine similarity.
 
-Run with `make demo`. Later stages of the project grow this into the full Dask pipeline.
+Run with `make demo` (or `python pipelines/synthetic.py --help`). Each stage is the `cosim`
+command a user would type, so the demo shows exactly what the CLI prints.
 """
 
 from __future__ import annotations
 
-import time
+import argparse
+import shlex
+import sys
+from pathlib import Path
 
-import numpy as np
-
-from cosim_dask import pair_similarity
-from cosim_dask.metric import FullMetric
-from cosim_dask.objective import InMemoryPairs, Objective
-from cosim_dask.solvers import get_solver
-from cosim_dask.synthetic import synthetic_pairs
+from cosim_dask.cli import app
 
 
-def main(n_pairs: int = 100_000, dim: int = 32, rank: int = 4, steps: int = 40) -> None:
-    x, y, t, A_star = synthetic_pairs(n_pairs, dim, rank=rank, noise=0.02, seed=0)
-    train, test = slice(0, int(0.8 * n_pairs)), slice(int(0.8 * n_pairs), n_pairs)
-    form = FullMetric()
-    objective = Objective(form, InMemoryPairs(x[train], y[train], t[train], form, "mse"))
-    solver = get_solver("lbfgs")
-    started = time.perf_counter()
-    info = solver.start(np.eye(dim), objective)
-    print(f"{n_pairs:,} pairs, d={dim}, hidden metric of rank {rank}")
-    print(f"step {0:3d}  loss {info.loss:.6f}  |grad| {info.grad_norm:.2e}")
-    for step in range(1, steps + 1):
-        info = solver.step(objective, form.project)
-        if step % 5 == 0 or step == steps:
-            print(f"step {step:3d}  loss {info.loss:.6f}  |grad| {info.grad_norm:.2e}")
-    elapsed = time.perf_counter() - started
-    A = solver.params
-    rows = []
-    for name, metric in (("plain cosine (A = I)", None), ("learned A", A)):
-        s = pair_similarity(x[test], y[test], metric)
-        mse = float(np.mean((s - t[test]) ** 2))
-        corr = float(np.corrcoef(s, t[test])[0, 1])
-        rows.append((name, mse, corr))
-    print(f"\nheld-out pairs ({len(t[test]):,}); trained in {elapsed:.1f} s")
-    print(f"{'metric':24s} {'MSE':>10s} {'Pearson r':>10s}")
-    for name, mse, corr in rows:
-        print(f"{name:24s} {mse:10.5f} {corr:10.4f}")
-    cos = np.sum(A * A_star) / np.linalg.norm(A) / np.linalg.norm(A_star)
-    print(f"cosine between learned A and hidden A*: {cos:.4f}")
+def cosim(*args: object) -> None:
+    argv = [str(a) for a in args]
+    print(f"\n$ cosim {shlex.join(argv)}", flush=True)
+    try:
+        app(argv, prog_name="cosim", standalone_mode=False)
+    except SystemExit as exc:  # typer.Exit from a failing command
+        if exc.code:
+            raise
+    except Exception as exc:  # click's own usage errors
+        sys.exit(f"stage failed: {exc}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("demo-output"),
+                        help="folder for the store and the model (default: demo-output)")
+    parser.add_argument("--pairs", type=int, default=400_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8, help="rank of the hidden metric")
+    parser.add_argument("--noise", type=float, default=0.3,
+                        help="noise on the hidden similarity before its sign is taken")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store, model = args.out / "pairs.zarr", args.out / "model.zarr"
+    cosim("generate", store, "--pairs", args.pairs, "--dim", args.dim, "--rank", args.rank,
+          "--noise", args.noise, "--targets", "binary", "--seed", 0, "--overwrite")
+    cosim("info", store)
+    cosim("train", store, "--out", model, "--steps", args.steps, "--validation", 0.1,
+          "--workers", args.workers, "--overwrite")
+    cosim("evaluate", model, store, "--workers", args.workers)
+    print(f"\nThe store and the model are in {args.out}/. Next: `cosim transform {model} "
+          "EMBEDDINGS.npy OUT.npy` maps vectors so plain cosine equals the learned similarity.")
 
 
 if __name__ == "__main__":
