@@ -260,3 +260,33 @@ def test_evaluate_rejects_what_is_not_a_model(binary_store, tmp_path):
     _one_line_error(result, "is not a cosim model")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(binary_store)])
     _one_line_error(result, "does not exist")
+
+
+def test_training_publishes_every_step_to_the_live_dashboard(binary_store, tmp_path):
+    """The real trainer's steps reach the dashboard's JSON route, in order, per run id."""
+    import urllib.request
+
+    from distributed import Client, LocalCluster
+
+    from cosim_dask.dashboard import dashboard_url
+    from cosim_dask.driver import TrainConfig
+    from cosim_dask.train import train_store
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        runs = {}
+        for run_id, steps in (("run-a", 4), ("run-b", 6)):
+            seen = []
+            result = train_store(str(binary_store), str(tmp_path / f"{run_id}.zarr"),
+                                 TrainConfig(steps=steps, tol=0.0, gtol=0.0), client=client,
+                                 run_id=run_id, on_step=seen.append)
+            runs[run_id] = (result, seen)
+        root = dashboard_url(client).rsplit("/status", 1)[0].rstrip("/") + "/"
+        for run_id, (result, seen) in runs.items():
+            with urllib.request.urlopen(f"{root}cosim/api/runs/{run_id}", timeout=10) as r:
+                data = json.load(r)
+            logged = data["steps"]
+            assert [s["step"] for s in logged] == [r["step"] for r in seen]
+            assert [s["loss"] for s in logged] == pytest.approx([r["loss"] for r in seen])
+            assert [s["val_auc"] for s in logged] == pytest.approx([r["val_auc"] for r in seen])
+            assert result.model.attrs["run_id"] == run_id
