@@ -407,8 +407,8 @@ def ingest_pairs(
             if out.any():
                 k = int(np.argmax(out))
                 raise CosimError(
-                    f"pair list {path!r}: {int(out.sum())} pairs in chunk {chunk} index "
-                    f"rows outside the embedding table (0..{m - 1}); first at row "
+                    f"pair list {path!r}: {int(out.sum())} pairs in chunk {chunk} point "
+                    f"outside the embedding table (rows 0..{m - 1}); first at row "
                     f"{row0 + k}: i={int(i[k])}, j={int(j[k])}")
             tcol = batch.column(target_column)
             if not (pa.types.is_integer(tcol.type) or pa.types.is_floating(tcol.type)

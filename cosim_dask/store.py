@@ -79,12 +79,21 @@ def default_chunk_rows(d: int) -> int:
 
 
 def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
-    """``chunk_rows`` if given, else the default for ``d``; at most ``n`` when known, since
-    zarr stores an edge chunk at full size (uncompressed, a 100-pair store would take 64 MB)."""
+    """Pairs per chunk: ``chunk_rows`` if given, else the default for ``d``; never above
+    ``n`` when the number of pairs is known.
+
+    With the default and a known ``n`` the chunks are evened out (1,000,000 pairs at
+    d = 128: 16 chunks of 62,500, not 15 of 65,536 and a runt): zarr stores an uncompressed
+    edge chunk at full size, and equal chunks make equal Dask tasks.
+    """
     rows = default_chunk_rows(d) if chunk_rows is None else int(chunk_rows)
     if rows < 1:
         raise CosimError(f"chunk_pairs={rows} must be >= 1")
-    return max(1, min(rows, n)) if n else rows
+    if n:
+        if chunk_rows is None:
+            rows = -(-n // -(-n // rows))
+        rows = min(rows, n)
+    return rows
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -392,10 +401,28 @@ def create_store(
         except FileExistsError as exc:
             raise StoreError(f"pair store {spath!r} already exists; pass --overwrite to "
                              "replace it") from exc
+        except (ImportError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot create {spath!r}: {str(exc).splitlines()[0]} (is the "
+                             "fsspec filesystem package for this URL installed?)") from exc
         yield from fill(group)
         return
+    _check_replaceable(Path(spath), overwrite)
     with atomic_directory(spath, overwrite=overwrite, what="pair store") as tmp:
         yield from fill(zarr.open_group(str(tmp), mode="w-", zarr_format=3))
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """With ``--overwrite``, replace only a pair store (or an empty folder): a typo such as
+    ``cosim ingest ~/data --overwrite`` must not delete a folder of other files."""
+    if not (overwrite and path.exists()):
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    try:
+        open_store(path)
+    except StoreError as exc:
+        raise StoreError(f"refusing to replace {str(path)!r}: it is not a readable cosim pair "
+                         "store; remove it yourself or choose another STORE") from exc
 
 
 def bytes_on_disk(path: str | os.PathLike) -> int:
@@ -407,8 +434,13 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
     return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
 
 
-def store_info(path: str | os.PathLike) -> dict:
-    """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data)."""
+def store_info(path: str | os.PathLike, *, validation: float | None = None,
+               seed: int = 0) -> dict:
+    """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data).
+
+    With ``validation`` set, also the sizes of the split :func:`validation_mask` gives for
+    that fraction and ``seed`` (random draws only, about 1 s per 100 million pairs).
+    """
     store = open_store(path)
     a = store.attrs
     info: dict[str, Any] = {
@@ -421,6 +453,11 @@ def store_info(path: str | os.PathLike) -> dict:
         "created": a.get("created"), "uuid": a.get("uuid"),
         "cosim_version": a.get("cosim_version"), "provenance": a.get("provenance"),
     }
+    if validation is not None:
+        n_val = sum(int(validation_mask(k, sl.stop - sl.start, validation, seed).sum())
+                    for k, sl in enumerate(store.chunk_slices()))
+        info["validation"] = {"fraction": validation, "seed": seed,
+                              "validation_pairs": n_val, "train_pairs": store.n - n_val}
     if store.hidden_metric is not None:
         eig = np.linalg.eigvalsh(store.hidden_metric)
         info["hidden_metric"] = {
