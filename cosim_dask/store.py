@@ -287,6 +287,7 @@ class PairStoreWriter:
             for name, tail in (("x", (d,)), ("y", (d,)), ("target", ()))
         }
         self.n = 0
+        self.targets: str | None = None  # decided by finish()
         self.stats = TargetStats()
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
@@ -340,6 +341,7 @@ class PairStoreWriter:
             "d": self.d, "chunk_rows": self.chunk_rows, "targets": targets, "codec": self.codec,
             "target_stats": s.as_attrs(self.n),
         }
+        self.targets = targets
         full.setdefault("uuid", uuid.uuid4().hex)
         full.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
         self.group.attrs.update(full)

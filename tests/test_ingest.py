@@ -133,6 +133,25 @@ def test_pair_index_out_of_range(tmp_path, rng, bad_i):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.parquet"]
 
 
+def test_csv_types_fixed_up_front(tmp_path, rng):
+    # an integer-looking first block (pyarrow reads 1 MB blocks) must not fix the target
+    # column's type as int64 before a 0.5 at the end
+    n = 250_000
+    t = np.ones(n)
+    t[-1] = 0.5
+    lines = ["i,j,target"] + [f"{k % 4},{(k + 1) % 4},{'1' if v == 1 else v}"
+                              for k, v in enumerate(t)]
+    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
+    report = ingest_pairs(tmp_path / "s.zarr", rng.standard_normal((4, 2)), tmp_path / "p.csv")
+    assert report.n == n and report.targets == "graded"
+    (tmp_path / "q.csv").write_text("i,j,target\n0,1,1\n0,x,1\n")
+    with pytest.raises(CosimError, match="cannot read pair list .*q.csv"):
+        ingest_pairs(tmp_path / "q.zarr", rng.standard_normal((4, 2)), tmp_path / "q.csv")
+    (tmp_path / "r.parquet").write_text("not parquet")
+    with pytest.raises(CosimError, match="cannot read pair list .*r.parquet"):
+        ingest_pairs(tmp_path / "r.zarr", rng.standard_normal((4, 2)), tmp_path / "r.parquet")
+
+
 def test_pair_list_problems(tmp_path, rng):
     E = rng.standard_normal((5, 2))
     pairs = write_pairs(tmp_path, "csv", [0], [1], [1.0], names=("u", "v", "target"))
