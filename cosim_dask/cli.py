@@ -101,8 +101,8 @@ class Codec(StrEnum):
 
 _ChunkPairs = Annotated[
     int | None,
-    typer.Option("--chunk-pairs", help="Pairs per chunk (default: ~32 MiB of x per chunk, "
-                 "65,536 at d=128)."),
+    typer.Option("--chunk-pairs", help="Pairs per chunk (default: ~16 MiB of x per chunk, "
+                 "32,768 at d=128, evened out over the pairs)."),
 ]
 _CodecOpt = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing STORE.")]

@@ -45,10 +45,12 @@ FORMAT = "cosim-pairs"
 FORMAT_VERSION = 1
 TARGET_KINDS = ("binary", "graded")
 
-#: Bytes of one ``x`` chunk the default chunking aims at: 32 MiB is 65,536 rows at d = 128,
-#: about 100 ms of gradient work per task (FACTS.md: keep tasks >= ~50 ms) and a few hundred
-#: MB per worker for x, y and the kernel's temporaries. See README "Store format".
-TARGET_CHUNK_BYTES = 32 * 2**20
+#: Bytes of one ``x`` chunk the default chunking aims at: 16 MiB is 32,768 rows at d = 128
+#: (x and y together 32 MiB), about 50-90 ms of gradient work per task (FACTS.md: keep tasks
+#: >= ~50 ms). Measured (scripts/bench_store.py): chunks of 32 MiB or more per array read
+#: 2-4x slower warm, because glibc serves allocations >= 32 MiB with fresh mmap'd pages that
+#: fault in on every read. See README "Store format".
+TARGET_CHUNK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 1024
 MAX_CHUNK_ROWS = 2**20
 
@@ -72,7 +74,7 @@ HIST_BINS = 10
 
 def default_chunk_rows(d: int) -> int:
     """Pairs per chunk for dimension ``d``: the largest power of two with an ``x`` chunk
-    of at most :data:`TARGET_CHUNK_BYTES` (65,536 at d = 128), within [1,024, 1,048,576]."""
+    of at most :data:`TARGET_CHUNK_BYTES` (32,768 at d = 128), within [1,024, 1,048,576]."""
     rows = TARGET_CHUNK_BYTES // (4 * max(int(d), 1))
     rows = 1 << max(int(rows).bit_length() - 1, 0)
     return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
@@ -83,7 +85,7 @@ def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
     ``n`` when the number of pairs is known.
 
     With the default and a known ``n`` the chunks are evened out (1,000,000 pairs at
-    d = 128: 16 chunks of 62,500, not 15 of 65,536 and a runt): zarr stores an uncompressed
+    d = 128: 31 chunks of 32,259, not 30 of 32,768 and a runt): zarr stores an uncompressed
     edge chunk at full size, and equal chunks make equal Dask tasks.
     """
     rows = default_chunk_rows(d) if chunk_rows is None else int(chunk_rows)
@@ -305,7 +307,10 @@ class PairStoreWriter:
     def _flush(self, *, final: bool) -> None:
         if not self._pending:
             return
-        x, y, t = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
+        if len(self._pending) == 1:  # the usual case (blocks of chunk_rows): no copy
+            x, y, t = self._pending[0]
+        else:
+            x, y, t = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
         full = len(t) if final else len(t) // self.write_rows * self.write_rows
         lo, hi = self.n, self.n + full
         if full:
@@ -316,7 +321,8 @@ class PairStoreWriter:
                 arr[lo:hi] = data[:full]
             self.stats.add(t[:full])
             self.n = hi
-        rest = (x[full:], y[full:], t[full:])
+        # Copies, so the leftover rows do not keep the whole concatenated block alive.
+        rest = (x[full:].copy(), y[full:].copy(), t[full:].copy())
         self._pending = [rest] if len(rest[2]) else []
         self._pending_rows = len(rest[2])
 

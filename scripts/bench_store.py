@@ -98,15 +98,15 @@ def measure(paths: dict[str, tuple], blocks_for, d: int, repeats: int) -> dict:
 
 
 def _blocks(n: int, d: int):
+    """``blocks_for(rows)``: the same n pairs (generated once) cut into blocks of ``rows``."""
     A = hidden_metric(d, seed=0)
-    cache: dict[int, list] = {}
+    parts = [synthetic_chunk(min(65_536, n - lo), A, seed=0, chunk=i)
+             for i, lo in enumerate(range(0, n, 65_536))]
+    x, y, t = (np.concatenate(p) for p in zip(*parts, strict=True))
+    del parts
 
     def blocks_for(rows: int) -> list:
-        if rows not in cache:
-            cache.clear()  # one chunking in memory at a time
-            cache[rows] = [synthetic_chunk(min(rows, n - lo), A, seed=0, chunk=i)
-                           for i, lo in enumerate(range(0, n, rows))]
-        return cache[rows]
+        return [(x[lo:lo + rows], y[lo:lo + rows], t[lo:lo + rows]) for lo in range(0, n, rows)]
     return blocks_for
 
 

@@ -164,13 +164,13 @@ def test_validation_mask():
 
 
 def test_chunk_rows_defaults():
-    assert default_chunk_rows(128) == 65536
-    assert default_chunk_rows(768) == 8192
+    assert default_chunk_rows(128) == 32768
+    assert default_chunk_rows(768) == 4096
     assert default_chunk_rows(1) == 2**20
     assert default_chunk_rows(10**6) == 1024
     assert choose_chunk_rows(128, 1000, None) == 1000
-    assert choose_chunk_rows(128, 1_000_000, None) == 62_500  # 16 equal chunks, no runt
-    assert choose_chunk_rows(128, 65_537, None) == 32_769
+    assert choose_chunk_rows(128, 1_000_000, None) == 32_259  # 31 equal chunks, no runt
+    assert choose_chunk_rows(128, 32_769, None) == 16_385
     assert choose_chunk_rows(128, 1000, 300) == 300
     assert choose_chunk_rows(128, None, 500) == 500
     with pytest.raises(CosimError, match="chunk_pairs=0"):
