@@ -32,7 +32,13 @@ import zarr
 from threadpoolctl import threadpool_limits
 
 from cosim_dask.kernel import chunk_partial
-from cosim_dask.store import CODECS, DEFAULT_CODEC, bytes_on_disk, create_store
+from cosim_dask.store import (
+    CODECS,
+    DEFAULT_CODEC,
+    bytes_on_disk,
+    create_store,
+    default_chunk_rows,
+)
 from cosim_dask.synthetic import hidden_metric, synthetic_chunk
 
 MB = 1e6
@@ -254,7 +260,8 @@ def main() -> None:
         print(f"# bench_store: zarr {zarr.__version__}, numpy {np.__version__}, "
               f"{os.cpu_count()} cores")
         if "codecs" not in args.skip:
-            codec_table(work, args.codec_pairs, d, min(65_536, args.codec_pairs), args.repeats)
+            rows = min(default_chunk_rows(d), args.codec_pairs)  # the default chunking
+            codec_table(work, args.codec_pairs, d, rows, args.repeats)
         if "chunks" not in args.skip:
             sizes = [s for s in (16_384, 32_768, 65_536, 131_072) if s <= args.codec_pairs]
             chunk_table(work, args.codec_pairs, d, sizes, args.repeats)

@@ -200,3 +200,17 @@ def test_existing_store_without_overwrite(tmp_path, rng):
     result = cosim("generate", store, "--pairs", 60, "--dim", 3, "--overwrite")
     assert result.exit_code == 0 and open_store(store).n == 60
     assert leftovers(tmp_path) == []
+
+
+def test_ingest_target_options(tmp_path, rng):
+    args = _arrays(tmp_path, rng, t=np.arange(20) % 2)
+    graded = cosim("ingest", tmp_path / "g.zarr", *args, "--targets", "graded")
+    assert graded.exit_code == 0, graded.output
+    assert open_store(tmp_path / "g.zarr").targets == "graded"
+    binary = cosim("ingest", tmp_path / "b.zarr", *args, "--zero-is-negative", "--codec", "lz4")
+    assert binary.exit_code == 0, binary.output
+    opened = open_store(tmp_path / "b.zarr")
+    assert opened.targets == "binary" and opened.attrs["codec"] == "lz4"
+    np.testing.assert_array_equal(opened.target.compute(), np.where(np.arange(20) % 2, 1, -1))
+    both = cosim("ingest", tmp_path / "c.zarr", *args, "--zero-is-negative", "--targets", "graded")
+    assert both.exit_code == 2 and "cannot be combined" in both.stderr
