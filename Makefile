@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench clean chromium
+.PHONY: demo test test-fast lint bench bench-store clean chromium
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_kernel.py
+
+# Pair-store codecs, chunk sizes and the streaming commands' peak RSS (~10 min).
+bench-store: $(STAMP)
+	$(BIN)/python scripts/bench_store.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

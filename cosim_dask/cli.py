@@ -101,8 +101,8 @@ class Codec(StrEnum):
 
 _ChunkPairs = Annotated[
     int | None,
-    typer.Option("--chunk-pairs", help="Pairs per chunk (default: ~32 MiB of x per chunk, "
-                 "65,536 at d=128)."),
+    typer.Option("--chunk-pairs", help="Pairs per chunk (default: ~16 MiB of x per chunk, "
+                 "32,768 at d=128, evened out over the pairs)."),
 ]
 _CodecOpt = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing STORE.")]
@@ -212,9 +212,12 @@ def ingest(
 def info(
     store: Annotated[str, typer.Argument(help="Pair store (directory or URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    validation: Annotated[float | None, typer.Option(
+        help="Also show the train/validation split this fraction gives.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
 ) -> None:
     """Describe a pair store: shape, chunks, codec, sizes, targets, provenance."""
-    data = run(lambda: store_info(store))
+    data = run(lambda: store_info(store, validation=validation, seed=seed))
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -244,6 +247,10 @@ def _format_info(info: dict) -> list[str]:
         for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=False):
             close = "]" if hi == edges[-1] else ")"
             lines.append(f"  [{lo:+.1f}, {hi:+.1f}{close}  {c:>12,}  {'#' * round(30 * c / top)}")
+    if "validation" in info:
+        v = info["validation"]
+        lines.append(f"split        validation {v['fraction']} (seed {v['seed']}): "
+                     f"{v['validation_pairs']:,} validation, {v['train_pairs']:,} train pairs")
     if "hidden_metric" in info:
         h = info["hidden_metric"]
         lo, hi = h["eigenvalues_min_max"]

@@ -207,10 +207,8 @@ def _write(
         # `provenance` is the dict the writer stores on leaving this block, so the
         # dropped counts land in the store's attributes.
         provenance["dropped"] = dropped
-    n = writer.n  # final after the block: the last partial chunk is written on leaving it
-    from .store import open_store
-
-    return IngestReport(path=os.fspath(store), n=n, d=d, targets=open_store(store).targets,
+    # n and targets are final after the block: the last chunk is written on leaving it.
+    return IngestReport(path=os.fspath(store), n=writer.n, d=d, targets=writer.targets,
                         dropped=dropped, seconds=time.perf_counter() - started)
 
 
@@ -292,7 +290,10 @@ def pair_list_rows(pairs: str | os.PathLike) -> int | None:
     if _pair_format(pairs) != "parquet" or not Path(pairs).is_file():
         return None
     pa = _pyarrow()
-    return int(pa.parquet.ParquetFile(os.fspath(pairs)).metadata.num_rows)
+    try:
+        return int(pa.parquet.ParquetFile(os.fspath(pairs)).metadata.num_rows)
+    except pa.ArrowException:
+        return None  # reading it will raise the one-line error
 
 
 def array_rows(path: str | os.PathLike) -> int | None:
@@ -328,7 +329,12 @@ def _pair_batches(pairs: str | os.PathLike, columns: list[str], rows: int) -> It
             batches = pf.iter_batches(batch_size=rows, columns=columns)
         else:
             opts = pa.csv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",")
-            reader = pa.csv.open_csv(path, parse_options=opts)
+            # Fixed column types: pyarrow would otherwise infer them from the first block
+            # and fail mid-file on a target "1" followed by "0.5" further down.
+            i_col, j_col, t_col = columns
+            types = {i_col: pa.int64(), j_col: pa.int64(), t_col: pa.float64()}
+            reader = pa.csv.open_csv(path, parse_options=opts,
+                                     convert_options=pa.csv.ConvertOptions(column_types=types))
             _check_columns(path, reader.schema.names, columns)
             batches = (b.select(columns) for b in reader)
         for batch in batches:
@@ -407,8 +413,8 @@ def ingest_pairs(
             if out.any():
                 k = int(np.argmax(out))
                 raise CosimError(
-                    f"pair list {path!r}: {int(out.sum())} pairs in chunk {chunk} index "
-                    f"rows outside the embedding table (0..{m - 1}); first at row "
+                    f"pair list {path!r}: {int(out.sum())} pairs in chunk {chunk} point "
+                    f"outside the embedding table (rows 0..{m - 1}); first at row "
                     f"{row0 + k}: i={int(i[k])}, j={int(j[k])}")
             tcol = batch.column(target_column)
             if not (pa.types.is_integer(tcol.type) or pa.types.is_floating(tcol.type)

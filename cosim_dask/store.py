@@ -45,10 +45,12 @@ FORMAT = "cosim-pairs"
 FORMAT_VERSION = 1
 TARGET_KINDS = ("binary", "graded")
 
-#: Bytes of one ``x`` chunk the default chunking aims at: 32 MiB is 65,536 rows at d = 128,
-#: about 100 ms of gradient work per task (FACTS.md: keep tasks >= ~50 ms) and a few hundred
-#: MB per worker for x, y and the kernel's temporaries. See README "Store format".
-TARGET_CHUNK_BYTES = 32 * 2**20
+#: Bytes of one ``x`` chunk the default chunking aims at: 16 MiB is 32,768 rows at d = 128
+#: (x and y together 32 MiB), about 50-90 ms of gradient work per task (FACTS.md: keep tasks
+#: >= ~50 ms). Measured (scripts/bench_store.py): chunks of 32 MiB or more per array read
+#: 2-4x slower warm, because glibc serves allocations >= 32 MiB with fresh mmap'd pages that
+#: fault in on every read. See README "Store format".
+TARGET_CHUNK_BYTES = 16 * 2**20
 MIN_CHUNK_ROWS = 1024
 MAX_CHUNK_ROWS = 2**20
 
@@ -72,19 +74,28 @@ HIST_BINS = 10
 
 def default_chunk_rows(d: int) -> int:
     """Pairs per chunk for dimension ``d``: the largest power of two with an ``x`` chunk
-    of at most :data:`TARGET_CHUNK_BYTES` (65,536 at d = 128), within [1,024, 1,048,576]."""
+    of at most :data:`TARGET_CHUNK_BYTES` (32,768 at d = 128), within [1,024, 1,048,576]."""
     rows = TARGET_CHUNK_BYTES // (4 * max(int(d), 1))
     rows = 1 << max(int(rows).bit_length() - 1, 0)
     return int(min(max(rows, MIN_CHUNK_ROWS), MAX_CHUNK_ROWS))
 
 
 def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
-    """``chunk_rows`` if given, else the default for ``d``; at most ``n`` when known, since
-    zarr stores an edge chunk at full size (uncompressed, a 100-pair store would take 64 MB)."""
+    """Pairs per chunk: ``chunk_rows`` if given, else the default for ``d``; never above
+    ``n`` when the number of pairs is known.
+
+    With the default and a known ``n`` the chunks are evened out (1,000,000 pairs at
+    d = 128: 31 chunks of 32,259, not 30 of 32,768 and a runt): zarr stores an uncompressed
+    edge chunk at full size, and equal chunks make equal Dask tasks.
+    """
     rows = default_chunk_rows(d) if chunk_rows is None else int(chunk_rows)
     if rows < 1:
         raise CosimError(f"chunk_pairs={rows} must be >= 1")
-    return max(1, min(rows, n)) if n else rows
+    if n:
+        if chunk_rows is None:
+            rows = -(-n // -(-n // rows))
+        rows = min(rows, n)
+    return rows
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -278,6 +289,7 @@ class PairStoreWriter:
             for name, tail in (("x", (d,)), ("y", (d,)), ("target", ()))
         }
         self.n = 0
+        self.targets: str | None = None  # decided by finish()
         self.stats = TargetStats()
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
@@ -295,7 +307,10 @@ class PairStoreWriter:
     def _flush(self, *, final: bool) -> None:
         if not self._pending:
             return
-        x, y, t = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
+        if len(self._pending) == 1:  # the usual case (blocks of chunk_rows): no copy
+            x, y, t = self._pending[0]
+        else:
+            x, y, t = (np.concatenate(parts) for parts in zip(*self._pending, strict=True))
         full = len(t) if final else len(t) // self.write_rows * self.write_rows
         lo, hi = self.n, self.n + full
         if full:
@@ -306,7 +321,8 @@ class PairStoreWriter:
                 arr[lo:hi] = data[:full]
             self.stats.add(t[:full])
             self.n = hi
-        rest = (x[full:], y[full:], t[full:])
+        # Copies, so the leftover rows do not keep the whole concatenated block alive.
+        rest = (x[full:].copy(), y[full:].copy(), t[full:].copy())
         self._pending = [rest] if len(rest[2]) else []
         self._pending_rows = len(rest[2])
 
@@ -331,6 +347,7 @@ class PairStoreWriter:
             "d": self.d, "chunk_rows": self.chunk_rows, "targets": targets, "codec": self.codec,
             "target_stats": s.as_attrs(self.n),
         }
+        self.targets = targets
         full.setdefault("uuid", uuid.uuid4().hex)
         full.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
         self.group.attrs.update(full)
@@ -392,10 +409,28 @@ def create_store(
         except FileExistsError as exc:
             raise StoreError(f"pair store {spath!r} already exists; pass --overwrite to "
                              "replace it") from exc
+        except (ImportError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot create {spath!r}: {str(exc).splitlines()[0]} (is the "
+                             "fsspec filesystem package for this URL installed?)") from exc
         yield from fill(group)
         return
+    _check_replaceable(Path(spath), overwrite)
     with atomic_directory(spath, overwrite=overwrite, what="pair store") as tmp:
         yield from fill(zarr.open_group(str(tmp), mode="w-", zarr_format=3))
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    """With ``--overwrite``, replace only a pair store (or an empty folder): a typo such as
+    ``cosim ingest ~/data --overwrite`` must not delete a folder of other files."""
+    if not (overwrite and path.exists()):
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    try:
+        open_store(path)
+    except StoreError as exc:
+        raise StoreError(f"refusing to replace {str(path)!r}: it is not a readable cosim pair "
+                         "store; remove it yourself or choose another STORE") from exc
 
 
 def bytes_on_disk(path: str | os.PathLike) -> int:
@@ -407,8 +442,13 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
     return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
 
 
-def store_info(path: str | os.PathLike) -> dict:
-    """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data)."""
+def store_info(path: str | os.PathLike, *, validation: float | None = None,
+               seed: int = 0) -> dict:
+    """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data).
+
+    With ``validation`` set, also the sizes of the split :func:`validation_mask` gives for
+    that fraction and ``seed`` (random draws only, about 1 s per 100 million pairs).
+    """
     store = open_store(path)
     a = store.attrs
     info: dict[str, Any] = {
@@ -421,6 +461,11 @@ def store_info(path: str | os.PathLike) -> dict:
         "created": a.get("created"), "uuid": a.get("uuid"),
         "cosim_version": a.get("cosim_version"), "provenance": a.get("provenance"),
     }
+    if validation is not None:
+        n_val = sum(int(validation_mask(k, sl.stop - sl.start, validation, seed).sum())
+                    for k, sl in enumerate(store.chunk_slices()))
+        info["validation"] = {"fraction": validation, "seed": seed,
+                              "validation_pairs": n_val, "train_pairs": store.n - n_val}
     if store.hidden_metric is not None:
         eig = np.linalg.eigvalsh(store.hidden_metric)
         info["hidden_metric"] = {

@@ -9,8 +9,8 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
-from cosim_dask.store import open_store
+from cosim_dask.cli import Codec, app
+from cosim_dask.store import CODECS, open_store
 
 runner = CliRunner()
 
@@ -37,12 +37,23 @@ def test_generate_then_info(tmp_path):
     for text in ("2,500 x d=8", "3 of 1,000 pairs, codec none", "binary: +1",
                  "hidden A*    rank 3", '"seed": 4'):
         assert text in info.stdout
-    data = json.loads(cosim("info", store, "--json").stdout)
+    split = cosim("info", store, "--validation", 0.2, "--seed", 5)
+    assert "split        validation 0.2 (seed 5)" in split.stdout
+    data = json.loads(cosim("info", store, "--json", "--validation", 0.2, "--seed", 5).stdout)
+    v = data["validation"]
+    assert v["validation_pairs"] + v["train_pairs"] == 2500
+    assert 400 < v["validation_pairs"] < 600
+    bad = cosim("info", store, "--validation", 1.5)
+    assert bad.exit_code == 2 and "must be in [0, 1)" in bad.stderr
     assert data["n"] == 2500 and data["hidden_metric"]["rank"] == 3
     stats = data["target_stats"]
     assert stats["count_pos"] + stats["count_neg"] == 2500
     assert data["bytes_on_disk"] >= data["bytes_in_memory"] > 0
     assert data["fingerprint"] == opened.fingerprint
+
+
+def test_codec_choices_match_the_library():
+    assert {c.value for c in Codec} == set(CODECS)
 
 
 def test_generate_graded_info_histogram(tmp_path):
@@ -143,7 +154,7 @@ def test_bad_ingest(tmp_path, rng, case, existing):
 
 @pytest.mark.parametrize("args, message", [
     (["ingest", "{s}", "--embeddings", "{t}/E.npy", "--pairs", "{t}/p.csv"],
-     "1 pairs in chunk 0 index rows outside the embedding table (0..9)"),
+     "1 pairs in chunk 0 point outside the embedding table (rows 0..9)"),
     (["ingest", "{s}", "--embeddings", "{t}/E.npy", "--pairs", "{t}/missing.csv"],
      "pair list '{t}/missing.csv' does not exist"),
     (["ingest", "{s}", "--x", "{t}/x.npy"], "give either --x, --y and --target"),
@@ -189,3 +200,17 @@ def test_existing_store_without_overwrite(tmp_path, rng):
     result = cosim("generate", store, "--pairs", 60, "--dim", 3, "--overwrite")
     assert result.exit_code == 0 and open_store(store).n == 60
     assert leftovers(tmp_path) == []
+
+
+def test_ingest_target_options(tmp_path, rng):
+    args = _arrays(tmp_path, rng, t=np.arange(20) % 2)
+    graded = cosim("ingest", tmp_path / "g.zarr", *args, "--targets", "graded")
+    assert graded.exit_code == 0, graded.output
+    assert open_store(tmp_path / "g.zarr").targets == "graded"
+    binary = cosim("ingest", tmp_path / "b.zarr", *args, "--zero-is-negative", "--codec", "lz4")
+    assert binary.exit_code == 0, binary.output
+    opened = open_store(tmp_path / "b.zarr")
+    assert opened.targets == "binary" and opened.attrs["codec"] == "lz4"
+    np.testing.assert_array_equal(opened.target.compute(), np.where(np.arange(20) % 2, 1, -1))
+    both = cosim("ingest", tmp_path / "c.zarr", *args, "--zero-is-negative", "--targets", "graded")
+    assert both.exit_code == 2 and "cannot be combined" in both.stderr

@@ -127,10 +127,29 @@ def test_pair_index_out_of_range(tmp_path, rng, bad_i):
     E = rng.standard_normal((20, 4))
     pairs = write_pairs(tmp_path, "parquet", [0, 1, bad_i], [2, 3, 4], [1.0, 1.0, -1.0])
     for drop in (False, True):  # dropping would hide a pair list made for another table
-        with pytest.raises(CosimError, match=r"1 pairs in chunk 0 index rows outside "
-                           r"the embedding table \(0..19\); first at row 2"):
+        with pytest.raises(CosimError, match=r"1 pairs in chunk 0 point outside "
+                           r"the embedding table \(rows 0..19\); first at row 2"):
             ingest_pairs(tmp_path / "s.zarr", E, pairs, drop_invalid=drop)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.parquet"]
+
+
+def test_csv_types_fixed_up_front(tmp_path, rng):
+    # an integer-looking first block (pyarrow reads 1 MB blocks) must not fix the target
+    # column's type as int64 before a 0.5 at the end
+    n = 250_000
+    t = np.ones(n)
+    t[-1] = 0.5
+    lines = ["i,j,target"] + [f"{k % 4},{(k + 1) % 4},{'1' if v == 1 else v}"
+                              for k, v in enumerate(t)]
+    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
+    report = ingest_pairs(tmp_path / "s.zarr", rng.standard_normal((4, 2)), tmp_path / "p.csv")
+    assert report.n == n and report.targets == "graded"
+    (tmp_path / "q.csv").write_text("i,j,target\n0,1,1\n0,x,1\n")
+    with pytest.raises(CosimError, match="cannot read pair list .*q.csv"):
+        ingest_pairs(tmp_path / "q.zarr", rng.standard_normal((4, 2)), tmp_path / "q.csv")
+    (tmp_path / "r.parquet").write_text("not parquet")
+    with pytest.raises(CosimError, match="cannot read pair list .*r.parquet"):
+        ingest_pairs(tmp_path / "r.zarr", rng.standard_normal((4, 2)), tmp_path / "r.parquet")
 
 
 def test_pair_list_problems(tmp_path, rng):
@@ -253,7 +272,8 @@ _dtypes = st.sampled_from([np.float64, np.float64, np.float32, np.float32, np.fl
                            np.int32, np.bool_])
 _special = st.sampled_from([0.0, 1.0, -1.0, 0.5, -2.0, 1e30, 1e-30, np.nan, np.inf, -np.inf])
 # Mostly ordinary values, so that clean stores are common too, with specials mixed in.
-_values = st.one_of(st.floats(-1, 1, width=32), st.floats(-1, 1, width=32), _special)
+_ordinary = st.floats(-1, 1, width=32)
+_values = st.one_of(_ordinary, _ordinary, _ordinary, _ordinary, _special)
 
 
 @st.composite
@@ -274,7 +294,7 @@ def fuzz_inputs(draw):
     return x, y, t, flags
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fuzz_inputs())
 def test_fuzz_ingest(inputs):
     x, y, t, flags = inputs
@@ -300,3 +320,40 @@ def test_fuzz_ingest(inputs):
             assert set(np.unique(ts)) <= {-1.0, 1.0}
         if not flags["drop_invalid"] and not flags["normalize"]:
             np.testing.assert_array_equal(xs, x.astype(np.float32))
+
+
+@st.composite
+def fuzz_pair_inputs(draw):
+    m = draw(st.integers(1, 6))
+    d = draw(st.integers(1, 3))
+    E = draw(hnp.arrays(np.float64, (m, d), elements=_values))
+    n = draw(st.integers(0, 10))
+    idx = st.integers(-1, m) if draw(st.integers(0, 4)) == 0 else st.integers(0, m - 1)
+    i = draw(hnp.arrays(np.int64, n, elements=idx))
+    j = draw(hnp.arrays(np.int64, n, elements=idx))
+    t = draw(hnp.arrays(np.float64, n, elements=_values))
+    flags = {"drop_invalid": draw(st.booleans()), "normalize": draw(st.booleans()),
+             "chunk_rows": draw(st.integers(1, 4))}
+    return E, i, j, t, draw(st.sampled_from(["parquet", "csv"])), flags
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fuzz_pair_inputs())
+def test_fuzz_ingest_pairs(inputs):
+    E, i, j, t, fmt, flags = inputs
+    with tempfile.TemporaryDirectory() as folder:
+        pairs = write_pairs(folder, fmt, i, j, t)
+        out = Path(folder) / "s.zarr"
+        try:
+            report = ingest_pairs(out, E, pairs, **flags)
+        except CosimError as exc:
+            event(f"refused: {type(exc).__name__}")
+            assert "\n" not in str(exc)
+            assert not out.exists() and leftovers(folder) == []
+            return
+        event("stored")
+        store = open_store(out)
+        assert store.n == report.n > 0 and leftovers(folder) == []
+        if not flags["drop_invalid"] and not flags["normalize"]:
+            with np.errstate(over="ignore"):
+                np.testing.assert_array_equal(store.x.compute(), E[i].astype(np.float32))

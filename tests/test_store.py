@@ -164,11 +164,14 @@ def test_validation_mask():
 
 
 def test_chunk_rows_defaults():
-    assert default_chunk_rows(128) == 65536
-    assert default_chunk_rows(768) == 8192
+    assert default_chunk_rows(128) == 32768
+    assert default_chunk_rows(768) == 4096
     assert default_chunk_rows(1) == 2**20
     assert default_chunk_rows(10**6) == 1024
     assert choose_chunk_rows(128, 1000, None) == 1000
+    assert choose_chunk_rows(128, 1_000_000, None) == 32_259  # 31 equal chunks, no runt
+    assert choose_chunk_rows(128, 32_769, None) == 16_385
+    assert choose_chunk_rows(128, 1000, 300) == 300
     assert choose_chunk_rows(128, None, 500) == 500
     with pytest.raises(CosimError, match="chunk_pairs=0"):
         choose_chunk_rows(4, 10, 0)
@@ -198,3 +201,16 @@ def test_generated_targets_follow_hidden_metric(tmp_path, targets):
                    targets=targets, seed=3, chunk_rows=1000)
     np.testing.assert_array_equal(open_store(tmp_path / "g2.zarr").x.compute(),
                                   store.x.compute())
+
+
+def test_overwrite_replaces_only_pair_stores(tmp_path, pairs):
+    x, y, t = pairs
+    folder = tmp_path / "my-data"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="refusing to replace .* not a readable cosim pair"):
+        write(folder, x, y, t, chunk_rows=8, overwrite=True)
+    assert (folder / "precious.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    write(tmp_path / "empty", x, y, t, chunk_rows=8, overwrite=True)
+    assert open_store(tmp_path / "empty").n == 23
