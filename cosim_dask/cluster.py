@@ -60,7 +60,8 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
             f"workers={config.workers} and threads_per_worker={config.threads_per_worker} "
             "must be at least 1"
         )
-    env = {name: str(config.threads_per_worker) for name in _BLAS_ENV}
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
+    env.update({name: str(config.threads_per_worker) for name in _BLAS_ENV})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
         cluster = LocalCluster(
             n_workers=config.workers,

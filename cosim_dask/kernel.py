@@ -145,6 +145,29 @@ def _terms(xb, yb, xa, ya):
     return n, m, cross
 
 
+def _check_include(include: np.ndarray | None, rows: int) -> np.ndarray | None:
+    if include is None:
+        return None
+    include = np.asarray(include, dtype=bool).reshape(-1)
+    if include.shape[0] != rows:
+        raise ShapeError(f"include has {include.shape[0]} entries but there are {rows} pairs")
+    return include
+
+
+def _apply_include(ok: np.ndarray, include: np.ndarray | None, lo: int, rows: int):
+    """Restrict ``ok`` to the included rows; return it and the count of included bad rows."""
+    if include is None:
+        return ok, int(rows - np.count_nonzero(ok))
+    inc = include[lo : lo + rows]
+    bad = int(np.count_nonzero(inc & ~ok))
+    return ok & inc, bad
+
+
+def _first_bad(ok: np.ndarray, include: np.ndarray | None, lo: int) -> int:
+    bad = ~ok if include is None else (~ok & include[lo : lo + len(ok)])
+    return int(np.argmax(bad))
+
+
 def _products(
     xb: np.ndarray, yb: np.ndarray, B: np.ndarray, out_x: np.ndarray, out_y: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +255,7 @@ def chunk_partial(
     on_invalid: str = "raise",
     chunk_id: object = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    include: np.ndarray | None = None,
 ) -> Partial:
     """Summed loss and symmetric gradient with respect to A of one chunk of pairs.
 
@@ -243,12 +267,15 @@ def chunk_partial(
     loss : a loss name or :class:`~cosim_dask.losses.Loss`
     on_invalid : ``"raise"`` or ``"skip"`` (skipped pairs are counted in ``skipped``)
     chunk_id : named in the error message for invalid pairs
+    include : optional (b,) bool mask of the rows to use (the others, e.g. validation rows,
+        are ignored without copying the chunk)
 
     Returns
     -------
     Partial with ``grad`` (d, d) float64, symmetric.
     """
     x, y, t = as_pair_arrays(x, y, target)
+    include = _check_include(include, x.shape[0])
     loss_fn = get_loss(loss)
     d = x.shape[1]
     A = _check_metric(A, d)
@@ -261,12 +288,12 @@ def chunk_partial(
         xa, ya, plus, minus = (buf[: len(xb)] for buf in bufs)
         n, m, cross = _similarity_terms(xb, yb, *_products(xb, yb, A_c, xa, ya))
         ok = _valid_mask(n, m, cross, tb)
-        if not ok.all():
+        ok, bad = _apply_include(ok, include, lo, len(xb))
+        if bad:
             if on_invalid == "raise":
-                raise InvalidPairsError(
-                    _invalid_message(int((~ok).sum()), lo + int(np.argmin(ok)), chunk_id)
-                )
-            skipped += int((~ok).sum())
+                raise InvalidPairsError(_invalid_message(bad, lo + _first_bad(ok, include, lo),
+                                                         chunk_id))
+            skipped += bad
         s = _cosine(n, m, cross, ok)
         values, dloss = loss_fn.pointwise(s, np.where(ok, tb, 0.0))
         dloss = np.where(ok, dloss, 0.0)
@@ -326,6 +353,7 @@ def factor_chunk_partial(
     on_invalid: str = "raise",
     chunk_id: object = None,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    include: np.ndarray | None = None,
 ) -> Partial:
     """Summed loss and gradient with respect to M (k × d), where A = MᵀM.
 
@@ -335,6 +363,7 @@ def factor_chunk_partial(
     Costs O(b k d) rather than O(b d²): the form to use when k ≪ d.
     """
     x, y, t = as_pair_arrays(x, y, target)
+    include = _check_include(include, x.shape[0])
     loss_fn = get_loss(loss)
     d = x.shape[1]
     M = np.asarray(M, dtype=np.float64)
@@ -355,12 +384,12 @@ def factor_chunk_partial(
         v, w = _products(xb, yb, Mt, vw[:r], vw[r:])
         n, m, cross = _similarity_terms(v, w, v, w)
         ok = _valid_mask(n, m, cross, tb)
-        if not ok.all():
+        ok, bad = _apply_include(ok, include, lo, len(xb))
+        if bad:
             if on_invalid == "raise":
-                raise InvalidPairsError(
-                    _invalid_message(int((~ok).sum()), lo + int(np.argmin(ok)), chunk_id)
-                )
-            skipped += int((~ok).sum())
+                raise InvalidPairsError(_invalid_message(bad, lo + _first_bad(ok, include, lo),
+                                                         chunk_id))
+            skipped += bad
         s = _cosine(n, m, cross, ok)
         values, dloss = loss_fn.pointwise(s, np.where(ok, tb, 0.0))
         g = np.where(ok, dloss, 0.0)

@@ -100,13 +100,10 @@ def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkRe
     val = validation_mask(index, len(x), spec.validation, spec.seed)
     train = None
     if spec.with_train:
-        rows = ~val
-        if val.any():
-            x_t, y_t, t_t = x[rows], y[rows], t[rows]
-        else:
-            x_t, y_t, t_t = x, y, t
+        # A mask rather than x[~val]: no copy of the chunk (16 MiB and more) every step.
         train = spec.parameterisation.chunk_partial(
-            x_t, y_t, t_t, params, spec.loss, on_invalid=spec.on_invalid, chunk_id=index
+            x, y, t, params, spec.loss, on_invalid=spec.on_invalid, chunk_id=index,
+            include=~val if val.any() else None,
         )
     stats = None
     if spec.with_validation:

@@ -260,3 +260,20 @@ def test_partial_addition_keeps_extras():
     total = Partial(1.0, g, 2, 0, {"a": 1.0}) + Partial(2.0, g, 3, 1, {"a": 2.0, "b": 1.0})
     assert (total.loss, total.count, total.skipped) == (3.0, 5, 1)
     assert total.extra == {"a": 3.0, "b": 1.0}
+
+
+@pytest.mark.parametrize("factor", [False, True])
+def test_include_mask_equals_the_subset(rng, factor):
+    x, y, t = random_pairs(rng, 300, 5)
+    keep = rng.random(300) < 0.7
+    x[np.flatnonzero(~keep)[0]] = 0.0  # an invalid row outside the mask is ignored
+    fn = factor_chunk_partial if factor else chunk_partial
+    A = rng.standard_normal((3, 5)) if factor else random_spd(rng, 5)
+    masked = fn(x, y, t, A, block_rows=64, include=keep)
+    subset = fn(x[keep], y[keep], t[keep], A)
+    assert masked.count == keep.sum() and masked.skipped == 0
+    assert masked.loss == pytest.approx(subset.loss, rel=1e-12)
+    np.testing.assert_allclose(masked.grad, subset.grad, rtol=1e-10, atol=1e-13)
+    x[np.flatnonzero(keep)[5]] = 0.0  # an invalid row inside the mask is reported
+    with pytest.raises(InvalidPairsError, match=rf"row {np.flatnonzero(keep)[5]}\b"):
+        fn(x, y, t, A, block_rows=64, include=keep)
