@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -57,6 +58,33 @@ def _root(
 def version() -> None:
     """Print the installed cosim-dask version."""
     typer.echo(__version__)
+
+
+@app.command()
+def transform(
+    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    src: Annotated[Path, typer.Argument(metavar="IN", help="A .npy array (n, d) of vectors.")],
+    out: Annotated[Path, typer.Argument(help="The .npy file to write L·x to, (n, k).")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+    ] = False,
+    block_rows: Annotated[
+        int, typer.Option("--block-rows", min=1, help="Vectors per block (bounds memory).")
+    ] = 65536,
+) -> None:
+    """Write L·x (A = LᵀL) for every vector of IN, so plain cosine similarity downstream
+    equals the learned similarity."""
+
+    def body() -> None:
+        from .model import load_model
+        from .transform import transform_file
+
+        report = transform_file(load_model(model), src, out, overwrite=overwrite,
+                                block_rows=block_rows)
+        typer.echo(f"wrote {report.rows:,} vectors of {report.out_dim} ({report.dtype}) "
+                   f"to {report.path}")
+
+    run(body)
 
 
 def main() -> None:  # pragma: no cover - console entry point
