@@ -321,7 +321,7 @@ class CosineMetricLearner:
         rank: int | None = None,
         solver: str = "lbfgs",
         lr: float | None = None,
-        max_iter: int = 100,
+        max_iter: int = 50,
         tol: float = 1e-5,
         regularization: float = 0.0,
         validation: float = 0.0,

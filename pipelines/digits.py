@@ -6,7 +6,7 @@ is in both; same-class (+1) and different-class (−1) pairs are then drawn with
 balanced and seeded. Every method is fitted on train pairs, its accuracy threshold calibrated
 on train pairs, and scored on the held-out test pairs.
 
-    python pipelines/digits.py            # the full run (about 3-4 minutes with metric-learn)
+    python pipelines/digits.py            # the full run (about 3 minutes with metric-learn)
     python pipelines/digits.py --quick    # CI-sized, seconds
     python pipelines/digits.py --sweep    # the evidence for the estimator's defaults
 
@@ -48,8 +48,8 @@ class Sizes:
     mmc_max_iter: int
 
 
-FULL = Sizes(train_pairs=15_000, test_pairs=10_000, itml_pairs=30_000, mmc_pairs=300,
-             mmc_max_iter=30)
+FULL = Sizes(train_pairs=15_000, test_pairs=10_000, itml_pairs=5_000, mmc_pairs=200,
+             mmc_max_iter=20)
 QUICK = Sizes(train_pairs=2_000, test_pairs=2_000, itml_pairs=1_000, mmc_pairs=100,
               mmc_max_iter=5)
 
@@ -206,7 +206,7 @@ SWEEP: list[dict[str, Any]] = [
     {"loss": "contrastive"},
     {"regularization": 1e-3},
     {"rank": 16},
-    {"max_iter": 50},
+    {"max_iter": 100},
     {"tol": 1e-4},
 ]
 
