@@ -4,6 +4,7 @@ from labelled pairs, out of core on Dask."""
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import CosimError
+from .estimator import CosineMetricLearner
 from .kernel import (
     Partial,
     chunk_partial,
@@ -23,6 +24,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 __all__ = [
     "CosimError",
+    "CosineMetricLearner",
     "FactorMetric",
     "FullMetric",
     "Partial",

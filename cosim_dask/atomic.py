@@ -52,3 +52,23 @@ def replace_directory(src: Path, dst: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+@contextmanager
+def atomic_file(
+    path: str | os.PathLike, *, overwrite: bool, what: str = "output"
+) -> Iterator[Path]:
+    """Yield a temporary file name beside ``path``; on success rename it to ``path``.
+
+    The single-file counterpart of :func:`atomic_directory`: on any exception the temporary
+    file is removed and an existing ``path`` is untouched; ``os.replace`` is atomic on one
+    file system, so readers see the old file or the new one, never a part.
+    """
+    path = check_new_output(path, overwrite=overwrite, what=what)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

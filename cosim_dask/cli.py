@@ -81,6 +81,32 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def transform(
+    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    src: Annotated[Path, typer.Argument(metavar="IN", help="A .npy array (n, d) of vectors.")],
+    out: Annotated[Path, typer.Argument(help="The .npy file to write L·x to, (n, k).")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
+    ] = False,
+    block_rows: Annotated[
+        int, typer.Option("--block-rows", min=1, help="Vectors per block (bounds memory).")
+    ] = 65536,
+) -> None:
+    """Write L·x (A = LᵀL) for every vector of IN, so plain cosine similarity downstream
+    equals the learned similarity."""
+
+    def body() -> None:
+        from .model import load_model
+        from .transform import transform_file
+
+        report = transform_file(load_model(model), src, out, overwrite=overwrite,
+                                block_rows=block_rows)
+        typer.echo(f"wrote {report.rows:,} vectors of {report.out_dim} ({report.dtype}) "
+                   f"to {report.path}")
+
+    run(body)
+
 # ---------------------------------------------------------------------------------------
 # Pair stores: generate, ingest, info (issue 3). Thin: parse, call cosim_dask.ingest /
 # cosim_dask.store inside run(), render.

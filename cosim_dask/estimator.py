@@ -1,0 +1,688 @@
+"""A scikit-learn / metric-learn style estimator over the training loop: ``CosineMetricLearner``.
+
+Small NumPy problems are fitted in this process (no cluster start-up, no per-step scheduling);
+large ones, Dask inputs, or a given ``distributed.Client`` go through the cluster. Both run
+the same chunk task (:func:`cosim_dask.step.chunk_task`) over the same chunks and add the
+partials in the same tree order, so the two give the same metric on the same data.
+
+scikit-learn is not a dependency: ``get_params``/``set_params`` introspect ``__init__`` the way
+scikit-learn does, so ``sklearn.base.clone`` works when scikit-learn is installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .driver import TrainConfig, TrainState, run_solver
+from .errors import CosimError, ShapeError
+from .kernel import as_pair_arrays, pair_similarity
+from .losses import get_loss
+from .metric import Parameterisation
+from .model import Model
+from .objective import Objective, sample_chunks, split_rows
+from .scores import ScoreStats
+
+logger = logging.getLogger(__name__)
+
+#: NumPy inputs with fewer floats than this are fitted in-process when ``cluster="auto"``:
+#: 2e7 float64 are 160 MB, and such a pass takes well under a second on one core, less than
+#: a LocalCluster's start-up (seconds) and its per-step scheduling (~50 ms, FACTS).
+IN_PROCESS_MAX_FLOATS = 20_000_000
+#: Pairs per chunk for NumPy inputs (Dask inputs keep their own row chunks by default).
+DEFAULT_CHUNK_ROWS = 65536
+CLUSTER_MODES = ("auto", "never", "always")
+THRESHOLD_STRATEGIES = ("accuracy", "f_beta", "max_tpr", "max_tnr")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_dask(a: Any) -> bool:
+    return type(a).__module__.startswith("dask.") and hasattr(a, "chunks")
+
+
+def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
+    """Validate pairs shaped (n_pairs, 2, n_features); NumPy arrays also for finiteness.
+
+    Returns a NumPy float array (float32 kept, else float64) or the Dask array unchanged
+    (its values are checked by the chunk tasks, which name the chunk and row of a bad pair).
+    """
+    if not _is_dask(pairs):
+        pairs = np.asarray(pairs)
+    shape = tuple(pairs.shape)
+    if len(shape) != 3 or shape[1] != 2:
+        raise ShapeError(f"pairs must have shape (n_pairs, 2, n_features); got {shape}")
+    if shape[0] == 0 or shape[2] == 0:
+        raise ShapeError(f"pairs must hold at least one pair and one feature; got {shape}")
+    if n_features is not None and shape[2] != n_features:
+        raise ShapeError(
+            f"pairs have {shape[2]} features but the estimator was fitted with {n_features}"
+        )
+    if not (np.issubdtype(pairs.dtype, np.floating) or np.issubdtype(pairs.dtype, np.integer)):
+        raise ShapeError(f"pairs must hold real numbers; got dtype {pairs.dtype}")
+    if _is_dask(pairs):
+        return pairs
+    if pairs.dtype != np.float32:
+        pairs = pairs.astype(np.float64, copy=False)
+    if not np.isfinite(pairs).all():
+        first = int(np.argmax(~np.isfinite(pairs).all(axis=(1, 2))))
+        raise CosimError(f"pairs have NaN or Inf values (first at pair {first})")
+    return pairs
+
+
+def check_targets(y: Any, n_pairs: int) -> tuple[Any, bool]:
+    """Validate targets and return ``(targets, binary)``.
+
+    The rule: targets are in [−1, 1]. Labels ±1 are binary (metric-learn's convention);
+    labels {0, 1} (only those two values) are read as binary too, 0 meaning "different"
+    and mapped to −1. Any other value in [−1, 1] is a graded target (0: orthogonal).
+    Dask targets are checked in one pass of a few scalar reductions.
+    """
+    if _is_dask(y):
+        import dask
+
+        y = y.reshape(-1) if y.ndim > 1 and max(y.shape[1:], default=1) == 1 else y
+        _check_target_shape(y.shape, n_pairs)
+        finite, lo, hi, pm1, zero_one = dask.compute(
+            (~_isfinite_dask(y)).sum() == 0, y.min(), y.max(),
+            ((y == 1) | (y == -1)).all(), ((y == 0) | (y == 1)).all(),
+        )
+        values = None
+    else:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        _check_target_shape(y.shape, n_pairs)
+        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)
+                or y.dtype == bool):
+            raise CosimError(f"y must hold numbers in [-1, 1]; got dtype {y.dtype}")
+        y = y.astype(np.float64)
+        finite = bool(np.isfinite(y).all())
+        values = np.unique(y) if finite else None
+        lo, hi = (float(values[0]), float(values[-1])) if finite else (math.nan, math.nan)
+        pm1 = finite and set(values.tolist()) <= {-1.0, 1.0}
+        zero_one = finite and set(values.tolist()) <= {0.0, 1.0}
+    if not finite:
+        raise CosimError("y has NaN or Inf values; targets must be finite numbers in [-1, 1]")
+    if lo < -1.0 or hi > 1.0:
+        raise CosimError(f"y values must be in [-1, 1] (labels ±1 or graded); got range "
+                         f"[{float(lo):g}, {float(hi):g}]")
+    if zero_one and not pm1:
+        return 2.0 * y - 1.0, True  # {0, 1} labels: 0 means "different"
+    return y, bool(pm1)
+
+
+def _check_target_shape(shape: tuple, n_pairs: int) -> None:
+    if len(shape) != 1:
+        raise ShapeError(f"y must be 1-D with one target per pair; got shape {shape}")
+    if shape[0] != n_pairs:
+        raise ShapeError(f"y has {shape[0]} targets but there are {n_pairs} pairs")
+
+
+def _isfinite_dask(y):
+    import dask.array as da
+
+    return da.isfinite(y)
+
+
+def check_is_fitted(estimator: Any) -> None:
+    if not hasattr(estimator, "metric_"):
+        raise CosimError(
+            f"this {type(estimator).__name__} is not fitted yet; call fit(pairs, y) first"
+        )
+
+
+# ------------------------------------------------------------------- in-process partial sums
+
+
+def tree_sum(items: list, split_every: int, combine: Callable = None) -> Any:
+    """Add items k at a time, level by level: the same grouping as
+    :func:`cosim_dask.step.tree_reduce`, so in-process sums round like the cluster's."""
+    from .step import combine_results
+
+    combine = combine or combine_results
+    while len(items) > 1:
+        items = [combine(*items[j : j + split_every]) for j in range(0, len(items), split_every)]
+    return items[0]
+
+
+class LocalPairs:
+    """The in-process twin of :class:`cosim_dask.step.DaskPairs`: the same chunk task on the
+    same chunks and the same reduction tree, run in this process.
+
+    Parameters
+    ----------
+    x, y : (n, d) arrays
+    target : (n,) array
+    """
+
+    def __init__(self, x, y, target, parameterisation: Parameterisation, loss,
+                 *, chunk_rows: int = DEFAULT_CHUNK_ROWS, validation: float = 0.0,
+                 seed: int = 0, batch_chunks: int | None = None, split_every: int = 8) -> None:
+        from .step import ChunkSpec
+
+        # Each chunk is made contiguous and aligned once, not on every pass.
+        self.chunks = [as_pair_arrays(x[s], y[s], target[s]) for s in split_rows(len(x),
+                                                                                chunk_rows)]
+        self.rows = [len(c[0]) for c in self.chunks]
+        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed)
+        self.batch_chunks = batch_chunks
+        self.split_every = split_every
+        self.last_validation: ScoreStats | None = None
+        self.last_pairs = 0
+
+    def __call__(self, params: np.ndarray, batch: int | None = None):
+        from .step import ChunkSpec, chunk_task
+
+        full = batch is None or self.batch_chunks is None
+        chosen = (range(len(self.chunks)) if full
+                  else sample_chunks(len(self.chunks), self.batch_chunks, self.spec.seed, batch))
+        spec = ChunkSpec(**{**self.spec.__dict__,
+                            "with_validation": full and self.spec.validation > 0})
+        result = tree_sum([chunk_task(self.chunks[i], params, spec, i) for i in chosen],
+                          self.split_every)
+        self.last_pairs = sum(self.rows[i] for i in chosen)
+        if result.validation is not None:
+            self.last_validation = result.validation
+        return result.train
+
+
+# ------------------------------------------------------------------------------ thresholds
+
+
+def calibrated_threshold(scores: np.ndarray, y: np.ndarray, strategy: str = "accuracy",
+                         *, min_rate: float | None = None, beta: float = 1.0) -> float:
+    """The threshold on similarity for ``predict = +1 if score >= threshold``.
+
+    Candidates are midpoints between consecutive distinct scores (and one below the lowest,
+    one above the highest). ``y > 0`` is the positive class. Strategies as in metric-learn:
+    ``accuracy``; ``f_beta`` (with ``beta``); ``max_tpr`` (highest true-positive rate with a
+    true-negative rate ≥ ``min_rate``); ``max_tnr`` (the converse).
+
+    Parameters
+    ----------
+    scores : (n,) similarities
+    y : (n,) targets; > 0 positive
+    """
+    if strategy not in THRESHOLD_STRATEGIES:
+        raise CosimError(f"unknown strategy {strategy!r}; choose one of: "
+                         f"{', '.join(THRESHOLD_STRATEGIES)}")
+    if strategy in ("max_tpr", "max_tnr") and (min_rate is None or not 0 <= min_rate <= 1):
+        raise CosimError(f"strategy {strategy!r} needs min_rate in [0, 1]; got {min_rate!r}")
+    if strategy == "f_beta" and not beta > 0:
+        raise CosimError(f"beta={beta!r} must be > 0")
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], (y[order] > 0)
+    # Cut k predicts the first k (highest) scores positive; cuts only between distinct scores.
+    tp = np.concatenate([[0.0], np.cumsum(pos)])
+    fp = np.concatenate([[0.0], np.cumsum(~pos)])
+    n_pos, n_neg = tp[-1], fp[-1]
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(s) != 0) + 1, [len(s)]])
+    tp, fp = tp[cuts], fp[cuts]
+    tn, fn = n_neg - fp, n_pos - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tp / n_pos if n_pos else np.ones_like(tp)
+        tnr = tn / n_neg if n_neg else np.ones_like(tn)
+        if strategy == "accuracy":
+            value = tp + tn
+        elif strategy == "f_beta":
+            b2 = beta * beta
+            value = np.nan_to_num((1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp))
+        elif strategy == "max_tpr":
+            value = np.where(tnr >= min_rate, tpr + 1e-12 * tnr, -np.inf)
+        else:
+            value = np.where(tpr >= min_rate, tnr + 1e-12 * tpr, -np.inf)
+    k = cuts[int(np.argmax(value))]
+    above = s[k - 1] if k > 0 else s[0] + 1.0
+    below = s[k] if k < len(s) else s[-1] - 1.0
+    return float(0.5 * (above + below))
+
+
+def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Exact ROC AUC (ties count one half) of ``scores`` for the classes ``y > 0`` vs rest."""
+    from scipy.stats import rankdata
+
+    pos = y > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise CosimError("ROC AUC needs both classes: y has only "
+                         f"{'positive' if n_neg == 0 else 'negative'} targets")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ------------------------------------------------------------------------------- estimator
+
+
+class CosineMetricLearner:
+    """Learn sim(x, y; A) = xᵀAy / sqrt(xᵀAx · yᵀAy), A ⪰ 0, from labelled pairs.
+
+    A pairs learner in metric-learn's style: ``fit(pairs, y)`` with pairs shaped
+    (n_pairs, 2, n_features) and y in {−1, +1} (or {0, 1}, or graded in [−1, 1]).
+
+    Parameters
+    ----------
+    loss : ``"mse"`` (squared error against the targets) or ``"contrastive"``.
+    negative_target : mse with binary labels only: the target a label −1 stands for (None:
+        −1). 0.0 asks "different" pairs to be orthogonal rather than opposite, which a PSD
+        metric on non-negative features can reach; it ranks better on digits (README).
+    param : ``"factor"`` (A = MᵀM, M k × d: PSD by construction, no projection) or ``"full"``
+        (A itself, projected onto A ⪰ εI after each step). The factor form is the default:
+        with the full form L-BFGS stalled on digits after 7 steps, once the PSD projection
+        became active (README).
+    rank : k for ``param="factor"`` (None: k = d).
+    solver : ``"lbfgs"``, ``"gd"`` or ``"adam"`` (mini-batches of ``batch_chunks`` chunks).
+    lr : the solver's step size (None: its default).
+    max_iter : solver steps at most.
+    tol : stop when the relative loss change of a step is below this.
+    regularization : λ in λ‖A − I‖²_F, added to the mean loss.
+    validation : fraction of pairs held out (seeded per chunk) for a validation score.
+    patience : stop after this many steps without a better validation score.
+    batch_chunks : chunks per mini-batch for stochastic solvers.
+    chunk_rows : pairs per chunk (None: 65,536 for NumPy inputs, a Dask input's own chunks).
+    split_every : fan-in of the reduction tree (None: Dask's ``split_every`` config, or 8).
+    client : a ``distributed.Client`` to fit on; always used when given.
+    cluster : without a client, ``"auto"`` fits small NumPy inputs in-process and anything
+        else on a cluster (the current client if there is one, else a new LocalCluster);
+        ``"never"`` always fits in-process (a Dask input is computed into memory);
+        ``"always"`` always uses a cluster.
+    blas_threads : BLAS threads for an in-process fit (None: leave BLAS alone). One thread
+        by default: the GEMMs of an in-process fit are small (2,048-row blocks), and on a
+        shared machine multi-threaded BLAS collapsed (digits fit 3.3 s with 2 threads,
+        0.85 s with 1, FACTS and README).
+    random_state : seed of the validation split, mini-batches and the factor's start.
+    verbose : log each step (loss, gradient norm) to the ``cosim_dask.estimator`` logger.
+
+    Attributes
+    ----------
+    metric_ : (d, d) the learned A.
+    components_ : (k, d) L with A = LᵀL (M for the factor form, A^½ for the full form):
+        plain cosine similarity of ``transform(X)`` rows equals the learned similarity.
+    threshold_ : similarity threshold of :meth:`predict`, calibrated on the training pairs.
+    n_iter_ : solver steps taken.
+    loss_history_ : (n_iter_ + 1,) training objective at the start and after every step.
+    history_ : one dict per step (loss, gradient norm, validation AUC, timing).
+    stop_reason_ : why training stopped.
+    fit_backend_ : ``"in-process"`` or ``"cluster"``.
+    n_features_in_ : d.
+    """
+
+    def __init__(
+        self,
+        loss: str = "mse",
+        negative_target: float | None = 0.0,
+        param: str = "factor",
+        rank: int | None = None,
+        solver: str = "lbfgs",
+        lr: float | None = None,
+        max_iter: int = 50,
+        tol: float = 1e-5,
+        regularization: float = 0.0,
+        validation: float = 0.0,
+        patience: int | None = None,
+        batch_chunks: int | None = None,
+        chunk_rows: int | None = None,
+        split_every: int | None = None,
+        client: Any = None,
+        cluster: str = "auto",
+        blas_threads: int | None = 1,
+        random_state: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.loss = loss
+        self.negative_target = negative_target
+        self.param = param
+        self.rank = rank
+        self.solver = solver
+        self.lr = lr
+        self.max_iter = max_iter
+        self.tol = tol
+        self.regularization = regularization
+        self.validation = validation
+        self.patience = patience
+        self.batch_chunks = batch_chunks
+        self.chunk_rows = chunk_rows
+        self.split_every = split_every
+        self.client = client
+        self.cluster = cluster
+        self.blas_threads = blas_threads
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # -- scikit-learn's parameter protocol, without scikit-learn
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return sorted(p.name for p in signature.parameters.values()
+                      if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's parameters by name (``deep`` is accepted for scikit-learn)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params: Any) -> CosineMetricLearner:
+        """Set constructor parameters; an unknown name raises :class:`CosimError`."""
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise CosimError(f"invalid parameter {name!r} for {type(self).__name__}; "
+                                 f"valid parameters: {', '.join(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default
+                    for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
+                   if not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # -- fitting
+
+    def _config(self, binary: bool = True) -> TrainConfig:
+        if self.cluster not in CLUSTER_MODES:
+            raise CosimError(f"cluster={self.cluster!r} must be one of: "
+                             f"{', '.join(CLUSTER_MODES)}")
+        if self.max_iter is None or int(self.max_iter) != self.max_iter:
+            raise CosimError(f"max_iter={self.max_iter!r} must be a whole number >= 0")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise CosimError(f"chunk_rows={self.chunk_rows!r} must be >= 1")
+        if self.split_every is not None and self.split_every < 2:
+            raise CosimError(f"split_every={self.split_every!r} must be >= 2")
+        # Graded targets mean what they say: only binary labels −1 are remapped (a graded
+        # target clipped to exactly −1 must stay −1).
+        negative = self.negative_target if self.loss == "mse" and binary else None
+        config = TrainConfig(
+            loss=self.loss, negative_target=negative, param=self.param, rank=self.rank,
+            solver=self.solver, lr=self.lr, steps=int(self.max_iter), tol=self.tol,
+            regularization=self.regularization, validation=self.validation,
+            patience=self.patience, batch_chunks=self.batch_chunks, seed=self.random_state,
+        )
+        config.check()
+        return config
+
+    def _split_every(self) -> int:
+        import dask
+
+        from .step import DEFAULT_SPLIT_EVERY
+
+        return self.split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
+
+    def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
+        """Learn the metric from labelled pairs.
+
+        Parameters
+        ----------
+        pairs : (n_pairs, 2, n_features) NumPy or Dask array
+        y : (n_pairs,) targets: ±1 labels, {0, 1} labels (0 = different), or graded in [−1, 1]
+
+        Returns
+        -------
+        self
+        """
+        self._config()  # parameter errors before any work on the data
+        pairs = check_pairs(pairs)
+        n, _, d = pairs.shape
+        y, binary = check_targets(y, n)
+        config = self._config(binary)
+        form = config.make_parameterisation()
+        params0 = form.initial(d, seed=self.random_state)
+        in_process = self.client is None and (
+            self.cluster == "never"
+            or (self.cluster == "auto" and not _is_dask(pairs) and not _is_dask(y)
+                and pairs.size < IN_PROCESS_MAX_FLOATS)
+        )
+        if in_process:
+            state, solver, scores, targets = self._fit_in_process(pairs, y, config, form,
+                                                                  params0)
+        else:
+            state, solver, scores, targets = self._fit_on_cluster(pairs, y, config, form,
+                                                                  params0)
+        self._set_learned(form, solver.params, state, d, "in-process" if in_process
+                          else "cluster")
+        self.targets_binary_ = binary
+        self.threshold_ = calibrated_threshold(scores, targets, "accuracy")
+        return self
+
+    def _run(self, source, config: TrainConfig, form, params0, binary: bool):
+        objective = Objective(form, source, config.regularization)
+        solver = config.make_solver()
+        on_step = self._log_step if self.verbose else None
+        state = run_solver(objective, solver, params0, config, on_step=on_step,
+                           targets_binary=binary)
+        return state, solver
+
+    def _fit_in_process(self, pairs, y, config, form, params0):
+        if _is_dask(pairs):
+            pairs = check_pairs(pairs.compute())
+        y = np.asarray(y.compute() if _is_dask(y) else y, dtype=np.float64)
+        x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
+        source = LocalPairs(x0, x1, y, form, config.make_loss(),
+                            chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
+                            validation=config.validation, seed=config.seed,
+                            batch_chunks=config.batch_chunks, split_every=self._split_every())
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=self.blas_threads):
+            state, solver = self._run(source, config, form, params0, _binary(y))
+        scores = pair_similarity(x0, x1, form.metric(solver.params), on_invalid="nan")
+        return state, solver, scores, y
+
+    def _fit_on_cluster(self, pairs, y, config, form, params0):
+        from .step import DaskPairs, persisted_pieces
+
+        client, owned = self._client()
+        try:
+            x0, x1, t = _dask_columns(pairs, y, self.chunk_rows)
+            pieces = persisted_pieces(client, x0, x1, t)
+            source = DaskPairs(client, pieces, form, config.make_loss(),
+                               validation=config.validation, seed=config.seed,
+                               batch_chunks=config.batch_chunks, split_every=self._split_every())
+            targets = client.compute(pieces.held[2]).result()
+            state, solver = self._run(source, config, form, params0, _binary(targets))
+            scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
+                                                 form.metric(solver.params))).result()
+        finally:
+            if owned is not None:
+                from .cluster import close
+
+                close(*owned)
+        return state, solver, scores, targets
+
+    def _client(self):
+        """(client, owned): the given client, the current one, or a new LocalCluster's."""
+        if self.client is not None:
+            return self.client, None
+        try:
+            from distributed import get_client
+
+            return get_client(), None
+        except ValueError:  # no client in this process
+            from .cluster import ClusterConfig, connect
+
+            client, cluster = connect(ClusterConfig())
+            return client, (client, cluster)
+
+    def _set_learned(self, form, params, state: TrainState, d: int, backend: str) -> None:
+        params = np.array(params, dtype=np.float64)
+        A = form.metric(params)
+        M = params if form.name == "factor" else None
+        self.metric_ = 0.5 * (A + A.T)
+        self.components_ = Model(A=self.metric_, M=M).components()
+        self.n_iter_ = state.step
+        self.history_ = state.history
+        self.loss_history_ = np.array([r["loss"] for r in state.history])
+        self.stop_reason_ = state.stop_reason
+        self.fit_backend_ = backend
+        self.n_features_in_ = d
+
+    @staticmethod
+    def _log_step(record: dict[str, Any]) -> None:
+        val = record.get("val_auc")
+        logger.info("step %d  loss %.6g  |grad| %.3g%s", record["step"], record["loss"],
+                    record["grad_norm"], "" if val is None else f"  val AUC {val:.4f}")
+
+    # -- using the metric
+
+    def pair_score(self, pairs: Any) -> Any:
+        """Learned similarity of every pair: higher means more similar.
+
+        Parameters
+        ----------
+        pairs : (n_pairs, 2, n_features) NumPy or Dask array
+
+        Returns
+        -------
+        (n_pairs,) float64 in [−1, 1] (a Dask array for a Dask input); NaN for pairs with a
+        zero vector.
+        """
+        check_is_fitted(self)
+        pairs = check_pairs(pairs, self.n_features_in_)
+        if _is_dask(pairs):
+            x0, x1, _ = _dask_columns(pairs, None, self.chunk_rows)
+            return _dask_scores(x0, x1, self.metric_)
+        return pair_similarity(pairs[:, 0, :], pairs[:, 1, :], self.metric_, on_invalid="nan")
+
+    def decision_function(self, pairs: Any) -> Any:
+        """Same as :meth:`pair_score` (scikit-learn's name for a ranking score)."""
+        return self.pair_score(pairs)
+
+    def predict(self, pairs: Any) -> Any:
+        """+1 (similar) where the learned similarity is ≥ ``threshold_``, else −1.
+
+        Returns
+        -------
+        (n_pairs,) array of ±1 (float64)
+        """
+        scores = self.pair_score(pairs)
+        return 2.0 * (scores >= self.threshold_) - 1.0
+
+    def _materialised(self, pairs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.pair_score(pairs)
+        y, _ = check_targets(y, pairs.shape[0])
+        if _is_dask(scores):
+            scores = self._compute(scores)
+        if _is_dask(y):
+            y = self._compute(y)
+        ok = np.isfinite(scores)
+        return scores[ok], np.asarray(y, dtype=np.float64)[ok]
+
+    def _compute(self, array):
+        return self.client.compute(array).result() if self.client is not None else \
+            array.compute()
+
+    def calibrate_threshold(self, pairs: Any, y: Any, strategy: str = "accuracy",
+                            min_rate: float | None = None, beta: float = 1.0
+                            ) -> CosineMetricLearner:
+        """Set ``threshold_`` from labelled pairs (metric-learn's strategies).
+
+        The n similarities are materialised in memory (8 bytes a pair).
+
+        Parameters
+        ----------
+        pairs : (n_pairs, 2, n_features)
+        y : (n_pairs,) labels
+        strategy : ``"accuracy"``, ``"f_beta"``, ``"max_tpr"`` or ``"max_tnr"``
+        """
+        scores, y = self._materialised(pairs, y)
+        self.threshold_ = calibrated_threshold(scores, y, strategy, min_rate=min_rate,
+                                               beta=beta)
+        return self
+
+    def score(self, pairs: Any, y: Any) -> float:
+        """ROC AUC of the learned similarity for ``y > 0`` (similar) against the rest.
+
+        Pairs whose similarity is undefined (a zero vector) are left out.
+        """
+        scores, y = self._materialised(pairs, y)
+        return roc_auc(scores, y)
+
+    def transform(self, X: Any) -> Any:
+        """Map vectors so that their plain cosine similarity is the learned similarity.
+
+        Parameters
+        ----------
+        X : (n, n_features) NumPy or Dask array
+
+        Returns
+        -------
+        (n, k) array ``X @ components_.T`` (k = rank for the factor form, else d)
+        """
+        check_is_fitted(self)
+        if not _is_dask(X):
+            X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features_in_:
+            raise ShapeError(f"X must have shape (n, {self.n_features_in_}); got "
+                             f"{tuple(X.shape)}")
+        return X @ self.components_.T
+
+    def get_metric(self) -> Callable[[np.ndarray, np.ndarray], float]:
+        """A function ``(u, v) -> similarity`` of two 1-D vectors under the learned metric."""
+        check_is_fitted(self)
+        A, d = self.metric_.copy(), self.n_features_in_
+
+        def similarity(u: np.ndarray, v: np.ndarray) -> float:
+            u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+            if u.shape != (d,) or v.shape != (d,):
+                raise ShapeError(f"u and v must have shape ({d},); got {u.shape} and {v.shape}")
+            return float(pair_similarity(u[None], v[None], A)[0])
+
+        return similarity
+
+    def get_mahalanobis_matrix(self) -> np.ndarray:
+        """The learned A (metric-learn's name)."""
+        check_is_fitted(self)
+        return self.metric_
+
+    def to_model(self) -> Model:
+        """The fitted metric as a :class:`~cosim_dask.model.Model` (for ``save_model``)."""
+        check_is_fitted(self)
+        M = self.components_ if self.param == "factor" else None
+        attrs = {"param": self.param, "rank": self.rank, "loss": self.loss,
+                 "negative_target": self.negative_target, "solver": self.solver,
+                 "steps": self.n_iter_, "threshold": self.threshold_,
+                 "stop_reason": self.stop_reason_, "history": self.history_}
+        return Model(A=self.metric_.copy(), M=None if M is None else M.copy(), attrs=attrs)
+
+
+# --------------------------------------------------------------------------------- helpers
+
+
+def _binary(y: np.ndarray) -> bool:
+    return bool(np.isin(y, (-1.0, 1.0)).all())
+
+
+def _dask_columns(pairs, y, chunk_rows: int | None):
+    """x, y (n, d) and target (n,) Dask arrays chunked along pairs only (whole rows)."""
+    import dask.array as da
+
+    if not _is_dask(pairs):
+        pairs = da.from_array(pairs, chunks=(chunk_rows or DEFAULT_CHUNK_ROWS, -1, -1))
+    elif chunk_rows is not None:
+        pairs = pairs.rechunk((chunk_rows, -1, -1))
+    else:
+        pairs = pairs.rechunk({1: -1, 2: -1})
+    x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
+    if y is None:
+        return x0, x1, None
+    rows = pairs.chunks[0]
+    t = y.rechunk((rows,)) if _is_dask(y) else da.from_array(np.asarray(y, np.float64),
+                                                             chunks=(rows,))
+    return x0, x1, t.astype(np.float64)
+
+
+def _dask_scores(x0, x1, A: np.ndarray):
+    """Lazy (n,) learned similarities, one task per row chunk."""
+    import dask.array as da
+
+    def block(xb, yb, A):
+        return pair_similarity(xb, yb, A, on_invalid="nan")
+
+    return da.map_blocks(block, x0, x1, A, drop_axis=1, dtype=np.float64)
