@@ -12,10 +12,10 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
-from distributed import Client
 
 from .errors import StoreError
 from .kernel import Partial, as_pair_arrays
@@ -24,6 +24,9 @@ from .metric import Parameterisation
 from .objective import sample_chunks
 from .scores import ScoreStats
 from .store import validation_mask
+
+if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
+    from distributed import Client
 
 #: Pairs per task in memory; partials stay small whatever the chunk size.
 DEFAULT_SPLIT_EVERY = 8

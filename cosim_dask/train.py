@@ -190,6 +190,12 @@ def check_request(
     store = open_store(store_path)
     if config.rank is not None and config.rank > store.d:
         raise CosimError(f"rank={config.rank} must be between 1 and the dimension d={store.d}")
+    if config.negative_target is not None and store.targets != "binary":
+        # MSELoss maps every target of exactly −1 to it: on graded targets that would
+        # silently move the pairs clipped at −1.
+        raise CosimError(
+            f"--negative-target applies to binary targets; {store_path!r} has graded targets"
+        )
     if resume:
         _restore(out, config, store, config.make_solver())
     return store
