@@ -21,12 +21,10 @@ import numpy as np
 
 from .driver import TrainConfig, TrainState, run_solver
 from .errors import CosimError, ShapeError
-from .kernel import as_pair_arrays, pair_similarity
-from .losses import get_loss
-from .metric import Parameterisation
+from .kernel import pair_similarity
 from .model import Model
-from .objective import Objective, sample_chunks, split_rows
-from .scores import ScoreStats
+from .objective import Objective
+from .step import LocalPairs
 
 logger = logging.getLogger(__name__)
 
@@ -139,58 +137,6 @@ def check_is_fitted(estimator: Any) -> None:
 
 
 # ------------------------------------------------------------------- in-process partial sums
-
-
-def tree_sum(items: list, split_every: int, combine: Callable = None) -> Any:
-    """Add items k at a time, level by level: the same grouping as
-    :func:`cosim_dask.step.tree_reduce`, so in-process sums round like the cluster's."""
-    from .step import combine_results
-
-    combine = combine or combine_results
-    while len(items) > 1:
-        items = [combine(*items[j : j + split_every]) for j in range(0, len(items), split_every)]
-    return items[0]
-
-
-class LocalPairs:
-    """The in-process twin of :class:`cosim_dask.step.DaskPairs`: the same chunk task on the
-    same chunks and the same reduction tree, run in this process.
-
-    Parameters
-    ----------
-    x, y : (n, d) arrays
-    target : (n,) array
-    """
-
-    def __init__(self, x, y, target, parameterisation: Parameterisation, loss,
-                 *, chunk_rows: int = DEFAULT_CHUNK_ROWS, validation: float = 0.0,
-                 seed: int = 0, batch_chunks: int | None = None, split_every: int = 8) -> None:
-        from .step import ChunkSpec
-
-        # Each chunk is made contiguous and aligned once, not on every pass.
-        self.chunks = [as_pair_arrays(x[s], y[s], target[s]) for s in split_rows(len(x),
-                                                                                chunk_rows)]
-        self.rows = [len(c[0]) for c in self.chunks]
-        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed)
-        self.batch_chunks = batch_chunks
-        self.split_every = split_every
-        self.last_validation: ScoreStats | None = None
-        self.last_pairs = 0
-
-    def __call__(self, params: np.ndarray, batch: int | None = None):
-        from .step import ChunkSpec, chunk_task
-
-        full = batch is None or self.batch_chunks is None
-        chosen = (range(len(self.chunks)) if full
-                  else sample_chunks(len(self.chunks), self.batch_chunks, self.spec.seed, batch))
-        spec = ChunkSpec(**{**self.spec.__dict__,
-                            "with_validation": full and self.spec.validation > 0})
-        result = tree_sum([chunk_task(self.chunks[i], params, spec, i) for i in chosen],
-                          self.split_every)
-        self.last_pairs = sum(self.rows[i] for i in chosen)
-        if result.validation is not None:
-            self.last_validation = result.validation
-        return result.train
 
 
 # ------------------------------------------------------------------------------ thresholds

@@ -6,14 +6,13 @@ is behind one callable, ``partial_sum(params, batch) -> Partial``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InvalidPairsError
-from .kernel import Partial, as_pair_arrays, combine_partials
-from .losses import Loss
+from .kernel import Partial
 from .metric import Parameterisation
 
 PartialSum = Callable[[np.ndarray, int | None], Partial]
@@ -57,36 +56,3 @@ def sample_chunks(n_chunks: int, batch_chunks: int, seed: int, batch: int) -> li
     rng = np.random.default_rng([seed, batch])
     k = min(batch_chunks, n_chunks)
     return sorted(rng.choice(n_chunks, size=k, replace=False).tolist())
-
-
-@dataclass
-class InMemoryPairs:
-    """Partial sums over in-memory arrays, chunk by chunk, in this process."""
-
-    x: np.ndarray
-    y: np.ndarray
-    target: np.ndarray
-    parameterisation: Parameterisation
-    loss: Loss | str = "mse"
-    chunk_rows: int = 65536
-    batch_chunks: int | None = None
-    seed: int = 0
-    on_invalid: str = "raise"
-    chunks: Sequence[slice] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.x, self.y, self.target = as_pair_arrays(self.x, self.y, self.target)
-        self.chunks = split_rows(len(self.x), self.chunk_rows)
-
-    def __call__(self, params: np.ndarray, batch: int | None = None) -> Partial:
-        if batch is None or self.batch_chunks is None:
-            chosen = range(len(self.chunks))
-        else:
-            chosen = sample_chunks(len(self.chunks), self.batch_chunks, self.seed, batch)
-        return combine_partials([
-            self.parameterisation.chunk_partial(
-                self.x[self.chunks[i]], self.y[self.chunks[i]], self.target[self.chunks[i]],
-                params, self.loss, on_invalid=self.on_invalid, chunk_id=i,
-            )
-            for i in chosen
-        ])

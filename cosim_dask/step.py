@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
@@ -21,7 +21,7 @@ from .errors import StoreError
 from .kernel import Partial, as_pair_arrays
 from .losses import Loss, get_loss
 from .metric import Parameterisation
-from .objective import sample_chunks
+from .objective import sample_chunks, split_rows
 from .scores import ScoreStats
 from .store import validation_mask
 
@@ -170,6 +170,53 @@ class Pieces:
 
     def __post_init__(self) -> None:
         self.streaming = bool(self.items) and isinstance(self.items[0], StoreSlice)
+
+
+def tree_sum(items: list, split_every: int, combine: Callable = None) -> Any:
+    """Add items k at a time, level by level: the same grouping as
+    :func:`cosim_dask.step.tree_reduce`, so in-process sums round like the cluster's."""
+    combine = combine or combine_results
+    while len(items) > 1:
+        items = [combine(*items[j : j + split_every]) for j in range(0, len(items), split_every)]
+    return items[0]
+
+
+class LocalPairs:
+    """The in-process twin of :class:`cosim_dask.step.DaskPairs`: the same chunk task on the
+    same chunks and the same reduction tree, run in this process.
+
+    Parameters
+    ----------
+    x, y : (n, d) arrays
+    target : (n,) array
+    """
+
+    def __init__(self, x, y, target, parameterisation: Parameterisation, loss,
+                 *, chunk_rows: int = 65536, validation: float = 0.0,
+                 seed: int = 0, batch_chunks: int | None = None, split_every: int = 8,
+                 on_invalid: str = "raise") -> None:
+        # Each chunk is made contiguous and aligned once, not on every pass.
+        self.chunks = [as_pair_arrays(x[s], y[s], target[s]) for s in split_rows(len(x),
+                                                                                chunk_rows)]
+        self.rows = [len(c[0]) for c in self.chunks]
+        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid)
+        self.batch_chunks = batch_chunks
+        self.split_every = split_every
+        self.last_validation: ScoreStats | None = None
+        self.last_pairs = 0
+
+    def __call__(self, params: np.ndarray, batch: int | None = None):
+        full = batch is None or self.batch_chunks is None
+        chosen = (range(len(self.chunks)) if full
+                  else sample_chunks(len(self.chunks), self.batch_chunks, self.spec.seed, batch))
+        spec = ChunkSpec(**{**self.spec.__dict__,
+                            "with_validation": full and self.spec.validation > 0})
+        result = tree_sum([chunk_task(self.chunks[i], params, spec, i) for i in chosen],
+                          self.split_every)
+        self.last_pairs = sum(self.rows[i] for i in chosen)
+        if result.validation is not None:
+            self.last_validation = result.validation
+        return result.train
 
 
 class DaskPairs:

@@ -39,9 +39,9 @@ from threadpoolctl import threadpool_limits
 from cosim_dask.ingest import generate_store
 from cosim_dask.kernel import chunk_partial
 from cosim_dask.metric import FullMetric
-from cosim_dask.objective import InMemoryPairs, Objective
+from cosim_dask.objective import Objective
 from cosim_dask.solvers import get_solver
-from cosim_dask.step import DaskPairs, persisted_pieces, read_slice, store_pieces
+from cosim_dask.step import DaskPairs, LocalPairs, persisted_pieces, read_slice, store_pieces
 from cosim_dask.store import open_store
 from cosim_dask.synthetic import synthetic_pairs
 
@@ -226,7 +226,7 @@ def bench_converge(pairs: int) -> None:
     curves = {}
     for name, kw, batch in (("lbfgs", {}, None), ("gd", {}, None),
                             ("adam", {"lr": 0.02}, max(1, n_chunks // 8))):
-        src = InMemoryPairs(x, y, t, form, "mse", chunk_rows=8192, batch_chunks=batch)
+        src = LocalPairs(x, y, t, form, "mse", chunk_rows=8192, batch_chunks=batch)
         objective = Objective(form, src)
         solver = get_solver(name, **kw)
         solver.start(np.eye(d), objective)

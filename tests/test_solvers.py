@@ -5,14 +5,15 @@ import pytest
 
 from cosim_dask.errors import UnknownNameError
 from cosim_dask.metric import FactorMetric, FullMetric
-from cosim_dask.objective import InMemoryPairs, Objective
+from cosim_dask.objective import Objective
 from cosim_dask.solvers import SOLVERS, get_solver
+from cosim_dask.step import LocalPairs
 from cosim_dask.synthetic import synthetic_pairs
 
 
 def problem(form, batch_chunks=None):
     x, y, t, A_star = synthetic_pairs(6000, 8, rank=3, noise=0.0, seed=3, chunk_rows=1000)
-    pairs = InMemoryPairs(x, y, t, form, "mse", chunk_rows=1000, batch_chunks=batch_chunks)
+    pairs = LocalPairs(x, y, t, form, "mse", chunk_rows=1000, batch_chunks=batch_chunks)
     return Objective(form, pairs), A_star
 
 

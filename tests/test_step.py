@@ -10,8 +10,8 @@ from distributed import Client, LocalCluster
 from cosim_dask.errors import InvalidPairsError
 from cosim_dask.kernel import chunk_partial
 from cosim_dask.metric import FactorMetric, FullMetric
-from cosim_dask.objective import InMemoryPairs, Objective
-from cosim_dask.step import DaskPairs, persisted_pieces, store_pieces, tree_depth
+from cosim_dask.objective import Objective
+from cosim_dask.step import DaskPairs, LocalPairs, persisted_pieces, store_pieces, tree_depth
 from cosim_dask.store import validation_mask
 from cosim_dask.synthetic import synthetic_pairs
 
@@ -148,7 +148,7 @@ def test_invalid_rows_error_names_the_chunk(client, data):
 def test_objective_matches_in_memory(client, data):
     x, y, t = data
     form = FullMetric()
-    local = Objective(form, InMemoryPairs(x, y, t, form, "mse", chunk_rows=800), 0.1)
+    local = Objective(form, LocalPairs(x, y, t, form, "mse", chunk_rows=800), 0.1)
     remote = Objective(form, dask_pairs(client, data, 800, 3), 0.1)
     A = random_spd(np.random.default_rng(4), 12)
     (fl, gl), (fr, gr) = local(A), remote(A)
