@@ -84,8 +84,10 @@ def version() -> None:
 @app.command()
 def transform(
     model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
-    src: Annotated[Path, typer.Argument(metavar="IN", help="A .npy array (n, d) of vectors.")],
-    out: Annotated[Path, typer.Argument(help="The .npy file to write L·x to, (n, k).")],
+    src: Annotated[Path, typer.Argument(
+        metavar="IN", help="A .npy array (n, d) of vectors, or a pair store.")],
+    out: Annotated[Path, typer.Argument(
+        help="The .npy file (n, k) to write L·x to, or a new pair store for a store IN.")],
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
     ] = False,
@@ -102,7 +104,8 @@ def transform(
 
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
                                 block_rows=block_rows)
-        typer.echo(f"wrote {report.rows:,} vectors of {report.out_dim} ({report.dtype}) "
+        what = "pairs" if src.is_dir() else "vectors"
+        typer.echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
                    f"to {report.path}")
 
     run(body)

@@ -4,7 +4,7 @@ plain cosine similarity downstream (a vector database, FAISS) equals the learned
 The input is read memory-mapped and streamed in row blocks, so memory stays bounded whatever
 its size; the output is written under a temporary name beside OUT and renamed into place only
 when every block is done. Sources are dispatched by kind (:func:`transform_file`): a ``.npy``
-array today; a pair store can be added as another branch with the same block loop.
+array, or a pair store (both sides of every pair, into a new pair store).
 """
 
 from __future__ import annotations
@@ -62,9 +62,6 @@ def open_embeddings(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise CosimError(f"input {str(path)!r} does not exist")
-    if path.is_dir():
-        raise CosimError(f"input {str(path)!r} is a folder; transforming a pair store is not "
-                         "supported yet: pass a .npy array of vectors")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -106,6 +103,8 @@ def transform_file(
     """
     if block_rows < 1:
         raise CosimError(f"block_rows={block_rows} must be >= 1")
+    if Path(src).is_dir():
+        return transform_store(model, src, out, overwrite=overwrite)
     array = open_embeddings(src)
     n, d = array.shape
     if d != model.d:
@@ -128,3 +127,34 @@ def transform_file(
         finally:
             del result  # close the map before the rename (and before removal on failure)
     return TransformReport(str(out), n, d, L.shape[0], np.dtype(out_dtype).name)
+
+
+def transform_store(
+    model: Model, src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+) -> TransformReport:
+    """Write a new pair store with ``L x`` and ``L y`` for every pair of the store ``src``
+    (same targets, same chunking), chunk by chunk in bounded memory.
+
+    Training on the result with plain cosine (A = I) sees the learned similarities; a
+    generated store's hidden metric is not carried over (it describes the old space).
+    """
+    from . import __version__
+    from .store import create_store, open_store
+
+    store = open_store(src)
+    if store.d != model.d:
+        raise ShapeError(f"the model has d={model.d} but the pair store {str(src)!r} has "
+                         f"d={store.d}")
+    L = model.components()
+    import zarr
+
+    group = zarr.open_group(store.path, mode="r")
+    provenance = {"command": "transform", "source": str(src),
+                  "model": model.attrs.get("run_id"), "cosim_version": __version__}
+    with create_store(out, d=L.shape[0], chunk_rows=store.chunk_rows, targets=store.targets,
+                      provenance=provenance, overwrite=overwrite) as writer:
+        for s in store.chunk_slices():
+            x, y = np.asarray(group["x"][s]), np.asarray(group["y"][s])
+            writer.append(transform_block(L, x), transform_block(L, y),
+                          np.asarray(group["target"][s]))
+    return TransformReport(str(out), store.n, store.d, L.shape[0], "float32")

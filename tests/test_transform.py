@@ -105,3 +105,24 @@ def test_cli_transform_missing_model(tmp_path):
                                  str(tmp_path / "out.npy")])
     assert result.exit_code == 2
     assert "does not exist" in result.stderr and not (tmp_path / "out.npy").exists()
+
+
+def test_transform_a_pair_store(tmp_path, factor_model):
+    """Every pair of a store is mapped; plain cosine on the new store is the learned one."""
+    from cosim_dask.ingest import generate_store
+    from cosim_dask.store import open_store
+
+    src, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
+    model = factor_model
+    generate_store(src, pairs=3000, dim=model.d, targets="binary", chunk_rows=700, seed=3)
+    report = transform_file(model, src, out)
+    a, b = open_store(src), open_store(out)
+    assert (b.n, b.d, b.chunk_rows, b.targets) == (3000, model.components().shape[0], 700,
+                                                    "binary")
+    assert report.rows == 3000
+    np.testing.assert_array_equal(np.asarray(b.target), np.asarray(a.target))
+    learned = pair_similarity(np.asarray(a.x), np.asarray(a.y), model.A)
+    plain = pair_similarity(np.asarray(b.x), np.asarray(b.y))
+    np.testing.assert_allclose(plain, learned, atol=1e-5)
+    with pytest.raises(CosimError, match="already exists"):
+        transform_file(model, src, out)
