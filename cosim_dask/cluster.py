@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import time
 from dataclasses import dataclass
 
 import dask
@@ -113,3 +116,37 @@ def close(client: Client, cluster: LocalCluster | None) -> None:
     client.close()
     if cluster is not None:
         cluster.close()
+
+
+class WorkerMemorySampler:
+    """Peak resident memory of the worker processes, sampled from the driver.
+
+    For workers on this machine (a LocalCluster): psutil reads each worker process every
+    ``interval`` seconds, so the sampling adds no tasks to the cluster being measured.
+    """
+
+    def __init__(self, client: Client, interval: float = 0.05) -> None:
+        import psutil
+
+        self.procs = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():
+            for p in self.procs:
+                with contextlib.suppress(psutil.Error):  # a worker being restarted
+                    self.peak = max(self.peak, p.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> WorkerMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()

@@ -21,12 +21,10 @@ Figures are ratios measured in one run: this machine is shared, absolute seconds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +34,7 @@ import psutil
 from distributed import Client, LocalCluster, wait
 from threadpoolctl import threadpool_limits
 
+from cosim_dask.cluster import WorkerMemorySampler
 from cosim_dask.ingest import generate_store
 from cosim_dask.kernel import chunk_partial
 from cosim_dask.metric import FullMetric
@@ -149,32 +148,6 @@ def _read_only(piece) -> int:
     return x.nbytes + y.nbytes + t.nbytes
 
 
-class RssPoller:
-    """Peak RSS of each worker process of a LocalCluster, polled every 50 ms."""
-
-    def __init__(self, client: Client) -> None:
-        pids = client.run(os.getpid)
-        self.procs = [psutil.Process(pid) for pid in pids.values()]
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            for p in self.procs:
-                with contextlib.suppress(psutil.Error):  # a worker restarting
-                    self.peak = max(self.peak, p.memory_info().rss)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def bench_stream(workdir: Path, limit_mib: int, factor: float, repeats: int) -> None:
     d = 128
     limit = limit_mib * 2**20
@@ -199,7 +172,7 @@ def bench_stream(workdir: Path, limit_mib: int, factor: float, repeats: int) -> 
 
         read_pass()  # warm the page cache the same way for both
         reads, steps = [], []
-        with RssPoller(client) as rss:
+        with WorkerMemorySampler(client) as rss:
             for _ in range(repeats):
                 reads.append(median_time(read_pass, 1))
                 steps.append(median_time(lambda: dask_pairs(A), 1))

@@ -57,3 +57,14 @@ def test_synthetic_pipeline_runs_end_to_end(tmp_path, capsys):
     figures = load_model(tmp_path / "model.zarr").attrs["validation_figures"]
     assert figures["learned"]["auc"] > figures["plain"]["auc"]
     assert json.dumps(figures)  # JSON-safe attributes
+
+
+@pytest.mark.slow
+def test_out_of_core_pipeline_streams_under_the_memory_limit(tmp_path):
+    """A store twice the cluster's memory trains by streaming, workers under their limit."""
+    out_of_core = load("out_of_core")
+    summary = out_of_core.main(["--out", str(tmp_path), "--memory-mib", "200", "--factor", "2",
+                                "--dim", "32", "--steps", "2"])
+    assert summary["store_bytes"] > 2 * summary["cluster_bytes"] * 0.99
+    assert summary["cache"] == "stream"
+    assert 0 < summary["peak_worker_rss"] < summary["limit"]
