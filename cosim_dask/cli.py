@@ -372,7 +372,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
     loss: Annotated[LossName, typer.Option(help="Loss on the similarities.")] = LossName.mse,
     negative_target: Annotated[float | None, typer.Option(
-        help="mse: the target for label −1 (default −1; 0 asks for orthogonality).")] = None,
+        help="mse on binary labels: the target for label −1 (default 0: unrelated; "
+             "−1: opposite).")] = None,
     param: Annotated[ParamName, typer.Option(
         help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
              "the PSD cone after each step.")] = ParamName.factor,

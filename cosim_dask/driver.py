@@ -23,13 +23,18 @@ from .metric import Parameterisation, get_parameterisation
 from .objective import Objective
 from .solvers import Solver, get_solver
 
+#: mse target for label −1 on binary pairs. Real "different" pairs are mostly unrelated, not
+#: opposite: on digits 0.0 gave test AUC 0.980 vs 0.978 for −1 (full form: 0.930 vs 0.902);
+#: on our synthetic sign-of-hidden-similarity pairs −1 did better (0.966 vs 0.963).
+DEFAULT_NEGATIVE_TARGET = 0.0
+
 
 @dataclass
 class TrainConfig:
     """Every setting that shapes the result of a run (and so must match on resume)."""
 
     loss: str = "mse"
-    negative_target: float | None = None  # mse: the target for label −1 (default −1)
+    negative_target: float | None = None  # mse on binary labels: target of −1 (default 0)
     pos_margin: float | None = None  # contrastive
     neg_margin: float | None = None  # contrastive
     # L-BFGS on M (A = MᵀM) needs ~5× fewer passes than on A, whose PSD projection bends
@@ -68,8 +73,13 @@ class TrainConfig:
         self.make_parameterisation()
         self.make_solver()
 
-    def make_loss(self) -> Loss:
-        params = {k: v for k, v in (("negative_target", self.negative_target),
+    def make_loss(self, binary: bool = False) -> Loss:
+        """The loss; for mse on binary labels, label −1 means ``negative_target`` (default
+        :data:`DEFAULT_NEGATIVE_TARGET`: "unrelated" rather than "opposite")."""
+        negative_target = self.negative_target
+        if negative_target is None and binary and self.loss == "mse":
+            negative_target = DEFAULT_NEGATIVE_TARGET
+        params = {k: v for k, v in (("negative_target", negative_target),
                                     ("pos_margin", self.pos_margin),
                                     ("neg_margin", self.neg_margin)) if v is not None}
         try:

@@ -142,8 +142,8 @@ def evaluate_model(
         )
     if split == "validation" and fraction == 0:
         raise CosimError("the model was trained without validation rows; use --split all")
-    loss = get_loss(model.attrs.get("loss", "mse"), **_loss_params(settings))
     binary = store.targets == "binary"
+    loss = _model_loss(model.attrs, binary)
     stats = score_pieces(client, store_pieces(store.path, store.chunk_slices()), model.A,
                          loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
                          splits=(split,), joint=not binary, split_every=split_every)
@@ -153,6 +153,13 @@ def evaluate_model(
     return {"split": split, "model": str(model_path), "store": str(store_path), **report}
 
 
-def _loss_params(settings: dict) -> dict:
-    keys = ("negative_target", "pos_margin", "neg_margin")
-    return {k: settings[k] for k in keys if settings.get(k) is not None}
+def _model_loss(attrs: dict, binary: bool) -> Loss:
+    """The loss the model was trained with, rebuilt from its settings."""
+    from dataclasses import fields
+
+    from .driver import TrainConfig
+
+    settings = attrs.get("settings", {})
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    return config.make_loss(binary)

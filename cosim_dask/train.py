@@ -111,15 +111,15 @@ def train_store(
     solver = config.make_solver()
     state = _restore(out, config, store, solver) if resume else None
 
+    binary = store.targets == "binary"
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
     pieces = make_pieces(client, store, cache)
     pairs = DaskPairs(
-        client, pieces, form, config.make_loss(), validation=config.validation,
+        client, pieces, form, config.make_loss(binary), validation=config.validation,
         seed=config.seed, batch_chunks=config.batch_chunks if solver.stochastic else None,
         split_every=options.split_every, on_invalid=options.on_invalid,
     )
     objective = Objective(form, pairs, config.regularization)
-    binary = store.targets == "binary"
     base_attrs = {
         "param": config.param, "rank": config.rank, "loss": config.loss,
         "solver": config.solver, "settings": asdict(config), "settings_key": config.key(),
@@ -246,7 +246,7 @@ def _model(form, solver, state: TrainState, base_attrs: dict, *, complete: bool)
 def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, options) -> dict:
     """Thresholds calibrated on the training rows; figures and ROC on the validation rows."""
     splits = ("train", "validation") if config.validation > 0 else ("train",)
-    stats = score_pieces(client, pieces, A, loss=config.make_loss(),
+    stats = score_pieces(client, pieces, A, loss=config.make_loss(binary),
                          validation=config.validation, seed=config.seed, splits=splits,
                          split_every=options.split_every or 8)
     figures: dict[str, Any] = {"train_figures": summarize(stats, "train", binary=binary)}
