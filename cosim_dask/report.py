@@ -175,7 +175,7 @@ def charts(data: dict[str, Any]) -> dict[str, str]:
                                   "true positive rate", series, x_range=(0.0, 1.0),
                                   y_range=(0.0, 1.0)))
     else:
-        out["roc"] = placeholder("roc", "ROC on the validation split", "no ROC curve (see note)")
+        out["roc"] = placeholder("roc", "ROC on the validation split", "no ROC curve (see the note below)")
     eig = data["eigenvalues_plotted"]
     erank = data["effective_rank"]
     out["spectrum"] = render(Chart(
@@ -274,6 +274,7 @@ svg .missing-note { fill: #777; font-size: 14px; }
 table { border-collapse: collapse; margin: 6px 0 12px; }
 th, td { border: 1px solid #ddd; padding: 3px 10px; text-align: right; }
 th { background: #f3f3f3; } td.k, th.k { text-align: left; }
+figure .note { max-width: 540px; }
 .note { color: #7a4b00; background: #fff7e6; border-left: 3px solid #f0a020; padding: 4px 10px; }
 """
 
