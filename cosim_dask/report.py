@@ -175,7 +175,8 @@ def charts(data: dict[str, Any]) -> dict[str, str]:
                                   "true positive rate", series, x_range=(0.0, 1.0),
                                   y_range=(0.0, 1.0)))
     else:
-        out["roc"] = placeholder("roc", "ROC on the validation split", "no ROC curve (see the note below)")
+        out["roc"] = placeholder("roc", "ROC on the validation split",
+                                 "no ROC curve (see the note below)")
     eig = data["eigenvalues_plotted"]
     erank = data["effective_rank"]
     out["spectrum"] = render(Chart(
