@@ -528,5 +528,32 @@ def evaluate(
     _print_figures(report)
 
 
+# ---------------------------------------------------------------------------------------
+# Training report (issue 5, afterwards). Thin: parse, call cosim_dask.report inside run().
+
+
+@app.command()
+def report(
+    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write.")
+                   ] = Path("report.html"),
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing --out (and PNG figures).")] = False,
+    png_dir: Annotated[Path | None, typer.Option(
+        "--png-dir", help="Folder for the PNG figures (default: <out stem>-figures beside "
+                          "--out); needs matplotlib.")] = None,
+) -> None:
+    """Write a self-contained HTML training report (curves, validation ROC, spectrum of A,
+    figures, settings) and PNG figures."""
+    from .report import NO_MATPLOTLIB, default_png_dir, matplotlib_available, write_report
+
+    page = run(lambda: write_report(model, out, overwrite=overwrite, png_dir=png_dir))
+    typer.echo(f"report written to {page}")
+    if matplotlib_available():
+        typer.echo(f"PNG figures in {png_dir or default_png_dir(out)}")
+    else:
+        typer.echo(NO_MATPLOTLIB)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
