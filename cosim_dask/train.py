@@ -226,6 +226,13 @@ def _restore(out: str, config: TrainConfig, store: PairStore, solver) -> TrainSt
 def _model(form, solver, state: TrainState, base_attrs: dict, *, complete: bool) -> Model:
     params = np.array(solver.params, dtype=np.float64)
     A = form.metric(params)
+    if not base_attrs["settings"].get("regularization"):
+        # The loss cannot see the scale of A, and the solver lets it drift (eigenvalues of
+        # 1e4 are common); the model file carries A scaled to trace d, which changes no
+        # similarity. The solver state keeps the raw parameters for an exact resume.
+        scale = A.shape[0] / np.trace(A)
+        A = A * scale
+        params = params * np.sqrt(scale) if form.name == "factor" else params
     last = state.history[-1] if state.history else {}
     attrs = {
         **base_attrs,

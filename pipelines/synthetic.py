@@ -1,5 +1,5 @@
 """The main job: generate pairs from a hidden metric, train on a LocalCluster with the live
-dashboard, and evaluate the learned metric against plain cosine similarity.
+dashboard, evaluate the learned metric against plain cosine similarity, write the report.
 
 Run with `make demo` (or `python pipelines/synthetic.py --help`). Each stage is the `cosim`
 command a user would type, so the demo shows exactly what the CLI prints.
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     cosim("train", store, "--out", model, "--steps", args.steps, "--validation", 0.1,
           "--workers", args.workers, "--overwrite")
     cosim("evaluate", model, store, "--workers", args.workers)
+    cosim("report", model, "--out", args.out / "report.html", "--overwrite")
     print(f"\nThe store and the model are in {args.out}/. Next: `cosim transform {model} "
           "EMBEDDINGS.npy OUT.npy` maps vectors so plain cosine equals the learned similarity.")
 

@@ -52,8 +52,10 @@ def test_synthetic_pipeline_runs_end_to_end(tmp_path, capsys):
     synthetic.main(["--out", str(tmp_path), "--pairs", "20000", "--dim", "16", "--rank", "3",
                     "--steps", "8"])
     out = capsys.readouterr().out
-    for stage in ("$ cosim generate", "$ cosim info", "$ cosim train", "$ cosim evaluate"):
+    for stage in ("$ cosim generate", "$ cosim info", "$ cosim train", "$ cosim evaluate",
+                  "$ cosim report"):
         assert stage in out
+    assert (tmp_path / "report.html").stat().st_size > 1000
     figures = load_model(tmp_path / "model.zarr").attrs["validation_figures"]
     assert figures["learned"]["auc"] > figures["plain"]["auc"]
     assert json.dumps(figures)  # JSON-safe attributes

@@ -56,6 +56,8 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
     assert model.A.shape == (16, 16)
     assert np.linalg.eigvalsh(model.A)[0] > -1e-10  # A = MᵀM: PSD by construction
     assert model.M.shape == (16, 16)
+    assert np.trace(model.A) == pytest.approx(16)  # scale-free loss: stored at trace d
+    np.testing.assert_allclose(model.M.T @ model.M, model.A, rtol=1e-10, atol=1e-10)
     attrs = model.attrs
     assert attrs["complete"] and attrs["steps"] == len(attrs["history"]) - 1
     assert attrs["loss"] == "mse" and attrs["solver"] == "lbfgs"
