@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,9 @@ from .errors import CosimError, ShapeError
 from .kernel import pair_similarity
 from .model import Model
 from .objective import Objective
+from .scores import calibrated_threshold, roc_auc
 from .step import LocalPairs
+from .validation import _is_dask, check_is_fitted, check_pairs, check_targets
 
 logger = logging.getLogger(__name__)
 
@@ -35,172 +36,6 @@ IN_PROCESS_MAX_FLOATS = 20_000_000
 #: Pairs per chunk for NumPy inputs (Dask inputs keep their own row chunks by default).
 DEFAULT_CHUNK_ROWS = 65536
 CLUSTER_MODES = ("auto", "never", "always")
-THRESHOLD_STRATEGIES = ("accuracy", "f_beta", "max_tpr", "max_tnr")
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _is_dask(a: Any) -> bool:
-    return type(a).__module__.startswith("dask.") and hasattr(a, "chunks")
-
-
-def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
-    """Validate pairs shaped (n_pairs, 2, n_features); NumPy arrays also for finiteness.
-
-    Returns a NumPy float array (float32 kept, else float64) or the Dask array unchanged
-    (its values are checked by the chunk tasks, which name the chunk and row of a bad pair).
-    """
-    if not _is_dask(pairs):
-        pairs = np.asarray(pairs)
-    shape = tuple(pairs.shape)
-    if len(shape) != 3 or shape[1] != 2:
-        raise ShapeError(f"pairs must have shape (n_pairs, 2, n_features); got {shape}")
-    if shape[0] == 0 or shape[2] == 0:
-        raise ShapeError(f"pairs must hold at least one pair and one feature; got {shape}")
-    if n_features is not None and shape[2] != n_features:
-        raise ShapeError(
-            f"pairs have {shape[2]} features but the estimator was fitted with {n_features}"
-        )
-    if not (np.issubdtype(pairs.dtype, np.floating) or np.issubdtype(pairs.dtype, np.integer)):
-        raise ShapeError(f"pairs must hold real numbers; got dtype {pairs.dtype}")
-    if _is_dask(pairs):
-        return pairs
-    if pairs.dtype != np.float32:
-        pairs = pairs.astype(np.float64, copy=False)
-    if not np.isfinite(pairs).all():
-        first = int(np.argmax(~np.isfinite(pairs).all(axis=(1, 2))))
-        raise CosimError(f"pairs have NaN or Inf values (first at pair {first})")
-    return pairs
-
-
-def check_targets(y: Any, n_pairs: int) -> tuple[Any, bool]:
-    """Validate targets and return ``(targets, binary)``.
-
-    The rule: targets are in [−1, 1]. Labels ±1 are binary (metric-learn's convention);
-    labels {0, 1} (only those two values) are read as binary too, 0 meaning "different"
-    and mapped to −1. Any other value in [−1, 1] is a graded target (0: orthogonal).
-    Dask targets are checked in one pass of a few scalar reductions.
-    """
-    if _is_dask(y):
-        import dask
-
-        y = y.reshape(-1) if y.ndim > 1 and max(y.shape[1:], default=1) == 1 else y
-        _check_target_shape(y.shape, n_pairs)
-        finite, lo, hi, pm1, zero_one = dask.compute(
-            (~_isfinite_dask(y)).sum() == 0, y.min(), y.max(),
-            ((y == 1) | (y == -1)).all(), ((y == 0) | (y == 1)).all(),
-        )
-        values = None
-    else:
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        _check_target_shape(y.shape, n_pairs)
-        if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)
-                or y.dtype == bool):
-            raise CosimError(f"y must hold numbers in [-1, 1]; got dtype {y.dtype}")
-        y = y.astype(np.float64)
-        finite = bool(np.isfinite(y).all())
-        values = np.unique(y) if finite else None
-        lo, hi = (float(values[0]), float(values[-1])) if finite else (math.nan, math.nan)
-        pm1 = finite and set(values.tolist()) <= {-1.0, 1.0}
-        zero_one = finite and set(values.tolist()) <= {0.0, 1.0}
-    if not finite:
-        raise CosimError("y has NaN or Inf values; targets must be finite numbers in [-1, 1]")
-    if lo < -1.0 or hi > 1.0:
-        raise CosimError(f"y values must be in [-1, 1] (labels ±1 or graded); got range "
-                         f"[{float(lo):g}, {float(hi):g}]")
-    if zero_one and not pm1:
-        return 2.0 * y - 1.0, True  # {0, 1} labels: 0 means "different"
-    return y, bool(pm1)
-
-
-def _check_target_shape(shape: tuple, n_pairs: int) -> None:
-    if len(shape) != 1:
-        raise ShapeError(f"y must be 1-D with one target per pair; got shape {shape}")
-    if shape[0] != n_pairs:
-        raise ShapeError(f"y has {shape[0]} targets but there are {n_pairs} pairs")
-
-
-def _isfinite_dask(y):
-    import dask.array as da
-
-    return da.isfinite(y)
-
-
-def check_is_fitted(estimator: Any) -> None:
-    if not hasattr(estimator, "metric_"):
-        raise CosimError(
-            f"this {type(estimator).__name__} is not fitted yet; call fit(pairs, y) first"
-        )
-
-
-# ------------------------------------------------------------------- in-process partial sums
-
-
-# ------------------------------------------------------------------------------ thresholds
-
-
-def calibrated_threshold(scores: np.ndarray, y: np.ndarray, strategy: str = "accuracy",
-                         *, min_rate: float | None = None, beta: float = 1.0) -> float:
-    """The threshold on similarity for ``predict = +1 if score >= threshold``.
-
-    Candidates are midpoints between consecutive distinct scores (and one below the lowest,
-    one above the highest). ``y > 0`` is the positive class. Strategies as in metric-learn:
-    ``accuracy``; ``f_beta`` (with ``beta``); ``max_tpr`` (highest true-positive rate with a
-    true-negative rate ≥ ``min_rate``); ``max_tnr`` (the converse).
-
-    Parameters
-    ----------
-    scores : (n,) similarities
-    y : (n,) targets; > 0 positive
-    """
-    if strategy not in THRESHOLD_STRATEGIES:
-        raise CosimError(f"unknown strategy {strategy!r}; choose one of: "
-                         f"{', '.join(THRESHOLD_STRATEGIES)}")
-    if strategy in ("max_tpr", "max_tnr") and (min_rate is None or not 0 <= min_rate <= 1):
-        raise CosimError(f"strategy {strategy!r} needs min_rate in [0, 1]; got {min_rate!r}")
-    if strategy == "f_beta" and not beta > 0:
-        raise CosimError(f"beta={beta!r} must be > 0")
-    order = np.argsort(-scores, kind="stable")
-    s, pos = scores[order], (y[order] > 0)
-    # Cut k predicts the first k (highest) scores positive; cuts only between distinct scores.
-    tp = np.concatenate([[0.0], np.cumsum(pos)])
-    fp = np.concatenate([[0.0], np.cumsum(~pos)])
-    n_pos, n_neg = tp[-1], fp[-1]
-    cuts = np.concatenate([[0], np.flatnonzero(np.diff(s) != 0) + 1, [len(s)]])
-    tp, fp = tp[cuts], fp[cuts]
-    tn, fn = n_neg - fp, n_pos - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = tp / n_pos if n_pos else np.ones_like(tp)
-        tnr = tn / n_neg if n_neg else np.ones_like(tn)
-        if strategy == "accuracy":
-            value = tp + tn
-        elif strategy == "f_beta":
-            b2 = beta * beta
-            value = np.nan_to_num((1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp))
-        elif strategy == "max_tpr":
-            value = np.where(tnr >= min_rate, tpr + 1e-12 * tnr, -np.inf)
-        else:
-            value = np.where(tpr >= min_rate, tnr + 1e-12 * tpr, -np.inf)
-    k = cuts[int(np.argmax(value))]
-    above = s[k - 1] if k > 0 else s[0] + 1.0
-    below = s[k] if k < len(s) else s[-1] - 1.0
-    return float(0.5 * (above + below))
-
-
-def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
-    """Exact ROC AUC (ties count one half) of ``scores`` for the classes ``y > 0`` vs rest."""
-    from scipy.stats import rankdata
-
-    pos = y > 0
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise CosimError("ROC AUC needs both classes: y has only "
-                         f"{'positive' if n_neg == 0 else 'negative'} targets")
-    ranks = rankdata(scores)
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 # ------------------------------------------------------------------------------- estimator

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CosimError
+
 SCORE_BINS = 8192
 SPEARMAN_BINS = 512
 
@@ -118,3 +120,69 @@ class ScoreStats:
         va = np.sum(h.sum(axis=1) * (ra - ma) ** 2)
         vb = np.sum(h.sum(axis=0) * (rb - mb) ** 2)
         return float(cov / np.sqrt(va * vb)) if va > 0 and vb > 0 else float("nan")
+
+
+# Exact (per-pair, in-memory) counterparts for the estimator's NumPy scores.
+
+THRESHOLD_STRATEGIES = ("accuracy", "f_beta", "max_tpr", "max_tnr")
+
+
+def calibrated_threshold(scores: np.ndarray, y: np.ndarray, strategy: str = "accuracy",
+                         *, min_rate: float | None = None, beta: float = 1.0) -> float:
+    """The threshold on similarity for ``predict = +1 if score >= threshold``.
+
+    Candidates are midpoints between consecutive distinct scores (and one below the lowest,
+    one above the highest). ``y > 0`` is the positive class. Strategies as in metric-learn:
+    ``accuracy``; ``f_beta`` (with ``beta``); ``max_tpr`` (highest true-positive rate with a
+    true-negative rate ≥ ``min_rate``); ``max_tnr`` (the converse).
+
+    Parameters
+    ----------
+    scores : (n,) similarities
+    y : (n,) targets; > 0 positive
+    """
+    if strategy not in THRESHOLD_STRATEGIES:
+        raise CosimError(f"unknown strategy {strategy!r}; choose one of: "
+                         f"{', '.join(THRESHOLD_STRATEGIES)}")
+    if strategy in ("max_tpr", "max_tnr") and (min_rate is None or not 0 <= min_rate <= 1):
+        raise CosimError(f"strategy {strategy!r} needs min_rate in [0, 1]; got {min_rate!r}")
+    if strategy == "f_beta" and not beta > 0:
+        raise CosimError(f"beta={beta!r} must be > 0")
+    order = np.argsort(-scores, kind="stable")
+    s, pos = scores[order], (y[order] > 0)
+    # Cut k predicts the first k (highest) scores positive; cuts only between distinct scores.
+    tp = np.concatenate([[0.0], np.cumsum(pos)])
+    fp = np.concatenate([[0.0], np.cumsum(~pos)])
+    n_pos, n_neg = tp[-1], fp[-1]
+    cuts = np.concatenate([[0], np.flatnonzero(np.diff(s) != 0) + 1, [len(s)]])
+    tp, fp = tp[cuts], fp[cuts]
+    tn, fn = n_neg - fp, n_pos - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tp / n_pos if n_pos else np.ones_like(tp)
+        tnr = tn / n_neg if n_neg else np.ones_like(tn)
+        if strategy == "accuracy":
+            value = tp + tn
+        elif strategy == "f_beta":
+            b2 = beta * beta
+            value = np.nan_to_num((1 + b2) * tp / ((1 + b2) * tp + b2 * fn + fp))
+        elif strategy == "max_tpr":
+            value = np.where(tnr >= min_rate, tpr + 1e-12 * tnr, -np.inf)
+        else:
+            value = np.where(tpr >= min_rate, tnr + 1e-12 * tpr, -np.inf)
+    k = cuts[int(np.argmax(value))]
+    above = s[k - 1] if k > 0 else s[0] + 1.0
+    below = s[k] if k < len(s) else s[-1] - 1.0
+    return float(0.5 * (above + below))
+
+
+def roc_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    """Exact ROC AUC (ties count one half) of ``scores`` for the classes ``y > 0`` vs rest."""
+    from scipy.stats import rankdata
+
+    pos = y > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise CosimError("ROC AUC needs both classes: y has only "
+                         f"{'positive' if n_neg == 0 else 'negative'} targets")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

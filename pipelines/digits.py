@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask import CosineMetricLearner, pair_similarity
-from cosim_dask.estimator import calibrated_threshold, roc_auc
+from cosim_dask.scores import calibrated_threshold, roc_auc
 
 
 @dataclass

@@ -7,7 +7,7 @@ from distributed import Client, LocalCluster
 
 from cosim_dask import CosineMetricLearner, pair_similarity
 from cosim_dask.errors import CosimError
-from cosim_dask.estimator import calibrated_threshold, roc_auc
+from cosim_dask.scores import calibrated_threshold, roc_auc
 from cosim_dask.synthetic import synthetic_pairs
 
 
