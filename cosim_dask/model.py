@@ -155,6 +155,9 @@ def _read(group, name: str, path: Path) -> np.ndarray:
         array = group[name]
     except KeyError:
         raise ModelError(f"model {str(path)!r} has no array {name!r}") from None
+    except Exception as exc:  # e.g. an object (pickle) dtype zarr refuses to open
+        raise ModelError(f"model {str(path)!r}: array {name!r} cannot be opened "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if array.dtype != np.float64:
         raise ModelError(f"model {str(path)!r}: {name} has dtype {array.dtype}, expected float64")
     return np.asarray(array[...])

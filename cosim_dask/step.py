@@ -351,8 +351,11 @@ class DaskPairs:
                 future = self.client.compute(root)
                 return wait_result(self.client, future)
             except CancelledError:
-                if scheduler_lost(self.client) or attempt == PASS_ATTEMPTS:
+                if scheduler_lost(self.client):
                     raise lost_scheduler_error(self.client) from None
+                if attempt == PASS_ATTEMPTS:
+                    raise ClusterError(f"a pass was cancelled {attempt} times in a row: workers "
+                                       "keep dying, or the work was cancelled") from None
                 logger.warning("a pass was cancelled (a worker holding the parameters died); "
                                "sending them again and repeating the pass (%d/%d)",
                                attempt + 1, PASS_ATTEMPTS)

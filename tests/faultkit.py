@@ -25,8 +25,8 @@ def tree_hash(path: str | os.PathLike) -> dict[str, str]:
     """sha256 of every file under ``path`` (or of ``path`` itself), by relative name."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path)) if p != path else ".": hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
+    return {str(p.relative_to(path)) if p != path else ".":
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def leftovers(folder: str | os.PathLike) -> list[str]:
