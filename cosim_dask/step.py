@@ -259,6 +259,9 @@ class Pieces:
     rows: list[int]
     held: tuple = ()
     streaming: bool = field(init=False)
+    #: Persisted groups of ``group`` consecutive chunks (one key each); full passes use them.
+    groups: list | None = None
+    group: int = 1
 
     def __post_init__(self) -> None:
         self.streaming = bool(self.items) and isinstance(self.items[0], StoreSlice)
@@ -292,8 +295,7 @@ class DaskPairs:
         self.rows = pieces.rows
         self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid)
         self.batch_chunks = batch_chunks
-        self.split_every = split_every or dask.config.get("split_every", None) or \
-            DEFAULT_SPLIT_EVERY
+        self.split_every = resolve_split_every(split_every)
         if self.split_every < 2:
             raise ValueError(f"split_every={self.split_every} must be at least 2")
         self.broadcast = broadcast
@@ -318,6 +320,8 @@ class DaskPairs:
         return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
 
     def group_size(self, params: np.ndarray) -> int:
+        if self.chunks_per_task is None and self.source.groups is not None:
+            self.chunks_per_task = self.source.group
         if self.chunks_per_task is None:
             d = params.shape[-1]
             chunk_bytes = max(self.rows, default=0) * (2 * d + 1) * 4
@@ -330,6 +334,11 @@ class DaskPairs:
             return [dask.delayed(chunk_task)(self.pieces[i], ref, spec, i,
                                              dask_key_name=f"cosim-chunk-{token}-{i}")
                     for i in chunks]
+        if self.source.groups is not None and group == self.source.group:
+            return [dask.delayed(group_task)(self.source.groups[j // group], ref, spec,
+                                             chunks[j : j + group], self.split_every,
+                                             dask_key_name=f"cosim-chunk-{token}-{j}")
+                    for j in range(0, len(chunks), group)]
         return [dask.delayed(group_task)([self.pieces[i] for i in chunks[j : j + group]], ref,
                                          spec, chunks[j : j + group], self.split_every,
                                          dask_key_name=f"cosim-chunk-{token}-{j}")
@@ -422,15 +431,31 @@ def store_pieces(path: str, slices: Sequence[slice]) -> Pieces:
     return Pieces(pieces, [s.stop - s.start for s in slices])
 
 
-def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice]) -> Pieces:
-    """Chunks of a store read once into the workers' memory, one key per chunk (x, y, t),
-    through :func:`read_slice`: the same checks as streaming, and a lost worker's chunks are
-    read again from the store (persisted data keeps its lineage)."""
+def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
+                           group: int = 1) -> Pieces:
+    """Chunks of a store read once into the workers' memory through :func:`read_group`: the
+    same checks as streaming, and a lost worker's chunks are read again from the store
+    (persisted data keeps its lineage).
+
+    ``group`` > 1 (a power of the fan-in, :func:`chunks_per_task`): one key per group of
+    consecutive chunks, which full passes use; mini-batches and other per-chunk passes
+    stream their chunks from the store.
+    """
     streamed = store_pieces(path, slices)
     token = uuid.uuid4().hex[:12]
-    items = client.persist([dask.delayed(read_slice)(p, dask_key_name=f"cosim-read-{token}-{i}")
-                            for i, p in enumerate(streamed.items)])
-    return Pieces(list(items), streamed.rows, tuple(items))
+    chunks = streamed.items
+    if group == 1:
+        items = client.persist([dask.delayed(read_slice)(p, dask_key_name=f"cosim-read-{token}-{i}")
+                                for i, p in enumerate(chunks)])
+        return Pieces(list(items), streamed.rows, tuple(items))
+    groups = client.persist([dask.delayed(read_group)(chunks[j : j + group],
+                                                      dask_key_name=f"cosim-read-{token}-{j}")
+                             for j in range(0, len(chunks), group)])
+    return Pieces(chunks, streamed.rows, tuple(groups), groups=list(groups), group=group)
+
+
+def resolve_split_every(split_every: int | None) -> int:
+    return split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
 
 
 def persisted_pieces(client: Client, x, y, target) -> Pieces:

@@ -34,7 +34,15 @@ from .errors import ClusterError, CosimError, TrainingError
 from .evaluate import roc_points, score_pieces, summarize
 from .model import Model, load_model, save_model
 from .objective import Objective
-from .step import DaskPairs, Pieces, persisted_store_pieces, scheduler_lost, store_pieces
+from .step import (
+    DaskPairs,
+    Pieces,
+    chunks_per_task,
+    persisted_store_pieces,
+    resolve_split_every,
+    scheduler_lost,
+    store_pieces,
+)
 from .store import PairStore, open_store
 
 CACHE_MODES = ("auto", "memory", "stream")
@@ -81,9 +89,13 @@ def store_bytes(store: PairStore) -> int:
     return store.n * (2 * store.d + 1) * 4
 
 
-def make_pieces(client: Client, store: PairStore, cache: str) -> Pieces:
+def make_pieces(client: Client, store: PairStore, cache: str,
+                split_every: int | None = None) -> Pieces:
     if cache == "memory":
-        return persisted_store_pieces(client, store.path, store.chunk_slices())
+        # Tiny chunks are persisted in groups, one key per task of a pass (step.py).
+        group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
+                                resolve_split_every(split_every))
+        return persisted_store_pieces(client, store.path, store.chunk_slices(), group)
     return store_pieces(store.path, store.chunk_slices())
 
 
@@ -123,7 +135,7 @@ def _train_store(store_path, out, config, *, client, options, overwrite, resume,
     state = _restore(out, config, store, solver) if resume else None
 
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
-    pieces = make_pieces(client, store, cache)
+    pieces = make_pieces(client, store, cache, options.split_every)
     pairs = DaskPairs(
         client, pieces, form, config.make_loss(), validation=config.validation,
         seed=config.seed, batch_chunks=config.batch_chunks if solver.stochastic else None,
