@@ -288,7 +288,7 @@ def bench_load(workdir: Path, n_chunks: int, repeats: int) -> None:
             ("stream, 1 task per chunk", lambda: streamed, 1),
             ("stream, grouped", lambda: streamed, None),
             ("memory, 1 task per chunk", lambda: persisted_store_pieces(
-                client, store.path, store.chunk_slices()), None),
+                client, store.path, store.chunk_slices()), 1),
             ("memory, grouped", lambda: persisted_store_pieces(
                 client, store.path, store.chunk_slices(), group), None),
         ):
