@@ -1,10 +1,13 @@
 """Writing stores and models so that a crash or a bad input never leaves a half-written file:
-everything is written under a temporary name beside the target, then renamed into place."""
+everything is written under a temporary name beside the target, then renamed into place.
+:func:`output_lock` keeps two runs from writing the same output at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,3 +75,73 @@ def atomic_file(
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> tuple[int | None, str]:
+    try:
+        text = lock.read_text().split()
+        return int(text[0]), text[1]
+    except (OSError, ValueError, IndexError):
+        return None, "?"
+
+
+@contextmanager
+def output_lock(path: str | os.PathLike, *, what: str = "output") -> Iterator[Path]:
+    """Hold ``PATH.lock`` (created with O_EXCL, holding ``pid host``) while writing ``path``.
+
+    A second writer of the same ``path`` gets a :class:`CosimError` at once. A lock left by a
+    process that died on this host (a SIGKILLed run) is taken over. The lock is removed on
+    leaving the block, also on errors.
+    """
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    if not path.parent.exists():
+        raise CosimError(f"the folder {str(path.parent)!r} for {what} {str(path)!r} does not exist")
+    host = socket.gethostname()
+    mine = f"{os.getpid()} {host}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid, owner = _read_lock(lock)
+            if pid is not None and owner == host and not _pid_alive(pid):
+                _take_over(lock, pid, owner)
+                continue
+            raise CosimError(
+                f"{what} {str(path)!r} is being written by another cosim run (pid {pid} on "
+                f"{owner}, lock file {str(lock)!r}); wait for it to finish, or delete the lock "
+                "file if that run is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+        break
+    else:
+        raise CosimError(f"cannot take the lock {str(lock)!r} of {what} {str(path)!r}")
+    try:
+        yield lock
+    finally:
+        if _read_lock(lock) == (os.getpid(), host):
+            lock.unlink(missing_ok=True)
+
+
+def _take_over(lock: Path, pid: int, host: str) -> None:
+    """Remove a stale lock, unless another process replaced it meanwhile."""
+    aside = lock.with_name(f"{lock.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return  # another process took it over first
+    if _read_lock(aside) != (pid, host):  # a fresh lock: put it back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, lock)
+    aside.unlink(missing_ok=True)

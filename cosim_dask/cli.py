@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -38,6 +39,37 @@ from .ingest import (
 from .store import store_info
 
 T = TypeVar("T")
+#: The click typer parses with: recent typer vendors its own copy as ``typer._click``.
+_click = getattr(typer.core, "_click", None) or __import__("click")
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (unknown option, value out of range, missing argument) as one line
+    ``error: ...`` and exit 2, like every other error, instead of click's boxed usage text."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _click.exceptions.NoArgsIsHelpError:
+        raise
+    except _click.exceptions.UsageError as exc:
+        if _state["debug"]:
+            raise
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"error: {message}{where}", err=True)
+        raise typer.Exit(code=2) from None
+
 
 app = typer.Typer(
     name="cosim",
@@ -45,6 +77,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineUsageErrors,
 )
 
 _state = {"debug": False}

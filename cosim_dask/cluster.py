@@ -51,6 +51,13 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     if address:
         try:
             client = Client(address, timeout=config.timeout, security=security)
+        except TypeError as exc:
+            if "TLS" not in str(exc):
+                raise
+            raise ClusterError(
+                f"the scheduler at {address!r} speaks TLS but no certificates were given: pass "
+                "--security CONFIG.yaml (see README, Reliability and security)"
+            ) from None
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address!r} within {config.timeout:g} s "
@@ -79,6 +86,17 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
 
 
 def _security(security: object | None):
+    """A Security from a YAML file in Dask's own layout (the ``distributed.comm.tls`` part of a
+    Dask config file, or that mapping alone)::
+
+        distributed:
+          comm:
+            tls:
+              ca-file: ca.pem
+              scheduler: {cert: scheduler.pem, key: scheduler.key}
+              worker: {cert: worker.pem, key: worker.key}
+              client: {cert: client.pem, key: client.key}
+    """
     if security is None or not isinstance(security, str | os.PathLike):
         return security
     from distributed.security import Security
@@ -88,22 +106,38 @@ def _security(security: object | None):
         raise ClusterError(f"the security config {path!r} does not exist")
     import yaml
 
-    with open(path) as f:
-        settings = yaml.safe_load(f) or {}
-    tls = settings.get("distributed", {}).get("comm", {}).get("tls", settings)
     try:
-        return Security(
-            require_encryption=True,
-            tls_ca_file=tls["ca-file"],
-            tls_client_cert=tls.get("client", {}).get("cert"),
-            tls_client_key=tls.get("client", {}).get("key"),
-            tls_scheduler_cert=tls.get("scheduler", {}).get("cert"),
-            tls_scheduler_key=tls.get("scheduler", {}).get("key"),
-            tls_worker_cert=tls.get("worker", {}).get("cert"),
-            tls_worker_key=tls.get("worker", {}).get("key"),
-        )
-    except KeyError as exc:
-        raise ClusterError(f"the security config {path!r} lacks the key {exc.args[0]!r}") from None
+        with open(path) as f:
+            settings = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise ClusterError(f"the security config {path!r} is not valid YAML "
+                           f"({str(exc).splitlines()[0]})") from None
+    tls = settings
+    for key in ("distributed", "comm", "tls"):
+        if isinstance(tls, dict) and isinstance(tls.get(key), dict):
+            tls = tls[key]
+    if not isinstance(tls, dict):
+        raise ClusterError(f"the security config {path!r} is not a Dask TLS config (a mapping "
+                           "with distributed.comm.tls keys, see README)")
+    if "ca-file" not in tls:
+        raise ClusterError(f"the security config {path!r} lacks the key 'ca-file'")
+    roles = {role: tls.get(role) if isinstance(tls.get(role), dict) else {}
+             for role in ("client", "scheduler", "worker")}
+    files = [tls["ca-file"], *(v for r in roles.values() for v in (r.get("cert"), r.get("key")))]
+    for name in files:
+        if name is not None and not os.path.isfile(str(name)):
+            raise ClusterError(f"the security config {path!r} names {str(name)!r}, which does "
+                               "not exist")
+    return Security(
+        require_encryption=True,
+        tls_ca_file=tls["ca-file"],
+        tls_client_cert=roles["client"].get("cert"),
+        tls_client_key=roles["client"].get("key"),
+        tls_scheduler_cert=roles["scheduler"].get("cert"),
+        tls_scheduler_key=roles["scheduler"].get("key"),
+        tls_worker_cert=roles["worker"].get("cert"),
+        tls_worker_key=roles["worker"].get("key"),
+    )
 
 
 def cluster_memory(client: Client) -> int:

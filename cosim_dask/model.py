@@ -69,7 +69,22 @@ def _json_safe(value: Any) -> Any:
 
 
 def save_model(path: str | os.PathLike, model: Model, *, overwrite: bool) -> None:
-    """Write ``model`` to ``path`` atomically (temporary directory, then rename)."""
+    """Write ``model`` to ``path`` atomically (temporary directory, then rename).
+
+    A failed write (disk full, file size limit, ...) leaves no temporary directory and the
+    previous ``path``, if any, as it was; it raises :class:`ModelError` saying so.
+    """
+    existed = Path(path).exists()
+    try:
+        _save(path, model, overwrite=overwrite)
+    except OSError as exc:
+        kept = (f"the previous {str(path)!r} is intact" if existed
+                else "nothing was written")
+        raise ModelError(f"cannot write model {str(path)!r}: {exc.strerror or exc} "
+                         f"({type(exc).__name__}); {kept}") from exc
+
+
+def _save(path: str | os.PathLike, model: Model, *, overwrite: bool) -> None:
     import zarr
 
     with atomic_directory(path, overwrite=overwrite, what="model") as tmp:
@@ -140,6 +155,9 @@ def _read(group, name: str, path: Path) -> np.ndarray:
         array = group[name]
     except KeyError:
         raise ModelError(f"model {str(path)!r} has no array {name!r}") from None
+    except Exception as exc:  # e.g. an object (pickle) dtype zarr refuses to open
+        raise ModelError(f"model {str(path)!r}: array {name!r} cannot be opened "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if array.dtype != np.float64:
         raise ModelError(f"model {str(path)!r}: {name} has dtype {array.dtype}, expected float64")
     return np.asarray(array[...])

@@ -8,16 +8,20 @@ where it runs and how the results add up.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
 
-from .errors import StoreError
+from .errors import ClusterError, StoreError
 from .kernel import Partial, as_pair_arrays
 from .losses import Loss, get_loss
 from .metric import Parameterisation
@@ -28,8 +32,19 @@ from .store import validation_mask
 if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
     from distributed import Client
 
+logger = logging.getLogger(__name__)
+
 #: Pairs per task in memory; partials stay small whatever the chunk size.
 DEFAULT_SPLIT_EVERY = 8
+#: Grouping of small chunks into one task: a group holds at most this many bytes of pairs
+#: (x, y and target) and the pass keeps at least MIN_TASKS tasks. FACTS: ~2-5 ms overhead per
+#: task, so a store of 10,000 tiny chunks must not become 10,000 tasks per pass.
+GROUP_BYTES = 16 * 2**20
+MIN_TASKS = 64
+#: How often a waiting pass checks that the client is still connected to the scheduler.
+WATCH_SECONDS = 2.0
+#: Passes repeated when a worker holding the scattered parameters died with them.
+PASS_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -52,17 +67,73 @@ def _open_arrays(path: str):
 
 def read_slice(piece: StoreSlice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read one chunk's rows on the worker; a corrupt or unreadable chunk names itself."""
-    arrays = _open_arrays(piece.path)
+    return read_group([piece])[0]
+
+
+def read_group(pieces: Sequence[StoreSlice]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Read consecutive chunks of one store with one zarr call per array; one tuple each.
+
+    In a local store every chunk file is checked first (:func:`check_chunk_files`): zarr
+    reads a missing chunk file as zeros and blosc decodes a truncated one into garbage.
+    """
+    first, last = pieces[0], pieces[-1]
+    arrays = _open_arrays(first.path)
     out = []
     for name, array in zip(("x", "y", "target"), arrays, strict=True):
+        for piece in pieces:
+            check_chunk_files(piece, name, array)
         try:
-            out.append(np.asarray(array[piece.lo : piece.hi]))
+            out.append(np.asarray(array[first.lo : last.hi]))
         except Exception as exc:  # zarr/codec errors have many types; name the chunk
+            where = (f"chunk {first.index} (rows {first.lo}:{first.hi})" if len(pieces) == 1
+                     else f"chunks {first.index}-{last.index} (rows {first.lo}:{last.hi})")
             raise StoreError(
-                f"cannot read chunk {piece.index} (rows {piece.lo}:{piece.hi}) of array "
-                f"{name!r} in {piece.path!r}: {type(exc).__name__}: {exc}"
+                f"cannot read {where} of array {name!r} in {first.path!r}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from None
-    return out[0], out[1], out[2]
+    return [tuple(a[p.lo - first.lo : p.hi - first.lo] for a in out) for p in pieces]
+
+
+def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
+    """Raise :class:`StoreError` when a local chunk file of ``piece`` is missing or truncated.
+
+    Missing: zarr silently reads the fill value (0), which is either an invalid pair or,
+    for graded targets, a wrong but valid target. Truncated: uncompressed chunks have a
+    known size, blosc chunks state theirs in the header (numcodecs does not check it).
+    Stores given as URLs are not checked. Flipped bits inside a compressed chunk are not
+    detectable without checksums.
+    """
+    if "://" in piece.path or not hasattr(array.metadata, "encode_chunk_key"):
+        return
+    grid = (array.shards or array.chunks)[0]
+    whole = not array.shards and not array.compressors and not array.filters
+    size = int(np.prod(array.chunks)) * array.dtype.itemsize
+    blosc = not array.shards and any(type(c).__name__ == "BloscCodec"
+                                      for c in array.compressors)
+    for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1):
+        key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
+        path = Path(piece.path) / name / key
+        problem = None
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            problem = "is missing (zarr would read it as zeros)"
+        else:
+            if whole and st.st_size != size:
+                problem = f"has {st.st_size} bytes, expected {size} (truncated or corrupt)"
+            elif blosc:
+                with open(path, "rb") as f:
+                    header = f.read(16)
+                stated = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
+                if stated != st.st_size:
+                    problem = (f"has {st.st_size} bytes, its blosc header says {stated} "
+                               "(truncated or corrupt)")
+        if problem:
+            raise StoreError(
+                f"chunk {piece.index} (rows {piece.lo}:{piece.hi}) of array {name!r} in "
+                f"{piece.path!r} is damaged: chunk file {str(path)!r} {problem}; restore the "
+                "store or re-create it with `cosim ingest`"
+            )
 
 
 @dataclass(frozen=True)
@@ -116,6 +187,30 @@ def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkRe
     return ChunkResult(train, stats)
 
 
+def group_task(data: list, params: np.ndarray, spec: ChunkSpec, indices: list[int],
+               split_every: int) -> ChunkResult:
+    """Several consecutive chunks in one task, summed in the very tree the scheduler would
+    build over them one task each (``len(data)`` is a power of ``split_every``): the result is
+    bitwise the same as with one task per chunk."""
+    if all(isinstance(p, StoreSlice) for p in data):
+        data = read_group(data)
+    results = [chunk_task(p, params, spec, i) for p, i in zip(data, indices, strict=True)]
+    while len(results) > 1:
+        results = [combine_results(*results[j : j + split_every])
+                   for j in range(0, len(results), split_every)]
+    return results[0]
+
+
+def chunks_per_task(n_chunks: int, chunk_bytes: int, split_every: int) -> int:
+    """Chunks per task: the largest power of ``split_every`` whose group holds at most
+    GROUP_BYTES and leaves at least MIN_TASKS tasks (1 for stores of ordinary chunks)."""
+    group = 1
+    while (group * split_every * chunk_bytes <= GROUP_BYTES
+           and n_chunks / (group * split_every) >= MIN_TASKS):
+        group *= split_every
+    return group
+
+
 def score_rows(x, y, t, A, loss: Loss, joint: bool = False) -> ScoreStats:
     from .kernel import pair_similarity
 
@@ -167,6 +262,9 @@ class Pieces:
     rows: list[int]
     held: tuple = ()
     streaming: bool = field(init=False)
+    #: Persisted groups of ``group`` consecutive chunks (one key each); full passes use them.
+    groups: list | None = None
+    group: int = 1
 
     def __post_init__(self) -> None:
         self.streaming = bool(self.items) and isinstance(self.items[0], StoreSlice)
@@ -239,6 +337,7 @@ class DaskPairs:
         split_every: int | None = None,
         on_invalid: str = "raise",
         broadcast: str = "scatter",
+        chunks_per_task: int | None = None,
     ) -> None:
         self.client = client
         self.source = pieces
@@ -246,11 +345,17 @@ class DaskPairs:
         self.rows = pieces.rows
         self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid)
         self.batch_chunks = batch_chunks
-        self.split_every = split_every or dask.config.get("split_every", None) or \
-            DEFAULT_SPLIT_EVERY
+        self.split_every = resolve_split_every(split_every)
         if self.split_every < 2:
             raise ValueError(f"split_every={self.split_every} must be at least 2")
         self.broadcast = broadcast
+        if chunks_per_task is not None and (
+                chunks_per_task < 1 or
+                self.split_every ** round(math.log(chunks_per_task, self.split_every))
+                != chunks_per_task):
+            raise ValueError(f"chunks_per_task={chunks_per_task} must be a power of "
+                             f"split_every={self.split_every}")
+        self.chunks_per_task = chunks_per_task
         self.last_validation: ScoreStats | None = None
         self.last_pairs = 0
 
@@ -264,23 +369,72 @@ class DaskPairs:
             return self.client.scatter(params, broadcast=True, hash=False)
         return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
 
+    def group_size(self, params: np.ndarray) -> int:
+        if self.chunks_per_task is None and self.source.groups is not None:
+            self.chunks_per_task = self.source.group
+        if self.chunks_per_task is None:
+            d = params.shape[-1]
+            chunk_bytes = max(self.rows, default=0) * (2 * d + 1) * 4
+            self.chunks_per_task = chunks_per_task(self.n_chunks, chunk_bytes,
+                                                   self.split_every)
+        return self.chunks_per_task
+
+    def _leaves(self, ref, spec: ChunkSpec, chunks: list[int], token: str, group: int) -> list:
+        if group == 1:
+            return [dask.delayed(chunk_task)(self.pieces[i], ref, spec, i,
+                                             dask_key_name=f"cosim-chunk-{token}-{i}")
+                    for i in chunks]
+        if self.source.groups is not None and group == self.source.group:
+            return [dask.delayed(group_task)(self.source.groups[j // group], ref, spec,
+                                             chunks[j : j + group], self.split_every,
+                                             dask_key_name=f"cosim-chunk-{token}-{j}")
+                    for j in range(0, len(chunks), group)]
+        return [dask.delayed(group_task)([self.pieces[i] for i in chunks[j : j + group]], ref,
+                                         spec, chunks[j : j + group], self.split_every,
+                                         dask_key_name=f"cosim-chunk-{token}-{j}")
+                for j in range(0, len(chunks), group)]
+
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
-        token = uuid.uuid4().hex[:12]
-        ref = self._params_ref(params)
-        leaves = [
-            dask.delayed(chunk_task)(
-                self.pieces[i], ref, spec, i, dask_key_name=f"cosim-chunk-{token}-{i}"
-            )
-            for i in chunks
-        ]
-        root = tree_reduce(leaves, self.split_every, token)
-        future = self.client.compute(root)
-        try:
-            return future.result()
-        finally:
-            future.release()
-            if hasattr(ref, "release"):
-                ref.release()
+        """One pass; repeated when a lost worker took the scattered parameters with it
+        (scattered data has no lineage), a :class:`ClusterError` when the scheduler is gone."""
+        chunks = list(chunks)
+        # Mini-batches sample scattered chunks: group only full, consecutive passes.
+        group = self.group_size(params) if chunks == list(range(self.n_chunks)) else 1
+        for attempt in range(1, PASS_ATTEMPTS + 1):
+            token = uuid.uuid4().hex[:12]
+            ref = future = None
+            try:
+                ref = self._params_ref(params)
+                root = tree_reduce(self._leaves(ref, spec, chunks, token, group),
+                                   self.split_every, token)
+                future = self.client.compute(root)
+                return wait_result(self.client, future)
+            except CancelledError:
+                if scheduler_lost(self.client):
+                    raise lost_scheduler_error(self.client) from None
+                if attempt == PASS_ATTEMPTS:
+                    raise ClusterError(f"a pass was cancelled {attempt} times in a row: workers "
+                                       "keep dying, or the work was cancelled") from None
+                logger.warning("a pass was cancelled (a worker holding the parameters died); "
+                               "sending them again and repeating the pass (%d/%d)",
+                               attempt + 1, PASS_ATTEMPTS)
+            except OSError:
+                if scheduler_lost(self.client):
+                    raise lost_scheduler_error(self.client) from None
+                raise
+            except Exception as exc:
+                if type(exc).__name__ == "KilledWorker":
+                    raise ClusterError(
+                        f"workers died again and again running a chunk task "
+                        f"({str(exc).splitlines()[0]}); they may be running out of memory: "
+                        "use smaller chunks or a larger --memory-limit") from None
+                raise
+            finally:
+                if not scheduler_lost(self.client):
+                    for held in (future, ref):
+                        if hasattr(held, "release"):
+                            held.release()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def __call__(self, params: np.ndarray, batch: int | None = None) -> Partial:
         full = batch is None or self.batch_chunks is None
@@ -300,10 +454,58 @@ class DaskPairs:
         return self.run(params, spec, list(range(self.n_chunks))).validation
 
 
+def scheduler_lost(client: Client) -> bool:
+    """True once the client has lost its scheduler (reconnecting, or given up)."""
+    return client.status not in ("running", "newly-created")
+
+
+def lost_scheduler_error(client: Client) -> ClusterError:
+    return ClusterError(f"lost the Dask scheduler at {client.scheduler.address!r} "
+                        f"(client {client.status})")
+
+
+def wait_result(client: Client, future, poll: float = WATCH_SECONDS):
+    """``future.result()`` that gives up when the scheduler is gone: a future submitted
+    while the client reconnects is never cancelled and would wait forever."""
+    while True:
+        try:
+            return future.result(timeout=poll)
+        except TimeoutError:
+            if client.status in ("closed", "closing", "failed"):
+                raise lost_scheduler_error(client) from None
+
+
 def store_pieces(path: str, slices: Sequence[slice]) -> Pieces:
     """Streaming pieces: every task reads its own rows from the store, every pass."""
     pieces = [StoreSlice(str(path), i, s.start, s.stop) for i, s in enumerate(slices)]
     return Pieces(pieces, [s.stop - s.start for s in slices])
+
+
+def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
+                           group: int = 1) -> Pieces:
+    """Chunks of a store read once into the workers' memory through :func:`read_group`: the
+    same checks as streaming, and a lost worker's chunks are read again from the store
+    (persisted data keeps its lineage).
+
+    ``group`` > 1 (a power of the fan-in, :func:`chunks_per_task`): one key per group of
+    consecutive chunks, which full passes use; mini-batches and other per-chunk passes
+    stream their chunks from the store.
+    """
+    streamed = store_pieces(path, slices)
+    token = uuid.uuid4().hex[:12]
+    chunks = streamed.items
+    if group == 1:
+        items = client.persist([dask.delayed(read_slice)(p, dask_key_name=f"cosim-read-{token}-{i}")
+                                for i, p in enumerate(chunks)])
+        return Pieces(list(items), streamed.rows, tuple(items))
+    groups = client.persist([dask.delayed(read_group)(chunks[j : j + group],
+                                                      dask_key_name=f"cosim-read-{token}-{j}")
+                             for j in range(0, len(chunks), group)])
+    return Pieces(chunks, streamed.rows, tuple(groups), groups=list(groups), group=group)
+
+
+def resolve_split_every(split_every: int | None) -> int:
+    return split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
 
 
 def persisted_pieces(client: Client, x, y, target) -> Pieces:

@@ -192,12 +192,19 @@ def open_store(path: str | os.PathLike) -> PairStore:
             got = (getattr(arr, "shape", None), getattr(arr, "chunks", None))
             raise StoreError(f"pair store {spath!r} is inconsistent: {name} has shape/chunks "
                              f"{got}, attributes say {shape}/{chunks}; re-create it")
+        if arr.dtype.kind != "f":  # numbers only: nothing is ever unpickled
+            raise StoreError(f"pair store {spath!r} is inconsistent: {name} has dtype "
+                             f"{arr.dtype}, expected floating point; re-create it")
     if kind not in TARGET_KINDS:
         raise StoreError(f"pair store {spath!r} has targets={kind!r}, expected one of "
                          f"{TARGET_KINDS}; re-create it")
     hidden = None
     if "hidden_metric" in group:
-        hidden = np.asarray(group["hidden_metric"][...], dtype=np.float64)
+        stored = group["hidden_metric"]
+        if not isinstance(stored, zarr.Array) or stored.dtype.kind != "f":
+            raise StoreError(f"pair store {spath!r} is inconsistent: hidden_metric is not a "
+                             "floating-point array; re-create it")
+        hidden = np.asarray(stored[...], dtype=np.float64)
         if hidden.shape != (d, d):
             raise StoreError(f"pair store {spath!r} is inconsistent: hidden_metric has shape "
                              f"{hidden.shape}, expected {(d, d)}; re-create it")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from distributed import Client
 
 from . import __version__
-from .atomic import check_new_output
+from .atomic import check_new_output, output_lock
 from .cluster import cluster_memory
 from .driver import (
     StepCallback,
@@ -29,11 +30,19 @@ from .driver import (
     state_from_attrs,
     state_to_attrs,
 )
-from .errors import CosimError, TrainingError
+from .errors import ClusterError, CosimError, TrainingError
 from .evaluate import roc_points, score_pieces, summarize
 from .model import Model, load_model, save_model
 from .objective import Objective
-from .step import DaskPairs, Pieces, persisted_pieces, store_pieces
+from .step import (
+    DaskPairs,
+    Pieces,
+    chunks_per_task,
+    persisted_store_pieces,
+    resolve_split_every,
+    scheduler_lost,
+    store_pieces,
+)
 from .store import PairStore, open_store
 
 CACHE_MODES = ("auto", "memory", "stream")
@@ -80,9 +89,13 @@ def store_bytes(store: PairStore) -> int:
     return store.n * (2 * store.d + 1) * 4
 
 
-def make_pieces(client: Client, store: PairStore, cache: str) -> Pieces:
+def make_pieces(client: Client, store: PairStore, cache: str,
+                split_every: int | None = None) -> Pieces:
     if cache == "memory":
-        return persisted_pieces(client, store.x, store.y, store.target)
+        # Tiny chunks are persisted in groups, one key per task of a pass (step.py).
+        group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
+                                resolve_split_every(split_every))
+        return persisted_store_pieces(client, store.path, store.chunk_slices(), group)
     return store_pieces(store.path, store.chunk_slices())
 
 
@@ -104,7 +117,17 @@ def train_store(
 
     With ``resume``, continue the run checkpointed in ``out`` (same settings required; the
     number of steps may grow) and reach the same result as an uninterrupted run.
+
+    ``out + ".lock"`` is held for the whole run: a second run writing ``out`` is refused.
     """
+    with output_lock(out, what="model"):
+        return _train_store(store_path, out, config, client=client, options=options,
+                            overwrite=overwrite, resume=resume, on_step=on_step,
+                            on_start=on_start, dashboard=dashboard, run_id=run_id)
+
+
+def _train_store(store_path, out, config, *, client, options, overwrite, resume, on_step,
+                 on_start, dashboard, run_id) -> TrainResult:
     options = options or RunOptions()
     store = check_request(store_path, out, config, options, overwrite=overwrite, resume=resume)
     form = config.make_parameterisation()
@@ -113,7 +136,7 @@ def train_store(
 
     binary = store.targets == "binary"
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
-    pieces = make_pieces(client, store, cache)
+    pieces = make_pieces(client, store, cache, options.split_every)
     pairs = DaskPairs(
         client, pieces, form, config.make_loss(binary), validation=config.validation,
         seed=config.seed, batch_chunks=config.batch_chunks if solver.stochastic else None,
@@ -140,7 +163,11 @@ def train_store(
                   "live_url": publisher.url if publisher else None,
                   "live_hint": publisher.hint if publisher else None})
 
+    progress = {"step": state.step if state else None,
+                "checkpoint": state.step if state else None}
+
     def step_done(record: dict[str, Any]) -> None:
+        progress["step"] = record["step"]
         if publisher:
             publisher.publish(record)
         if on_step:
@@ -149,6 +176,7 @@ def train_store(
     def checkpoint(solver_, state_: TrainState) -> None:
         save_model(out, _model(form, solver_, state_, base_attrs, complete=False),
                    overwrite=True)
+        progress["checkpoint"] = state_.step
 
     started = time.perf_counter()
     try:
@@ -157,15 +185,35 @@ def train_store(
             on_step=step_done, checkpoint=checkpoint,
             checkpoint_every=options.checkpoint_every, targets_binary=binary,
         )
+        seconds = time.perf_counter() - started
+        model = _model(form, solver, state, base_attrs, complete=True)
+        model.attrs.update(_final_figures(client, pieces, model.A, config, binary, options))
+    except Exception as exc:
+        if isinstance(exc, ClusterError | OSError | CancelledError) and scheduler_lost(client):
+            raise _scheduler_lost(exc, store_path, out, progress, overwrite) from None
+        raise
     finally:
-        if publisher:
+        if publisher and not scheduler_lost(client):
             publisher.close()
-    seconds = time.perf_counter() - started
-    model = _model(form, solver, state, base_attrs, complete=True)
-    model.attrs.update(_final_figures(client, pieces, model.A, config, binary, options))
     model.attrs["train_seconds"] = seconds
     save_model(out, model, overwrite=True)
     return TrainResult(model, state, cache, seconds)
+
+
+def _scheduler_lost(exc, store_path, out, progress, overwrite) -> TrainingError:
+    """One line: where training stopped, what is on disk, and the command that resumes."""
+    step, saved = progress["step"], progress["checkpoint"]
+    reached = "before step 0" if step is None else f"after step {step}"
+    if saved is not None:
+        kept = (f"the last checkpoint (step {saved}) in {str(out)!r} is intact; resume with "
+                f"`cosim train {store_path} --out {out} --resume` and the same options"
+                + (" (without --overwrite)" if overwrite else ""))
+    else:
+        kept = (f"no checkpoint was written yet; {str(out)!r} is "
+                + ("unchanged" if Path(out).exists() else "not written")
+                + "; run the same command again")
+    detail = str(exc) if isinstance(exc, ClusterError) else f"{type(exc).__name__}: {exc}"
+    return TrainingError(f"training stopped {reached}: {detail.splitlines()[0]}; {kept}")
 
 
 def check_request(

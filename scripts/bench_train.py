@@ -13,8 +13,14 @@
 3. converge  Passes over the data to get within 1e-4 (relative) of the best loss: L-BFGS vs
              gradient descent vs Adam (a pass = one full evaluation; Adam's mini-batch
              evaluations count as their share of a pass).
+4. load      A store of 10,000 chunks of 20 pairs (d = 4): one pass with one task per chunk vs
+             chunks grouped per task (streamed and in cluster memory), beside the same
+             arithmetic in one process; and d = 1024 (8 MB partials): the tree reduction
+             of 64 partials, fan-in 8 vs all at once at the root (time, peak worker RSS), and
+             a real pass's peak worker RSS.
 
-Usage: python scripts/bench_train.py [--quick] [--only step|stream|converge] [--workdir DIR]
+Usage: python scripts/bench_train.py [--quick] [--only step|stream|converge|load]
+       [--workdir DIR]
 Figures are ratios measured in one run: this machine is shared, absolute seconds are noisy.
 """
 
@@ -36,12 +42,22 @@ from threadpoolctl import threadpool_limits
 
 from cosim_dask.cluster import WorkerMemorySampler
 from cosim_dask.ingest import generate_store
-from cosim_dask.kernel import chunk_partial
+from cosim_dask.kernel import Partial, chunk_partial
 from cosim_dask.metric import FullMetric
 from cosim_dask.objective import Objective
 from cosim_dask.solvers import get_solver
-from cosim_dask.step import DaskPairs, LocalPairs, persisted_pieces, read_slice, store_pieces
-from cosim_dask.store import open_store
+from cosim_dask.step import (
+    ChunkResult,
+    DaskPairs,
+    LocalPairs,
+    chunks_per_task,
+    persisted_pieces,
+    persisted_store_pieces,
+    read_slice,
+    store_pieces,
+    tree_reduce,
+)
+from cosim_dask.store import create_store, open_store
 from cosim_dask.synthetic import synthetic_pairs
 
 
@@ -221,10 +237,118 @@ def bench_converge(pairs: int) -> None:
               f"   (final loss {curve[-1][1]:.6g})")
 
 
+def bench_load(workdir: Path, n_chunks: int, repeats: int) -> None:
+    d, rows = 4, 20
+    path = workdir / f"tiny-{n_chunks}.zarr"
+    if not path.exists():
+        x, y, t, _ = synthetic_pairs(n_chunks * rows, d, rank=2, seed=7, targets="binary")
+        with create_store(path, d=d, chunk_rows=rows) as writer:
+            writer.append(x, y, t)  # one block: zarr writes the chunks in one call
+    store = open_store(path)
+    group = chunks_per_task(store.n_chunks, rows * (2 * d + 1) * 4, 8)
+    A = FullMetric().initial(d) + 0.1
+    print(f"\n== load: {store.n:,} pairs × d={d} in {store.n_chunks:,} chunks of {rows} rows; "
+          f"grouped: {group} chunks per task ({-(-store.n_chunks // group)} tasks)")
+    x, y, t = np.asarray(store.x), np.asarray(store.y), np.asarray(store.target)
+    with threadpool_limits(1):
+        local = median_time(lambda: [chunk_partial(x[s], y[s], t[s], A)
+                                     for s in store.chunk_slices()], repeats)
+    print(f"  numpy, 1 process, chunk by chunk  {local:7.2f} s")
+    c, client = cluster("4GiB")
+    try:
+        streamed = store_pieces(store.path, store.chunk_slices())
+        rows_out = {}
+        for label, pieces_of, cpt in (
+            ("stream, 1 task per chunk", lambda: streamed, 1),
+            ("stream, grouped", lambda: streamed, None),
+            ("memory, 1 task per chunk", lambda: persisted_store_pieces(
+                client, store.path, store.chunk_slices()), 1),
+            ("memory, grouped", lambda: persisted_store_pieces(
+                client, store.path, store.chunk_slices(), group), None),
+        ):
+            started = time.perf_counter()
+            pieces = pieces_of()
+            wait(list(pieces.held))
+            persist = time.perf_counter() - started
+            pairs = DaskPairs(client, pieces, FullMetric(), "mse", chunks_per_task=cpt)
+            rows_out[label] = step = median_time(lambda p=pairs: p(A), repeats)
+            extra = f"  (persist {persist:.1f} s)" if pieces.held else ""
+            # Overhead: the step beyond the same arithmetic spread over the 2 workers.
+            per_chunk = (step - local / 2) * 1e3 / store.n_chunks
+            print(f"  {label:32s} {step:7.2f} s/step  overhead {per_chunk:6.2f} ms/chunk"
+                  f"{extra}")
+            pieces = pairs = None  # free the persisted chunks before the next row
+        for mode in ("stream", "memory"):
+            print(f"  {mode}: 1 task per chunk / grouped = "
+                  f"{rows_out[f'{mode}, 1 task per chunk'] / rows_out[f'{mode}, grouped']:.1f}x")
+    finally:
+        client.close()
+        c.close()
+
+
+def _partial(i: int, d: int) -> ChunkResult:
+    grad = np.full((d, d), float(i))
+    return ChunkResult(Partial(loss=float(i), grad=grad, count=1), None)
+
+
+def _rss(client: Client) -> int:
+    return max(client.run(lambda: psutil.Process().memory_info().rss).values())
+
+
+def bench_reduce(repeats: int) -> None:
+    d, n = 1024, 64
+    print(f"\n== reduce: {n} partials of d={d} ({d * d * 8 / 2**20:.0f} MB each), "
+          "2 workers × 1 thread, a fresh cluster per row")
+    import dask
+
+    for k in (8, n):
+        c, client = cluster("4GiB")
+        try:
+            leaves = client.map(_partial, range(n), d=d, pure=False)
+            wait(leaves)
+            held = _rss(client)  # the leaves themselves: ~n/2 × 8 MB per worker
+
+            def reduce(k=k, leaves=leaves, client=client):
+                root = tree_reduce([dask.delayed(f) for f in leaves], k,
+                                   f"bench{k}-{time.perf_counter_ns()}")
+                return client.compute(root, sync=True)
+
+            with WorkerMemorySampler(client) as rss:
+                first = median_time(reduce, 1)  # the first pass allocates: its peak counts
+            took = median_time(reduce, repeats)
+            label = "tree, fan-in 8" if k == 8 else f"flat, fan-in {n} (root gets all)"
+            print(f"  {label:34s} {took * 1e3:7.1f} ms (first {first * 1e3:.0f} ms)  "
+                  f"peak worker RSS +{(rss.peak - held) / 2**20:4.0f} MiB over the "
+                  f"{held / 2**20:.0f} MiB holding the leaves")
+        finally:
+            client.close()
+            c.close()
+    # A real pass at d = 1024: 16 chunks of 512 pairs, streamed from a store.
+    c, client = cluster("4GiB")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "d1024.zarr"
+            generate_store(path, pairs=16 * 512, dim=d, rank=8, targets="binary", seed=2,
+                           chunk_rows=512)
+            store = open_store(path)
+            pairs = DaskPairs(client, store_pieces(store.path, store.chunk_slices()),
+                              FullMetric(), "mse")
+            A = np.eye(d)
+            idle = _rss(client)
+            with WorkerMemorySampler(client) as rss:
+                pairs(A)
+                took = median_time(lambda: pairs(A), repeats)
+            print(f"  a pass, {store.n_chunks} chunks of 512 pairs (d={d}): {took:.2f} s, peak "
+                  f"worker RSS {rss.peak / 2**20:.0f} MiB (idle {idle / 2**20:.0f} MiB)")
+    finally:
+        client.close()
+        c.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    parser.add_argument("--only", choices=("step", "stream", "converge"))
+    parser.add_argument("--only", choices=("step", "stream", "converge", "load"))
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to keep the generated stores (default: a temp dir)")
     args = parser.parse_args()
@@ -238,6 +362,9 @@ def main() -> None:
         bench_stream(workdir, 256 if q else 512, 1.2 if q else 4.2, 1 if q else 3)
     if args.only in (None, "converge"):
         bench_converge(50_000 if q else 200_000)
+    if args.only in (None, "load"):
+        bench_load(workdir, 2_000 if q else 10_000, 1 if q else 3)
+        bench_reduce(1 if q else 3)
     print(f"\nload average {os.getloadavg()}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""Helpers of the reliability tests: real Dask processes, file hashes, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_hash(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of ``path`` itself), by relative name."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)) if p != path else ".":
+            hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def leftovers(folder: str | os.PathLike) -> list[str]:
+    """Temporary, aside or lock files that a finished command must not leave behind."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if ".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".lock"))
+
+
+def one_line_error(stderr: str, *fragments: str) -> str:
+    """Exactly one ``error: `` line naming the problem, and no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def cosim_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "cosim_dask", *map(str, args)]
+
+
+@contextmanager
+def dask_processes(workers: int = 2, *, tls: dict | None = None, extra_env: dict | None = None
+                   ) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """A ``dask scheduler`` and ``workers`` ``dask worker`` subprocesses on loopback.
+
+    ``tls``: {"ca", "scheduler": (cert, key), "worker": (cert, key)} for a tls:// cluster.
+    Yields the address and the processes (scheduler first); all are killed on exit.
+    """
+    port = free_port()
+    scheme = "tls" if tls else "tcp"
+    address = f"{scheme}://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           **(extra_env or {})}
+    sched = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--dashboard-address", "127.0.0.1:0"]
+    work = [str(BIN / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
+            "--host", "127.0.0.1", "--no-dashboard"]
+    if tls:
+        sched += ["--protocol", "tls", "--tls-ca-file", tls["ca"],
+                  "--tls-cert", tls["scheduler"][0], "--tls-key", tls["scheduler"][1]]
+        work += ["--tls-ca-file", tls["ca"], "--tls-cert", tls["worker"][0],
+                 "--tls-key", tls["worker"][1]]
+    procs = [subprocess.Popen(sched, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(workers):
+            procs.append(subprocess.Popen(work, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        yield address, procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

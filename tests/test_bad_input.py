@@ -1,0 +1,270 @@
+"""Every bad input the CLI and the Python API handle, in one table.
+
+For each: the exit code (2 for the CLI), one ``error:`` line naming the problem and no
+traceback (``--debug`` shows one), and every file that existed before left as it was (all
+files of the stores, models and inputs involved are hashed before and after).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+import zarr
+from distributed import LocalCluster
+from faultkit import one_line_error, tree_hash
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+import cosim_dask
+from cosim_dask.cli import app
+from cosim_dask.errors import (
+    CosimError,
+    InvalidPairsError,
+    ShapeError,
+    StoreError,
+    UnknownNameError,
+)
+from cosim_dask.ingest import generate_store
+from cosim_dask.model import Model, save_model
+from cosim_dask.store import open_store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Stores, models and input files, some good and some bad, in one folder."""
+    w = tmp_path_factory.mktemp("bad-input")
+    generate_store(w / "store.zarr", pairs=2_000, dim=6, rank=2, targets="binary", seed=9,
+                   chunk_rows=1_000)
+    save_model(w / "model.zarr", Model(A=np.eye(6), attrs={"steps": 0}), overwrite=False)
+    save_model(w / "model-d3.zarr", Model(A=np.eye(3)), overwrite=False)
+    nan = zarr.open_group(w / "model-nan.zarr", mode="w")
+    nan.attrs.update({"format": "cosim-model", "format_version": 1, "d": 2})
+    nan.create_array("A", data=np.array([[1.0, np.nan], [np.nan, 1.0]]))
+    old = zarr.open_group(w / "model-v9.zarr", mode="w")
+    old.attrs.update({"format": "cosim-model", "format_version": 9, "d": 2})
+    future = zarr.open_group(w / "store-v9.zarr", mode="w")
+    future.attrs.update({"format": "cosim-pairs", "format_version": 9})
+    (w / "folder").mkdir()
+    (w / "folder" / "notes.txt").write_text("not a store\n")
+    (w / "not-a-model.bin").write_bytes(b"\x00garbage")
+    rng = np.random.default_rng(0)
+    np.save(w / "x.npy", rng.standard_normal((50, 6)).astype(np.float32))
+    np.save(w / "y.npy", rng.standard_normal((50, 6)).astype(np.float32))
+    np.save(w / "t.npy", np.sign(rng.standard_normal(50)).astype(np.float32))
+    np.save(w / "xint.npy", np.arange(300).reshape(50, 6))
+    np.save(w / "t40.npy", np.ones(40, dtype=np.float32))
+    (w / "x.txt").write_text("1,2,3\n")
+    (w / "tls.yaml").write_text("distributed: {comm: {tls: {client: {cert: a.pem}}}}\n")
+    return w
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster.scheduler_address
+
+
+S, M, OUT = "{w}/store.zarr", "{w}/model.zarr", "{w}/new.zarr"
+TRAIN = ["train", S, "--out", OUT]
+
+#: (id, argv with {w} for the folder and {sched} for a running scheduler, fragments)
+CLI_CASES = [
+    ("store-missing", ["train", "{w}/nope.zarr", "--out", OUT], ["nope.zarr", "does not exist"]),
+    ("store-is-a-folder", ["train", "{w}/folder", "--out", OUT], ["is not a cosim pair store"]),
+    ("store-is-a-model", ["train", M, "--out", OUT], ["is not a cosim pair store", "cosim-model"]),
+    ("store-newer-format", ["train", "{w}/store-v9.zarr", "--out", OUT], ["format version 9"]),
+    ("steps-negative", [*TRAIN, "--steps", "-1"], ["'--steps'", "greater than or equal to 0"]),
+    ("rank-above-d", [*TRAIN, "--rank", "7"], ["rank=7", "d=6"]),
+    ("rank-zero", [*TRAIN, "--rank", "0"], ["'--rank'"]),
+    ("lr-zero", [*TRAIN, "--lr", "0"], ["lr=0.0 must be > 0"]),
+    ("lr-negative", [*TRAIN, "--lr", "-0.5", "--solver", "gd"], ["lr=-0.5 must be > 0"]),
+    ("split-every-1", [*TRAIN, "--split-every", "1"], ["'--split-every'"]),
+    ("validation-1", [*TRAIN, "--validation", "1"], ["'--validation'"]),
+    ("validation-negative", [*TRAIN, "--validation", "-0.1"], ["'--validation'"]),
+    ("checkpoint-every-0", [*TRAIN, "--checkpoint-every", "0"], ["'--checkpoint-every'"]),
+    ("patience-0", [*TRAIN, "--patience", "0"], ["'--patience'"]),
+    ("steps-not-a-number", [*TRAIN, "--steps", "ten"], ["'--steps'", "integer"]),
+    ("unknown-loss", [*TRAIN, "--loss", "hinge"], ["'--loss'", "hinge"]),
+    ("unknown-option", [*TRAIN, "--learning-rate", "1"], ["--learning-rate"]),
+    ("workers-0", [*TRAIN, "--workers", "0"], ["'--workers'"]),
+    ("margin-for-mse", [*TRAIN, "--negative-target", "0", "--loss", "contrastive"],
+     ["does not take negative_target"]),
+    ("out-exists", ["train", S, "--out", M], ["already exists", "--overwrite"]),
+    ("out-folder-missing", ["train", S, "--out", "{w}/no/such/m.zarr"], ["does not exist"]),
+    ("resume-nothing", [*TRAIN, "--resume"], ["nothing to resume"]),
+    ("resume-and-overwrite", [*TRAIN, "--resume", "--overwrite"], ["contradict"]),
+    ("resume-not-a-checkpoint", ["train", S, "--out", M, "--resume"], ["no solver state"]),
+    ("security-missing", [*TRAIN, "--security", "{w}/none.yaml"], ["none.yaml", "not exist"]),
+    ("security-without-ca", [*TRAIN, "--security", "{w}/tls.yaml"], ["lacks the key 'ca-file'"]),
+    ("model-is-a-store", ["evaluate", S, S, "--scheduler", "{sched}"], ["is not a cosim model"]),
+    ("model-is-a-file", ["evaluate", "{w}/not-a-model.bin", S, "--scheduler", "{sched}"],
+     ["not-a-model.bin", "is not a cosim model"]),
+    ("model-missing", ["evaluate", "{w}/none.zarr", S, "--scheduler", "{sched}"],
+     ["does not exist"]),
+    ("model-nan", ["evaluate", "{w}/model-nan.zarr", S, "--scheduler", "{sched}"],
+     ["NaN or Inf"]),
+    ("model-newer-format", ["evaluate", "{w}/model-v9.zarr", S, "--scheduler", "{sched}"],
+     ["format version 9"]),
+    ("model-other-d", ["evaluate", "{w}/model-d3.zarr", S, "--scheduler", "{sched}"],
+     ["d=3", "d=6"]),
+    ("ingest-x-missing", ["ingest", "{w}/i.zarr", "--x", "{w}/none.npy", "--y", "{w}/y.npy",
+                          "--target", "{w}/t.npy"], ["none.npy", "does not exist"]),
+    ("ingest-x-integers", ["ingest", "{w}/i.zarr", "--x", "{w}/xint.npy", "--y", "{w}/y.npy",
+                           "--target", "{w}/t.npy"], ["xint.npy"]),
+    ("ingest-x-not-npy", ["ingest", "{w}/i.zarr", "--x", "{w}/x.txt", "--y", "{w}/y.npy",
+                          "--target", "{w}/t.npy"], ["not a readable .npy"]),
+    ("ingest-target-rows", ["ingest", "{w}/i.zarr", "--x", "{w}/x.npy", "--y", "{w}/y.npy",
+                            "--target", "{w}/t40.npy"], ["40"]),
+    ("ingest-both-inputs", ["ingest", "{w}/i.zarr", "--x", "{w}/x.npy", "--embeddings",
+                            "{w}/x.npy"], ["give either"]),
+    ("ingest-over-a-folder", ["ingest", "{w}/folder", "--x", "{w}/x.npy", "--y", "{w}/y.npy",
+                              "--target", "{w}/t.npy", "--overwrite"], ["refusing to replace"]),
+    ("generate-dim-0", ["generate", "{w}/g.zarr", "--pairs", "10", "--dim", "0"], ["dim=0"]),
+    ("generate-over-store", ["generate", S, "--pairs", "10", "--dim", "2"], ["already exists"]),
+    ("info-missing", ["info", "{w}/none.zarr"], ["does not exist"]),
+    ("info-validation-1.5", ["info", S, "--validation", "1.5"], ["1.5"]),
+]
+
+
+@pytest.mark.parametrize("argv,fragments", [c[1:] for c in CLI_CASES],
+                         ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input(world, scheduler, argv, fragments):
+    args = [a.format(w=world, sched=scheduler) for a in argv]
+    before = tree_hash(world)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    one_line_error(result.stderr, *fragments)
+    assert tree_hash(world) == before  # nothing that existed changed, nothing was added
+
+
+def test_debug_shows_the_traceback(world):
+    result = runner.invoke(app, ["--debug", "train", f"{world}/nope.zarr", "--out",
+                                 f"{world}/new.zarr"])
+    assert result.exit_code != 0
+    assert "does not exist" in str(result.exception)  # raised, not turned into one line
+
+
+def _pairs(b=5, d=4):
+    rng = np.random.default_rng(1)
+    return (rng.standard_normal((b, d)), rng.standard_normal((b, d)), rng.uniform(-1, 1, b))
+
+
+def _zero_row():
+    x, y, t = _pairs()
+    x[2] = 0.0
+    return x, y, t
+
+
+def _nan_row():
+    x, y, t = _pairs()
+    y[4, 1] = np.nan
+    return x, y, t
+
+
+x5, y5, t5 = _pairs()
+#: (id, function, arguments, error class, fragments)
+API_CASES = [
+    ("similarity-shapes", cosim_dask.pair_similarity, (x5, y5[:, :3]), ShapeError,
+     ["same shape"]),
+    ("similarity-1d", cosim_dask.pair_similarity, (x5[0], y5[0]), ShapeError, ["2-D"]),
+    ("similarity-A-shape", cosim_dask.pair_similarity, (x5, y5, np.eye(3)), ShapeError,
+     ["4 × 4"]),
+    ("similarity-strings", cosim_dask.pair_similarity, (x5.astype(str), y5), ShapeError,
+     ["real numbers"]),
+    ("similarity-zero-vector", cosim_dask.pair_similarity, _zero_row()[:2], InvalidPairsError,
+     ["first at row 2"]),
+    ("gradient-target-rows", cosim_dask.loss_and_gradient, (x5, y5, t5[:3], np.eye(4)),
+     ShapeError, ["target has 3"]),
+    ("gradient-unknown-loss", cosim_dask.loss_and_gradient, (x5, y5, t5, np.eye(4), "hinge"),
+     UnknownNameError, ["hinge", "mse"]),
+    ("partial-nan", cosim_dask.chunk_partial, (*_nan_row(), np.eye(4)), InvalidPairsError,
+     ["first at row 4"]),
+    ("partial-A-shape", cosim_dask.chunk_partial, (x5, y5, t5, np.eye(5)), ShapeError,
+     ["4 × 4"]),
+    ("partial-complex", cosim_dask.chunk_partial, (x5 * 1j, y5, t5, np.eye(4)), ShapeError,
+     ["real numbers"]),
+    ("unknown-solver", cosim_dask.get_solver, ("newton",), UnknownNameError, ["newton"]),
+]
+
+
+@pytest.mark.parametrize("fn,args,error,fragments", [c[1:] for c in API_CASES],
+                         ids=[c[0] for c in API_CASES])
+def test_api_bad_input(fn, args, error, fragments):
+    copies = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+    with pytest.raises(error) as info:
+        fn(*args)
+    assert isinstance(info.value, CosimError)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    for a, c in zip(args, copies, strict=True):  # inputs untouched
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_the_table_is_big_enough():
+    assert len(CLI_CASES) + len(API_CASES) >= 20
+
+
+# --- fuzz of the store reader: hand-damaged attributes and arrays -----------------------
+
+_junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.floats(allow_nan=True),
+                  st.text(max_size=4), st.lists(st.integers(0, 3), max_size=2))
+_attr_names = ("format", "format_version", "n", "d", "chunk_rows", "targets")
+_array_names = ("x", "y", "target", "hidden_metric")
+
+
+@st.composite
+def damaged_stores(draw):
+    attrs = {name: draw(_junk) for name in draw(st.sets(st.sampled_from(_attr_names)))}
+    arrays = {}
+    for name in draw(st.sets(st.sampled_from(_array_names), max_size=2)):
+        ndim = draw(st.integers(0, 3))
+        shape = tuple(draw(st.lists(st.integers(0, 6), min_size=ndim, max_size=ndim)))
+        dtype = draw(st.sampled_from(["float32", "float64", "int16", "bool", "uint8"]))
+        arrays[name] = (shape, dtype)
+    drop = draw(st.sets(st.sampled_from(("x", "y", "target")), max_size=1))
+    return attrs, arrays, drop
+
+
+@pytest.fixture(scope="module")
+def base_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "base.zarr"
+    generate_store(path, pairs=12, dim=3, rank=2, targets="graded", seed=1, chunk_rows=5)
+    return path
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(damaged_stores())
+def test_fuzz_open_store(base_store, tmp_path, damage):
+    """A damaged store opens consistently or fails with one StoreError line; never another
+    exception, never a PairStore whose arrays disagree with its attributes."""
+    attrs, arrays, drop = damage
+    path = tmp_path / f"s-{uuid.uuid4().hex[:8]}.zarr"
+    shutil.copytree(base_store, path)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs.update(attrs)
+    for name in drop:
+        del group[name]
+    for name, (shape, dtype) in arrays.items():
+        group.create_array(name, shape=shape, dtype=dtype, overwrite=True)
+    try:
+        store = open_store(path)
+    except StoreError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+    else:
+        assert store.x.shape == store.y.shape == (store.n, store.d)
+        assert store.target.shape == (store.n,)
+        assert store.x.dtype.kind == store.target.dtype.kind == "f"
+        assert store.hidden_metric is None or store.hidden_metric.shape == (store.d,) * 2
+    finally:
+        shutil.rmtree(path)

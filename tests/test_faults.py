@@ -1,0 +1,304 @@
+"""Faults on real clusters: a worker, the scheduler or the driver dying, damaged stores,
+concurrent runs and a full disk. (Driver SIGKILL then --resume: tests/test_train.py,
+test_resume_after_sigkill_equals_uninterrupted.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+from faultkit import (
+    cosim_cmd,
+    dask_processes,
+    leftovers,
+    one_line_error,
+    tree_hash,
+    wait_for,
+)
+from typer.testing import CliRunner
+
+from cosim_dask.atomic import output_lock
+from cosim_dask.cli import app
+from cosim_dask.driver import TrainConfig
+from cosim_dask.errors import CosimError
+from cosim_dask.ingest import generate_store
+from cosim_dask.model import load_model
+from cosim_dask.train import RunOptions, train_store
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "s.zarr"
+    generate_store(path, pairs=60_000, dim=16, rank=3, targets="binary", seed=3,
+                   chunk_rows=3_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "small.zarr"
+    generate_store(path, pairs=4_000, dim=8, rank=2, targets="graded", seed=4,
+                   chunk_rows=1_000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster_address():
+    """One LocalCluster the CLI joins with --scheduler (saves a start-up per command)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster.scheduler_address
+
+
+# --- 1. a worker SIGKILLed in the middle of a step --------------------------------------
+
+
+def _kill_a_busy_worker(monitor: Client, pids: dict[str, int]) -> float:
+    """SIGKILL a worker that is running a chunk task right now; the time of the kill."""
+    while True:
+        busy = [w for w, keys in monitor.processing().items()
+                if any(str(k).startswith("cosim-chunk-") for k in keys)]
+        if busy:
+            os.kill(pids[busy[0]], signal.SIGKILL)
+            return time.monotonic()
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers,cache", [(2, "stream"), (2, "memory"), (1, "stream")])
+def test_worker_sigkill_mid_step_gives_the_undisturbed_result(store, tmp_path, workers, cache):
+    """Chunks are recomputed from the store (lineage). With one worker the scattered
+    parameters die with it too (no lineage): the pass is sent again, same result."""
+    config = TrainConfig(steps=5, tol=0.0, gtol=0.0, validation=0.1)
+    options = RunOptions(cache=cache, checkpoint_every=None)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client, Client(cluster.scheduler_address) as monitor:
+        calm = train_store(str(store), str(tmp_path / "calm.zarr"), config, client=client,
+                           options=options, dashboard=False)
+        pids = monitor.run(os.getpid)
+        windows, second_step, outcome = [], threading.Event(), {}
+
+        def on_step(record):
+            now = time.monotonic()
+            windows.append((now - record["step_seconds"], now))
+            if record["step"] == 1:
+                second_step.set()
+
+        def train():
+            try:
+                outcome["result"] = train_store(
+                    str(store), str(tmp_path / "killed.zarr"), config, client=client,
+                    options=options, dashboard=False, on_step=on_step)
+            except BaseException as exc:  # reported below
+                outcome["error"] = exc
+            finally:
+                second_step.set()
+
+        thread = threading.Thread(target=train)
+        thread.start()
+        assert second_step.wait(120)
+        killed_at = _kill_a_busy_worker(monitor, pids)
+        thread.join(180)
+        assert "error" not in outcome, outcome.get("error")
+        # The kill landed inside a step, and the nanny brought a new worker process.
+        assert any(lo <= killed_at <= hi for lo, hi in windows[1:]), (killed_at, windows)
+        wait_for(lambda: len(monitor.run(os.getpid)) == workers, 60, "the restarted worker")
+        assert set(monitor.run(os.getpid).values()) != set(pids.values())
+    killed = outcome["result"]
+    np.testing.assert_array_equal(killed.model.A, calm.model.A)  # bitwise
+    assert [h["loss"] for h in killed.state.history] == [h["loss"] for h in calm.state.history]
+
+
+# --- 3. the scheduler lost mid-run -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_scheduler_lost_stops_with_resume_instructions(small_store, tmp_path):
+    out = tmp_path / "m.zarr"
+    args = ["--steps", 400, "--solver", "gd", "--tol", 0, "--checkpoint-every", 1]
+    with dask_processes(workers=2) as (address, procs):
+        proc = subprocess.Popen(cosim_cmd("train", small_store, "--out", out, *args,
+                                          "--scheduler", address),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: out.exists() and load_model(out).attrs["steps"] >= 3, 120,
+                     "three checkpoints")
+            procs[0].kill()  # the scheduler
+            killed_at = time.monotonic()
+            _, stderr = proc.communicate(timeout=90)
+            stopped_after = time.monotonic() - killed_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 2, stderr
+    assert stopped_after <= 60, stopped_after
+    line = one_line_error(stderr, "training stopped after step", "lost the Dask scheduler",
+                          "is intact", f"cosim train {small_store} --out {out} --resume")
+    saved = int(re.search(r"last checkpoint \(step (\d+)\)", line).group(1))
+    reached = int(re.search(r"after step (\d+)", line).group(1))
+    assert 3 <= saved <= reached
+    model = load_model(out, with_solver=True)  # loadable, and the step the message names
+    assert model.attrs["steps"] == saved and not model.attrs["complete"]
+    assert leftovers(tmp_path) == []
+    # The command it prints works (on a new cluster).
+    result = runner.invoke(app, ["train", str(small_store), "--out", str(out), "--resume",
+                                 *map(str, args[:1]), str(saved + 2), *map(str, args[2:]),
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_model(out).attrs["steps"] == saved + 2
+
+
+# --- 4. a damaged store: a clear error naming array and chunk, no NaN model ---------------
+
+
+def _damage(store: Path, tmp_path: Path, codec: str, array: str, how: str) -> Path:
+    broken = tmp_path / f"broken-{codec}.zarr"
+    if codec == "none":
+        shutil.copytree(store, broken)
+    else:
+        generate_store(broken, pairs=4_000, dim=8, rank=2, targets="graded", seed=4,
+                       chunk_rows=1_000, codec=codec)
+    key = "c/2/0" if array != "target" else "c/2"
+    chunk = broken / array / key
+    data = chunk.read_bytes()
+    if how == "missing":
+        chunk.unlink()
+    elif how == "truncated":
+        chunk.write_bytes(data[: len(data) // 2])
+    else:  # a corrupt header: the decoder itself fails
+        chunk.write_bytes(b"\xff" * 4 + data[4:])
+    return broken
+
+
+@pytest.mark.parametrize("codec,array,how,cache,fragment", [
+    ("none", "x", "truncated", "stream", "has 16000 bytes, expected 32000"),
+    ("none", "target", "missing", "stream", "is missing"),  # graded: zeros would be valid
+    ("none", "y", "missing", "memory", "is missing"),
+    ("lz4", "y", "truncated", "stream", "blosc header says"),  # blosc decodes it silently
+    ("lz4", "x", "corrupt", "memory", "cannot read chunk 2"),
+])
+def test_damaged_chunk_is_a_clear_error(small_store, tmp_path, cluster_address, codec, array,
+                                        how, cache, fragment):
+    broken = _damage(small_store, tmp_path, codec, array, how)
+    out = tmp_path / "model.zarr"
+    runner.invoke(app, ["train", str(small_store), "--out", str(out), "--steps", "2",
+                        "--scheduler", cluster_address])
+    before = tree_hash(out)
+    started = time.monotonic()
+    result = runner.invoke(app, ["train", str(broken), "--out", str(out), "--overwrite",
+                                 "--steps", "3", "--cache", cache,
+                                 "--scheduler", cluster_address])
+    assert result.exit_code == 2, result.output
+    one_line_error(result.stderr, "chunk 2", f"array {array!r}", fragment)
+    assert time.monotonic() - started < 60
+    assert tree_hash(out) == before  # the previous model untouched
+    assert leftovers(tmp_path) == []
+
+
+# --- 5. two runs writing the same --out ------------------------------------------------
+
+
+def test_lock_refuses_a_second_writer_and_takes_over_stale_locks(tmp_path):
+    out = tmp_path / "m.zarr"
+    lock = tmp_path / "m.zarr.lock"
+    with output_lock(out, what="model"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+        with pytest.raises(CosimError, match=r"being written by another cosim run \(pid "
+                           rf"{os.getpid()} on "), output_lock(out, what="model"):
+            pass
+        assert lock.exists()  # the refused one did not remove the holder's lock
+    assert not lock.exists()
+    # A lock left by a dead process on this host is taken over ...
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(f"{dead.pid} {os.uname().nodename}\n")
+    with output_lock(out, what="model"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+    assert not lock.exists()
+    # ... but not one held on another host, whose processes we cannot see.
+    lock.write_text(f"{dead.pid} some-other-host\n")
+    with pytest.raises(CosimError, match="some-other-host"), output_lock(out, what="model"):
+        pass
+    assert lock.exists()
+    # Released on errors too.
+    lock.unlink()
+    with pytest.raises(RuntimeError), output_lock(out, what="model"):
+        raise RuntimeError("boom")
+    assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_second_train_on_the_same_out_is_refused(small_store, tmp_path, cluster_address):
+    out = tmp_path / "m.zarr"
+    first = subprocess.Popen(cosim_cmd("train", small_store, "--out", out, "--steps", 60,
+                                       "--solver", "gd", "--tol", 0, "--checkpoint-every", 1,
+                                       "--scheduler", cluster_address),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: out.exists(), 120, "the first run's checkpoint")
+        during = tree_hash(out)
+        result = runner.invoke(app, ["train", str(small_store), "--out", str(out),
+                                     "--overwrite", "--steps", "1",
+                                     "--scheduler", cluster_address])
+        assert result.exit_code == 2
+        one_line_error(result.stderr, "being written by another cosim run",
+                       f"pid {first.pid}", "m.zarr.lock")
+        _, stderr = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    model = load_model(out)
+    assert model.attrs["complete"] and model.attrs["steps"] == 60
+    assert during  # the refused run wrote nothing in between: the model is the first run's
+    assert leftovers(tmp_path) == []  # lock released at the end
+    # An error releases the lock too.
+    result = runner.invoke(app, ["train", str(small_store), "--out", str(out), "--resume",
+                                 "--loss", "contrastive", "--scheduler", cluster_address])
+    assert result.exit_code == 2
+    assert leftovers(tmp_path) == []
+
+
+# --- 6. disk full while writing a model or checkpoint -----------------------------------
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 1000])  # a checkpoint / the final model
+def test_disk_full_keeps_the_previous_model(tmp_path, cluster_address, checkpoint_every):
+    store = tmp_path / "d64.zarr"
+    generate_store(store, pairs=2_000, dim=64, rank=4, targets="binary", seed=5,
+                   chunk_rows=1_000)
+    out = tmp_path / "m.zarr"
+    runner.invoke(app, ["train", str(store), "--out", str(out), "--steps", "1",
+                        "--scheduler", cluster_address])
+    before = tree_hash(out)
+    # Only the driver is limited: A (64 x 64 float64) is 32 KiB, above 16 KiB.
+    proc = subprocess.run(
+        cosim_cmd("train", store, "--out", out, "--overwrite", "--steps", 2,
+                  "--checkpoint-every", checkpoint_every, "--scheduler", cluster_address),
+        capture_output=True, text=True, timeout=120, preexec_fn=_file_size_limit(16 * 1024))
+    assert proc.returncode == 2, proc.stderr
+    one_line_error(proc.stderr, f"cannot write model {str(out)!r}", "File too large",
+                   f"the previous {str(out)!r} is intact")
+    assert tree_hash(out) == before
+    assert leftovers(tmp_path) == []
+    load_model(out)
