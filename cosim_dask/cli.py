@@ -8,6 +8,7 @@ traceback instead.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -378,6 +379,10 @@ def _cluster(scheduler, workers, threads, memory_limit, dashboard_address, secur
     config = ClusterConfig(scheduler=scheduler, workers=workers, threads_per_worker=threads,
                            memory_limit=memory_limit, dashboard_address=dashboard_address,
                            security=security)
+    if not _state["debug"]:
+        # When the scheduler goes away, distributed's client logs each failed reconnect with
+        # a traceback; our own one-line error says what happened and how to resume.
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
     client, cluster = run(lambda: connect(config))
     try:
         yield client
