@@ -7,7 +7,6 @@ identity and returns histogram statistics per split; the tree reduction adds the
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ from distributed import Client
 
 from .losses import Loss, get_loss
 from .scores import ScoreStats
-from .step import Pieces, StoreSlice, read_slice, score_rows, tree_reduce
+from .step import Pieces, StoreSlice, read_slice, run_pass, score_rows, tree_reduce
 from .store import validation_mask
 
 SPLITS = ("train", "validation", "all")
@@ -69,16 +68,14 @@ def score_pieces(
     import dask
 
     spec = EvalSpec(get_loss(loss), validation, seed, splits, joint)
-    token = uuid.uuid4().hex[:12]
-    ref = client.scatter(np.asarray(A, dtype=np.float64), broadcast=True, hash=False)
-    leaves = [dask.delayed(eval_task)(p, ref, spec, i, dask_key_name=f"cosim-eval-{token}-{i}")
-              for i, p in enumerate(pieces.items)]
-    future = client.compute(tree_reduce(leaves, split_every, token, combine=_add_dicts))
-    try:
-        return future.result()
-    finally:
-        future.release()
-        ref.release()
+
+    def root(ref, token: str):
+        leaves = [dask.delayed(eval_task)(p, ref, spec, i,
+                                          dask_key_name=f"cosim-eval-{token}-{i}")
+                  for i, p in enumerate(pieces.items)]
+        return tree_reduce(leaves, split_every, token, combine=_add_dicts)
+
+    return run_pass(client, np.asarray(A, dtype=np.float64), root)
 
 
 def summarize(stats: dict[str, ScoreStats], split: str, *, binary: bool,

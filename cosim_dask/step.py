@@ -395,46 +395,16 @@ class DaskPairs:
                 for j in range(0, len(chunks), group)]
 
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
-        """One pass; repeated when a lost worker took the scattered parameters with it
-        (scattered data has no lineage), a :class:`ClusterError` when the scheduler is gone."""
+        """One pass over ``chunks`` (see :func:`run_pass` for what survives what)."""
         chunks = list(chunks)
         # Mini-batches sample scattered chunks: group only full, consecutive passes.
         group = self.group_size(params) if chunks == list(range(self.n_chunks)) else 1
-        for attempt in range(1, PASS_ATTEMPTS + 1):
-            token = uuid.uuid4().hex[:12]
-            ref = future = None
-            try:
-                ref = self._params_ref(params)
-                root = tree_reduce(self._leaves(ref, spec, chunks, token, group),
-                                   self.split_every, token)
-                future = self.client.compute(root)
-                return wait_result(self.client, future)
-            except CancelledError:
-                if scheduler_lost(self.client):
-                    raise lost_scheduler_error(self.client) from None
-                if attempt == PASS_ATTEMPTS:
-                    raise ClusterError(f"a pass was cancelled {attempt} times in a row: workers "
-                                       "keep dying, or the work was cancelled") from None
-                logger.warning("a pass was cancelled (a worker holding the parameters died); "
-                               "sending them again and repeating the pass (%d/%d)",
-                               attempt + 1, PASS_ATTEMPTS)
-            except OSError:
-                if scheduler_lost(self.client):
-                    raise lost_scheduler_error(self.client) from None
-                raise
-            except Exception as exc:
-                if type(exc).__name__ == "KilledWorker":
-                    raise ClusterError(
-                        f"workers died again and again running a chunk task "
-                        f"({str(exc).splitlines()[0]}); they may be running out of memory: "
-                        "use smaller chunks or a larger --memory-limit") from None
-                raise
-            finally:
-                if not scheduler_lost(self.client):
-                    for held in (future, ref):
-                        if hasattr(held, "release"):
-                            held.release()
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        def root(ref, token: str):
+            return tree_reduce(self._leaves(ref, spec, chunks, token, group),
+                               self.split_every, token)
+
+        return run_pass(self.client, params, root, send=self._params_ref)
 
     def __call__(self, params: np.ndarray, batch: int | None = None) -> Partial:
         full = batch is None or self.batch_chunks is None
@@ -463,6 +433,49 @@ def lost_scheduler_error(client: Client) -> ClusterError:
     return ClusterError(f"lost the Dask scheduler at {client.scheduler.address!r} "
                         f"(client {client.status})")
 
+
+
+def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callable | None = None):
+    """Compute ``root(ref, token)``, a reduction over tasks that use the parameters ``ref``.
+
+    The parameters are scattered to every worker (``send`` may choose otherwise). The pass is
+    repeated when a lost worker took them along (scattered data has no lineage), and a lost
+    scheduler becomes a :class:`ClusterError` instead of a hang.
+    """
+    send = send or (lambda p: client.scatter(p, broadcast=True, hash=False))
+    for attempt in range(1, PASS_ATTEMPTS + 1):
+        token = uuid.uuid4().hex[:12]
+        ref = future = None
+        try:
+            ref = send(params)
+            future = client.compute(root(ref, token))
+            return wait_result(client, future)
+        except CancelledError:
+            if scheduler_lost(client):
+                raise lost_scheduler_error(client) from None
+            if attempt == PASS_ATTEMPTS:
+                raise ClusterError(f"a pass was cancelled {attempt} times in a row: workers "
+                                   "keep dying, or the work was cancelled") from None
+            logger.warning("a pass was cancelled (a worker holding the parameters died); "
+                           "sending them again and repeating the pass (%d/%d)",
+                           attempt + 1, PASS_ATTEMPTS)
+        except OSError:
+            if scheduler_lost(client):
+                raise lost_scheduler_error(client) from None
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "KilledWorker":
+                raise ClusterError(
+                    f"workers died again and again running a chunk task "
+                    f"({str(exc).splitlines()[0]}); they may be running out of memory: "
+                    "use smaller chunks or a larger --memory-limit") from None
+            raise
+        finally:
+            if not scheduler_lost(client):
+                for held in (future, ref):
+                    if hasattr(held, "release"):
+                        held.release()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 def wait_result(client: Client, future, poll: float = WATCH_SECONDS):
     """``future.result()`` that gives up when the scheduler is gone: a future submitted
