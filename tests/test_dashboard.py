@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -31,19 +29,6 @@ from cosim_dask.dashboard import (
     new_run_id,
 )
 from cosim_dask.errors import ClusterError, CosimError
-
-CHROMIUM = "/usr/bin/chromium"
-# The flags this machine needs: no sandbox as root, and no background traffic to a closed network.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def get_json(url: str) -> Any:
@@ -261,21 +246,6 @@ def test_external_scheduler_without_cosim_falls_back_to_driver(scheduler_without
 # -------------------------------------------------------------------- in a real browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    if executable is None:
-        # Fail, not skip: CI installs Chromium, so its absence is a broken setup.
-        pytest.fail(
-            f"Chromium is not installed at {CHROMIUM}: the browser tests need Debian's "
-            "chromium package (apt-get install -y chromium; .ci/run installs it)."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def publish_in_background(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import sys
 from html.parser import HTMLParser
@@ -23,18 +22,6 @@ from cosim_dask.model import Model, load_model, save_model
 from cosim_dask.report import PNG_NAMES, effective_rank, write_report
 
 runner = CliRunner()
-CHROMIUM = "/usr/bin/chromium"
-# As in tests/test_dashboard.py: no sandbox as root, no background traffic to a closed network.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 TITLES = {
     "loss": ("Loss per step", "step", "loss"),
     "val_auc": ("Validation ROC AUC per step", "step", "ROC AUC"),
@@ -286,21 +273,6 @@ def test_without_matplotlib_the_page_says_so(trained, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------ in a real browser
 
 
-@pytest.fixture(scope="module")
-def browser():
-    executable = CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium")
-    if executable is None:
-        # Fail, not skip: CI installs Chromium, so its absence is a broken setup.
-        pytest.fail(
-            f"Chromium is not installed at {CHROMIUM}: the browser tests need Debian's "
-            "chromium package (apt-get install -y chromium; .ci/run installs it)."
-        )
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.slow
