@@ -555,7 +555,10 @@ def evaluate(
 ) -> None:
     """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
     from .evaluate import evaluate_model
+    from .model import load_model
+    from .store import open_store
 
+    run(lambda: (load_model(model), open_store(store)))  # bad paths fail before start-up
     with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
                   security) as client:
         report = run(lambda: evaluate_model(str(model), store, client=client, split=split.value))
