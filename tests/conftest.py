@@ -54,3 +54,19 @@ def browser():
         b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(autouse=True)
+def _local_dask_scheduler_by_default():
+    """Plain ``dask.compute`` in a test runs on threads unless the test makes a Client.
+
+    Our code always computes through an explicit client; this keeps a client closed by an
+    earlier module (a module-scoped fixture torn down after other clients came and went)
+    from being left as dask's global default, where the next module's plain compute would
+    hang or fail with "no Client active". A Client made inside the test still sets itself
+    as the default within it.
+    """
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        yield
