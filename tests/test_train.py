@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
+from faultkit import dask_processes, free_port, one_line_error
 from typer.testing import CliRunner
 
 from cosim_dask.cli import app
@@ -137,29 +137,9 @@ def test_resume_after_sigkill_equals_uninterrupted(binary_store, tmp_path):
     np.testing.assert_array_equal(load_model(whole).A, load_model(killed).A)
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_train_through_external_scheduler_and_workers(binary_store, tmp_path):
-    port = _port()
-    address = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent
-    procs = [subprocess.Popen(
-        [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--dashboard-address", "127.0.0.1:0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    try:
-        for _ in range(2):
-            procs.append(subprocess.Popen(
-                [str(bindir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                 "--host", "127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    with dask_processes(workers=2) as (address, _):
         from distributed import Client
 
         with Client(address, timeout=30) as c:
@@ -173,11 +153,6 @@ def test_train_through_external_scheduler_and_workers(binary_store, tmp_path):
                                      "--steps", "5"], env={"DASK_SCHEDULER_ADDRESS": address})
         assert result.exit_code == 0, result.output
         np.testing.assert_array_equal(load_model(out).A, load_model(out2).A)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
 
 
 # --- bad input: one line, exit 2, nothing good overwritten ------------------------------
@@ -186,11 +161,7 @@ def test_train_through_external_scheduler_and_workers(binary_store, tmp_path):
 def _one_line_error(result, *fragments):
     """Exit 2, exactly one error line naming the problem, no traceback."""
     assert result.exit_code == 2, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    one_line_error(result.stderr, *fragments)
 
 
 def test_existing_out_needs_overwrite(trained, binary_store):
@@ -229,7 +200,7 @@ def test_resume_needs_a_checkpoint_and_the_same_settings(binary_store, tmp_path)
 def test_unreachable_scheduler_fails_fast(binary_store, tmp_path):
     started = time.monotonic()
     result = runner.invoke(app, ["train", str(binary_store), "--out", str(tmp_path / "m"),
-                                 "--scheduler", f"tcp://127.0.0.1:{_port()}"])
+                                 "--scheduler", f"tcp://127.0.0.1:{free_port()}"])
     _one_line_error(result, "cannot reach the Dask scheduler")
     assert time.monotonic() - started < 30
 
