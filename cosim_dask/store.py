@@ -289,10 +289,14 @@ class PairStoreWriter:
         self.write_rows = chunk_rows * (shard_chunks or 1)
         opts: dict[str, Any] = dict(CODECS[codec])
         shards = None if not shard_chunks else (self.write_rows,)
+        # write_empty_chunks: zarr would skip a chunk that is all zeros (an all-zero target
+        # chunk, zero-padded vectors), and the readers' chunk-file check
+        # (step.check_chunk_files) would then report it as missing.
         self.arrays = {
             name: group.create_array(
                 name, shape=(0, *tail), chunks=(chunk_rows, *tail), dtype="float32",
-                fill_value=0.0, shards=None if shards is None else shards + tail, **opts)
+                fill_value=0.0, shards=None if shards is None else shards + tail,
+                config={"write_empty_chunks": True}, **opts)
             for name, tail in (("x", (d,)), ("y", (d,)), ("target", ()))
         }
         self.n = 0
