@@ -72,6 +72,22 @@ def _one_line_usage_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from None
 
 
+class _Command(typer.core.TyperCommand):
+    """Positionals in the usage line as their metavar, ``cosim info [OPTIONS] STORE``, the
+    way click writes them (recent typer writes a required one in braces, ``{STORE}``)."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not isinstance(param, typer.core.TyperArgument):
+                pieces.extend(param.get_usage_pieces(ctx))
+                continue
+            name = param.metavar or param.name.upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name if param.nargs == 1 else f"{name}...")
+        return pieces
+
+
 app = typer.Typer(
     name="cosim",
     help="Learn a cosine-similarity metric from labelled pairs of vectors, at any scale.",
@@ -109,18 +125,24 @@ def _root(
     _state["debug"] = debug
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the installed cosim-dask version."""
     typer.echo(__version__)
 
 
-@app.command()
+#: Every positional has an upper-case metavar (MODEL, STORE, IN, OUT), the name its help
+#: text and the other options' help refer to.
+_Model = Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by `cosim train`.")]
+
+
+@app.command(cls=_Command)
 def transform(
-    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    model: _Model,
     src: Annotated[Path, typer.Argument(
         metavar="IN", help="A .npy array (n, d) of vectors, or a pair store.")],
     out: Annotated[Path, typer.Argument(
+        metavar="OUT",
         help="The .npy file (n, k) to write L·x to, or a new pair store for a store IN.")],
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace OUT if it exists.")
@@ -193,9 +215,10 @@ def _report_line(report: IngestReport, verb: str) -> str:
     return line
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
-    store: Annotated[str, typer.Argument(help="Pair store to create (directory or URL).")],
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="Pair store to create (directory or URL).")],
     pairs: Annotated[int, typer.Option("--pairs", help="Number of pairs.")],
     dim: Annotated[int, typer.Option("--dim", help="Vector dimension d.")],
     rank: Annotated[int | None, typer.Option(help="Rank of the hidden metric A* "
@@ -219,9 +242,10 @@ def generate(
     typer.echo(_report_line(report, "generated"))
 
 
-@app.command()
+@app.command(cls=_Command)
 def ingest(
-    store: Annotated[str, typer.Argument(help="Pair store to create (directory or URL).")],
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="Pair store to create (directory or URL).")],
     x: Annotated[Path | None, typer.Option("--x", help="x vectors, (n, d) .npy.")] = None,
     y: Annotated[Path | None, typer.Option("--y", help="y vectors, (n, d) .npy.")] = None,
     target: Annotated[Path | None, typer.Option("--target", help="Targets, (n,) .npy.")
@@ -271,9 +295,9 @@ def ingest(
     typer.echo(_report_line(run(body), "ingested"))
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
-    store: Annotated[str, typer.Argument(help="Pair store (directory or URL).")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="Pair store (directory or URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     validation: Annotated[float | None, typer.Option(
         help="Also show the train/validation split this fraction gives.")] = None,
@@ -404,9 +428,10 @@ def _fmt(value, spec: str = ".5g") -> str:
     return "—" if value is None else format(value, spec)
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
-    store: Annotated[str, typer.Argument(help="The pair store to learn from.")],
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="The pair store to learn from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
     loss: Annotated[LossName, typer.Option(help="Loss on the similarities.")] = LossName.mse,
     negative_target: Annotated[float | None, typer.Option(
@@ -538,10 +563,10 @@ class Split(StrEnum):
     all = "all"
 
 
-@app.command()
+@app.command(cls=_Command)
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
-    store: Annotated[str, typer.Argument(help="A pair store to evaluate on.")],
+    model: _Model,
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A pair store to evaluate on.")],
     split: Annotated[Split, typer.Option(
         help="Rows to use: auto = the validation rows when STORE is the training store, "
              "else all rows.")] = Split.auto,
@@ -573,9 +598,9 @@ def evaluate(
 # Training report (issue 5, afterwards). Thin: parse, call cosim_dask.report inside run().
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
-    model: Annotated[Path, typer.Argument(help="A model written by `cosim train`.")],
+    model: _Model,
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write.")
                    ] = Path("report.html"),
     overwrite: Annotated[bool, typer.Option(
