@@ -459,15 +459,17 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split, sampling and start.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(
         min=1, help="Write a checkpoint every N steps.")] = 10,
-    resume: Annotated[bool, typer.Option(help="Continue the run checkpointed in --out.")
-                      ] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run checkpointed in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing --out.")] = False,
     split_every: Annotated[int | None, typer.Option(
         min=2, help="Fan-in of the tree reduction.")] = None,
     cache: Annotated[CacheMode, typer.Option(
         help="memory: keep the data in cluster memory; stream: read it each step; auto: "
              "memory when it fits in half the cluster.")] = CacheMode.auto,
     skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid",
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
     run_id: Annotated[str | None, typer.Option(
         help="Name of this run on the live dashboard (default: date-time-random).")] = None,

@@ -43,3 +43,18 @@ def test_help_names_positionals_in_upper_case(command):
     for name in names:  # the Arguments panel: "│ *    STORE      <str>  The pair store ..."
         assert [name] in [row[:1] for row in rows], result.stdout
 
+
+@pytest.mark.parametrize("command", sorted(POSITIONALS))
+def test_on_off_options_are_single_flags(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--no-" not in result.stdout
+
+
+def test_negative_flag_forms_are_gone():
+    for flag in ("--resume", "--overwrite", "--skip-invalid"):
+        assert flag in runner.invoke(app, ["train", "--help"]).stdout
+        result = runner.invoke(app, ["train", "s.zarr", "--out", "m.zarr",
+                                     flag.replace("--", "--no-")])
+        assert result.exit_code == 2
+        assert result.stderr.startswith(f"error: No such option: {flag.replace('--', '--no-')}")
