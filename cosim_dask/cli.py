@@ -494,8 +494,8 @@ def train(
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
-    run(lambda: check_request(store, str(out), config, options, overwrite=overwrite,
-                              resume=resume))
+    _, checkpoint = run(lambda: check_request(store, str(out), config, options,
+                                              overwrite=overwrite, resume=resume))
     console = Console(stderr=True)
     with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
                   security) as client:
@@ -531,7 +531,8 @@ def train(
         with progress:
             result = run(lambda: train_store(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
-                resume=resume, on_step=on_step, on_start=on_start, run_id=run_id))
+                resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
+                run_id=run_id))
     attrs = result.model.attrs
     console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")

@@ -99,6 +99,32 @@ def make_pieces(client: Client, store: PairStore, cache: str,
     return store_pieces(store.path, store.chunk_slices())
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model file read to resume from, and the identity of the directory it was read from.
+
+    The model writer renames a new directory into place, so a checkpoint rewritten since it
+    was read (by another run, between the early checks and the output lock) has another
+    identity and is read again.
+    """
+
+    model: Model
+    identity: tuple[int, int, int]
+
+    @classmethod
+    def read(cls, out: str) -> Checkpoint:
+        identity = _identity(out)  # before reading: a rewrite meanwhile reads as a change
+        return cls(load_model(out, with_solver=True), identity)
+
+    def is_current(self, out: str) -> bool:
+        return Path(out).exists() and _identity(out) == self.identity
+
+
+def _identity(path: str) -> tuple[int, int, int]:
+    st = Path(path).stat()
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
 def train_store(
     store_path: str,
     out: str,
@@ -108,6 +134,7 @@ def train_store(
     options: RunOptions | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    checkpoint: Checkpoint | None = None,
     on_step: StepCallback | None = None,
     on_start: Callable[[dict[str, Any]], None] | None = None,
     dashboard: bool = True,
@@ -117,22 +144,27 @@ def train_store(
 
     With ``resume``, continue the run checkpointed in ``out`` (same settings required; the
     number of steps may grow) and reach the same result as an uninterrupted run.
+    ``checkpoint``, the one :func:`check_request` read, is used instead of reading ``out``
+    again, unless ``out`` has been rewritten since.
 
     ``out + ".lock"`` is held for the whole run: a second run writing ``out`` is refused.
     """
     with output_lock(out, what="model"):
         return _train_store(store_path, out, config, client=client, options=options,
-                            overwrite=overwrite, resume=resume, on_step=on_step,
-                            on_start=on_start, dashboard=dashboard, run_id=run_id)
+                            overwrite=overwrite, resume=resume, checkpoint=checkpoint,
+                            on_step=on_step, on_start=on_start, dashboard=dashboard,
+                            run_id=run_id)
 
 
-def _train_store(store_path, out, config, *, client, options, overwrite, resume, on_step,
-                 on_start, dashboard, run_id) -> TrainResult:
+def _train_store(store_path, out, config, *, client, options, overwrite, resume, checkpoint,
+                 on_step, on_start, dashboard, run_id) -> TrainResult:
     options = options or RunOptions()
-    store = check_request(store_path, out, config, options, overwrite=overwrite, resume=resume)
+    # Checked again under the lock: another run may have written ``out`` meanwhile.
+    store, checkpoint = check_request(store_path, out, config, options, overwrite=overwrite,
+                                      resume=resume, checkpoint=checkpoint)
     form = config.make_parameterisation()
     solver = config.make_solver()
-    state = _restore(out, config, store, solver) if resume else None
+    state = _restore(checkpoint.model, solver) if resume else None
 
     binary = store.targets == "binary"
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
@@ -224,8 +256,14 @@ def check_request(
     *,
     overwrite: bool = False,
     resume: bool = False,
-) -> PairStore:
-    """Every check that needs no cluster, so bad input fails in a second, before start-up."""
+    checkpoint: Checkpoint | None = None,
+) -> tuple[PairStore, Checkpoint | None]:
+    """Every check that needs no cluster, so bad input fails in a second, before start-up.
+
+    Returns the opened store and, with ``resume``, the checkpoint read from ``out`` and
+    checked against ``config`` and the store (``checkpoint`` if given and ``out`` has not
+    been rewritten since it was read); pass it on to :func:`train_store`.
+    """
     config.check()
     options.check()
     if resume and overwrite:
@@ -244,13 +282,16 @@ def check_request(
         raise CosimError(
             f"--negative-target applies to binary targets; {store_path!r} has graded targets"
         )
-    if resume:
-        _restore(out, config, store, config.make_solver())
-    return store
+    if not resume:
+        return store, None
+    if checkpoint is None or not checkpoint.is_current(out):
+        checkpoint = Checkpoint.read(out)
+    _check_checkpoint(checkpoint.model, out, config, store)
+    _restore(checkpoint.model, config.make_solver())  # its solver state must load too
+    return store, checkpoint
 
 
-def _restore(out: str, config: TrainConfig, store: PairStore, solver) -> TrainState:
-    model = load_model(out, with_solver=True)
+def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairStore) -> None:
     if model.solver_state is None:
         raise TrainingError(f"{out!r} holds no solver state to resume from")
     if model.attrs.get("settings_key") != config.key():
@@ -267,6 +308,10 @@ def _restore(out: str, config: TrainConfig, store: PairStore, solver) -> TrainSt
             f"cannot resume {out!r}: it was trained on another store "
             f"({model.attrs.get('store_path')!r}); use that store or --overwrite"
         )
+
+
+def _restore(model: Model, solver) -> TrainState:
+    """Put a checked checkpoint's solver state into ``solver``; the loop state to go on from."""
     solver.restore(model.solver_state)
     return state_from_attrs({**model.attrs["train_state"], "history": model.attrs["history"]})
 

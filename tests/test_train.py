@@ -103,16 +103,53 @@ def test_factor_form_and_stream_equals_memory(binary_store, tmp_path):
     np.testing.assert_array_equal(models["memory"].A, models["stream"].A)
 
 
-def test_resume_equals_uninterrupted(binary_store, tmp_path):
+def counting_model_reads(monkeypatch) -> list:
+    """Count the model files cosim_dask.train reads (paths, in order)."""
+    from cosim_dask import train
+
+    reads, original = [], train.load_model
+
+    def load_model_counted(path, **kw):
+        reads.append(str(path))
+        return original(path, **kw)
+
+    monkeypatch.setattr(train, "load_model", load_model_counted)
+    return reads
+
+
+def test_resume_equals_uninterrupted(binary_store, tmp_path, monkeypatch):
     whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
     common = ["--steps", 8, "--checkpoint-every", 2, *CLUSTER]
     cosim("train", binary_store, "--out", whole, *common)
     cosim("train", binary_store, "--out", part, *common[:1], 3, *common[2:])
     assert load_model(part).attrs["steps"] == 3
+    reads = counting_model_reads(monkeypatch)
     cosim("train", binary_store, "--out", part, "--resume", *common)
+    assert reads == [str(part)]  # read once: checked before start-up, then resumed from
     a, b = load_model(whole), load_model(part)
     np.testing.assert_array_equal(a.A, b.A)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+
+
+def test_checkpoint_rewritten_after_the_checks_is_read_again(trained, binary_store, tmp_path,
+                                                            monkeypatch):
+    import shutil
+
+    from cosim_dask.driver import TrainConfig
+    from cosim_dask.model import save_model
+    from cosim_dask.train import RunOptions, check_request
+
+    out = tmp_path / "m.zarr"
+    shutil.copytree(trained[0], out)
+    config = TrainConfig(**load_model(out).attrs["settings"])
+    reads = counting_model_reads(monkeypatch)
+    args = (str(binary_store), str(out), config, RunOptions())
+    _, checkpoint = check_request(*args, resume=True)
+    assert check_request(*args, resume=True, checkpoint=checkpoint)[1] is checkpoint
+    assert len(reads) == 1
+    save_model(out, checkpoint.model, overwrite=True)  # as another run would, meanwhile
+    _, again = check_request(*args, resume=True, checkpoint=checkpoint)
+    assert again is not checkpoint and len(reads) == 2
 
 
 @pytest.mark.slow
