@@ -23,6 +23,7 @@ tied off-diagonal A_ij = A_ji) is G_ii on the diagonal and 2 G_ij off it: see
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,9 @@ from .losses import Loss, get_loss
 #: fast (within noise); 512 loses to per-block Python overhead and to SYRK's d × d output per
 #: block, 8,192 to cache misses. Smaller blocks also keep the float32 SYRK sums accurate.
 DEFAULT_BLOCK_ROWS = 2048
+
+#: Per-thread work buffers of the block loops (see :func:`_work_buffers`).
+_scratch = threading.local()
 
 
 @dataclass
@@ -177,16 +181,32 @@ def _products(
 
 
 def _work_buffers(n_rows: int, block_rows: int, shapes: list[tuple[int, int]], dtype):
-    """C-contiguous work buffers of (factor · rows, cols) for each (factor, cols), allocated
-    once per call; a block of r rows uses the first factor · r rows of each (still contiguous,
-    so BLAS and SYRK apply to the short last block too).
+    """C-contiguous work buffers of (factor · rows, cols) for each (factor, cols); a block of
+    r rows uses the first factor · r rows of each (still contiguous, so BLAS and SYRK apply to
+    the short last block too).
 
-    Allocating a block's products and rows afresh in every block costs as much as the
-    arithmetic at d ≤ 128: large NumPy temporaries come from mmap, so each is page-faulted in
-    and zeroed, and it pushes the block out of L2.
+    The buffers are kept per thread and reused from call to call. A fresh buffer comes from
+    mmap, so it is page-faulted in and zeroed on every call: at d = 128 that is about a
+    thousand faults per 32k-pair chunk, and Dask's workers (MALLOC_TRIM_THRESHOLD_ set by
+    the nanny, which fixes glibc's mmap threshold at 128 kB) fault on every block-sized
+    temporary as well. Measured: 1,090–1,500 faults and 5–25% of a chunk's time.
     """
     rows = max(1, min(block_rows, n_rows))
-    return [np.empty((factor * rows, cols), dtype=dtype) for factor, cols in shapes]
+    return [_scratch_array(("rows", len(shapes), slot), (factor * rows, cols), dtype,
+                           reserve=factor * max(rows, block_rows))
+            for slot, (factor, cols) in enumerate(shapes)]
+
+
+def _scratch_array(key: tuple, shape: tuple[int, int], dtype, reserve: int = 0) -> np.ndarray:
+    """This thread's buffer for ``key``, at least ``shape`` (rows reserved up to
+    ``reserve``), as a C-contiguous view of exactly ``shape``."""
+    dtype = np.dtype(dtype)
+    cache = _scratch.__dict__.setdefault("buffers", {})
+    key = (*key, shape[1], dtype)
+    buf = cache.get(key)
+    if buf is None or buf.shape[0] < shape[0]:
+        buf = cache[key] = np.empty((max(shape[0], reserve), shape[1]), dtype=dtype)
+    return buf[: shape[0]]
 
 
 def _valid_mask(n: np.ndarray, m: np.ndarray, cross: np.ndarray, t: np.ndarray | None):
@@ -281,6 +301,7 @@ def chunk_partial(
     A = _check_metric(A, d)
     A_c = A.astype(x.dtype)
     bufs = _work_buffers(x.shape[0], block_rows, [(1, d)] * 4, x.dtype)
+    gram = _scratch_array(("gram",), (d, d), x.dtype)
     grad = np.zeros((d, d), dtype=np.float64)
     total, count, skipped = 0.0, 0, 0
     for lo in range(0, x.shape[0], block_rows):
@@ -304,8 +325,9 @@ def chunk_partial(
         # `plus.T @ plus` (the same buffer, contiguous rows) is sent by NumPy to SYRK: one
         # triangle, half the FLOPs of a GEMM. The block's float32 result is added in float64,
         # which keeps the cancellation between the two sums from eating the precision.
-        grad += plus.T @ plus
-        grad -= minus.T @ minus
+        # `out=` keeps the SYRK path and spares a d × d temporary per product.
+        grad += np.matmul(plus.T, plus, out=gram)
+        grad -= np.matmul(minus.T, minus, out=gram)
     return Partial(loss=total, grad=grad, count=count, skipped=skipped)
 
 
@@ -377,6 +399,7 @@ def factor_chunk_partial(
     vw_buf, pxy_buf, tmp_buf = _work_buffers(
         x.shape[0], block_rows, [(2, M.shape[0]), (2, d), (1, d)], x.dtype
     )
+    gram = _scratch_array(("gram",), (M.shape[0], d), x.dtype)
     for lo in range(0, x.shape[0], block_rows):
         xb, yb, tb = x[lo : lo + block_rows], y[lo : lo + block_rows], t[lo : lo + block_rows]
         r = len(xb)
@@ -406,7 +429,7 @@ def factor_chunk_partial(
         px -= np.multiply(xb, gs_n, out=tmp)
         np.multiply(xb, c, out=py)
         py -= np.multiply(yb, gs_m, out=tmp)
-        grad += vw.T @ pxy
+        grad += np.matmul(vw.T, pxy, out=gram)
     return Partial(loss=total, grad=grad, count=count, skipped=skipped)
 
 
