@@ -14,8 +14,9 @@ import numpy as np
 from distributed import Client
 
 from .losses import Loss, get_loss
+from .reader import StoreSlice, read_slice
 from .scores import ScoreStats
-from .step import Pieces, StoreSlice, read_slice, run_pass, score_rows, tree_reduce
+from .step import Pieces, run_pass, score_rows, tree_reduce
 from .store import validation_mask
 
 SPLITS = ("train", "validation", "all")
@@ -32,7 +33,7 @@ class EvalSpec:
 
 def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int) -> dict[str, ScoreStats]:
     """Scores of one chunk under A and under I, for each asked split."""
-    x, y, t = read_slice(data) if isinstance(data, StoreSlice) else data
+    x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
     x, y, t = np.asarray(x), np.asarray(y), np.asarray(t, dtype=np.float64)
     val = validation_mask(index, len(x), spec.validation, spec.seed)
     out = {}

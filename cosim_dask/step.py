@@ -7,25 +7,23 @@ where it runs and how the results add up.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dask
 import numpy as np
 
-from .errors import ClusterError, StoreError
+from .errors import ClusterError
 from .kernel import Partial, as_pair_arrays
 from .losses import Loss, get_loss
 from .metric import Parameterisation
 from .objective import sample_chunks, split_rows
+from .reader import StoreSlice, read_group, read_slice
 from .scores import ScoreStats
 from .store import validation_mask
 
@@ -45,95 +43,6 @@ MIN_TASKS = 64
 WATCH_SECONDS = 2.0
 #: Passes repeated when a worker holding the scattered parameters died with them.
 PASS_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class StoreSlice:
-    """Rows [lo, hi) of chunk ``index`` of a pair store, read by the worker itself."""
-
-    path: str
-    index: int
-    lo: int
-    hi: int
-
-
-@functools.lru_cache(maxsize=8)
-def _open_arrays(path: str):
-    import zarr
-
-    group = zarr.open_group(path, mode="r")
-    return group["x"], group["y"], group["target"]
-
-
-def read_slice(piece: StoreSlice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read one chunk's rows on the worker; a corrupt or unreadable chunk names itself."""
-    return read_group([piece])[0]
-
-
-def read_group(pieces: Sequence[StoreSlice]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Read consecutive chunks of one store with one zarr call per array; one tuple each.
-
-    In a local store every chunk file is checked first (:func:`check_chunk_files`): zarr
-    reads a missing chunk file as zeros and blosc decodes a truncated one into garbage.
-    """
-    first, last = pieces[0], pieces[-1]
-    arrays = _open_arrays(first.path)
-    out = []
-    for name, array in zip(("x", "y", "target"), arrays, strict=True):
-        for piece in pieces:
-            check_chunk_files(piece, name, array)
-        try:
-            out.append(np.asarray(array[first.lo : last.hi]))
-        except Exception as exc:  # zarr/codec errors have many types; name the chunk
-            where = (f"chunk {first.index} (rows {first.lo}:{first.hi})" if len(pieces) == 1
-                     else f"chunks {first.index}-{last.index} (rows {first.lo}:{last.hi})")
-            raise StoreError(
-                f"cannot read {where} of array {name!r} in {first.path!r}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from None
-    return [tuple(a[p.lo - first.lo : p.hi - first.lo] for a in out) for p in pieces]
-
-
-def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
-    """Raise :class:`StoreError` when a local chunk file of ``piece`` is missing or truncated.
-
-    Missing: zarr silently reads the fill value (0), which is either an invalid pair or,
-    for graded targets, a wrong but valid target. Truncated: uncompressed chunks have a
-    known size, blosc chunks state theirs in the header (numcodecs does not check it).
-    Stores given as URLs are not checked. Flipped bits inside a compressed chunk are not
-    detectable without checksums.
-    """
-    if "://" in piece.path or not hasattr(array.metadata, "encode_chunk_key"):
-        return
-    grid = (array.shards or array.chunks)[0]
-    whole = not array.shards and not array.compressors and not array.filters
-    size = int(np.prod(array.chunks)) * array.dtype.itemsize
-    blosc = not array.shards and any(type(c).__name__ == "BloscCodec"
-                                      for c in array.compressors)
-    for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1):
-        key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
-        path = Path(piece.path) / name / key
-        problem = None
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            problem = "is missing (zarr would read it as zeros)"
-        else:
-            if whole and st.st_size != size:
-                problem = f"has {st.st_size} bytes, expected {size} (truncated or corrupt)"
-            elif blosc:
-                with open(path, "rb") as f:
-                    header = f.read(16)
-                stated = int.from_bytes(header[12:16], "little") if len(header) == 16 else -1
-                if stated != st.st_size:
-                    problem = (f"has {st.st_size} bytes, its blosc header says {stated} "
-                               "(truncated or corrupt)")
-        if problem:
-            raise StoreError(
-                f"chunk {piece.index} (rows {piece.lo}:{piece.hi}) of array {name!r} in "
-                f"{piece.path!r} is damaged: chunk file {str(path)!r} {problem}; restore the "
-                "store or re-create it with `cosim ingest`"
-            )
 
 
 @dataclass(frozen=True)
@@ -169,7 +78,9 @@ def _add(a, b):
 
 def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkResult:
     """The work of one chunk: read (if needed), split, partial on train rows, stats on the rest."""
-    x, y, t = read_slice(data) if isinstance(data, StoreSlice) else data
+    # A streamed chunk is read into this thread's reused buffers: it is done with when the
+    # task returns (nothing in a ChunkResult points into it).
+    x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
     x, y, t = as_pair_arrays(x, y, t)  # aligned, contiguous: arrays off the wire may not be
     val = validation_mask(index, len(x), spec.validation, spec.seed)
     train = None
@@ -193,7 +104,7 @@ def group_task(data: list, params: np.ndarray, spec: ChunkSpec, indices: list[in
     build over them one task each (``len(data)`` is a power of ``split_every``): the result is
     bitwise the same as with one task per chunk."""
     if all(isinstance(p, StoreSlice) for p in data):
-        data = read_group(data)
+        data = read_group(data, reuse=True)
     results = [chunk_task(p, params, spec, i) for p, i in zip(data, indices, strict=True)]
     while len(results) > 1:
         results = [combine_results(*results[j : j + split_every])

@@ -291,7 +291,7 @@ class PairStoreWriter:
         shards = None if not shard_chunks else (self.write_rows,)
         # write_empty_chunks: zarr would skip a chunk that is all zeros (an all-zero target
         # chunk, zero-padded vectors), and the readers' chunk-file check
-        # (step.check_chunk_files) would then report it as missing.
+        # (reader.check_chunk_files) would then report it as missing.
         self.arrays = {
             name: group.create_array(
                 name, shape=(0, *tail), chunks=(chunk_rows, *tail), dtype="float32",
