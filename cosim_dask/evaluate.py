@@ -14,9 +14,9 @@ import numpy as np
 from distributed import Client
 
 from .losses import Loss, get_loss
-from .reader import StoreSlice, read_slice
+from .reader import StoreSlice, prefetch, read_slice
 from .scores import ScoreStats
-from .step import Pieces, run_pass, score_rows, tree_reduce
+from .step import Pieces, read_ahead_tasks, run_pass, score_rows, tree_reduce
 from .store import validation_mask
 
 SPLITS = ("train", "validation", "all")
@@ -31,8 +31,11 @@ class EvalSpec:
     joint: bool
 
 
-def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int) -> dict[str, ScoreStats]:
-    """Scores of one chunk under A and under I, for each asked split."""
+def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int,
+              ahead: tuple[StoreSlice, ...] = ()) -> dict[str, ScoreStats]:
+    """Scores of one chunk under A and under I, for each asked split (``ahead``: a later
+    task's chunk, read ahead, see :func:`cosim_dask.reader.prefetch`)."""
+    prefetch(ahead)
     x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
     x, y, t = np.asarray(x), np.asarray(y), np.asarray(t, dtype=np.float64)
     val = validation_mask(index, len(x), spec.validation, spec.seed)
@@ -70,10 +73,17 @@ def score_pieces(
 
     spec = EvalSpec(get_loss(loss), validation, seed, splits, joint)
 
+    items = pieces.items
+    read_ahead = read_ahead_tasks(client) if pieces.streaming else 0
+
     def root(ref, token: str):
-        leaves = [dask.delayed(eval_task)(p, ref, spec, i,
-                                          dask_key_name=f"cosim-eval-{token}-{i}")
-                  for i, p in enumerate(pieces.items)]
+        leaves = []
+        for i, p in enumerate(items):
+            later = items[i + read_ahead] if read_ahead and i + read_ahead < len(items) else None
+            with dask.annotate(priority=len(items) - i):  # in order, as in training passes
+                leaves.append(dask.delayed(eval_task)(
+                    p, ref, spec, i, (later,) if isinstance(later, StoreSlice) else (),
+                    dask_key_name=f"cosim-eval-{token}-{i}"))
         return tree_reduce(leaves, split_every, token, combine=_add_dicts)
 
     return run_pass(client, np.asarray(A, dtype=np.float64), root)

@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from .errors import StoreError
 ARRAYS = ("x", "y", "target")
 
 _buffers = threading.local()
+_prefetcher: ThreadPoolExecutor | None = None
+_prefetcher_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,63 @@ def _reused(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if buf is None or buf.size < size or buf.dtype != dtype:
         buf = cache[name] = np.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
+
+
+def prefetch(pieces: Sequence[StoreSlice]) -> None:
+    """Start pulling the chunk files of ``pieces`` (a later task's) into the OS page cache,
+    in a background thread, and return at once.
+
+    A streaming task otherwise waits for its own read before it computes; with a later
+    chunk's files already in the page cache its read is a memory copy. ``posix_fadvise``
+    (WILLNEED) is no substitute: Linux caps it at the readahead window (128 kB), so the
+    files are read for real, with ``sendfile`` to /dev/null (no copy into this process).
+    Errors are left for the real read to report.
+    """
+    if not pieces or "://" in pieces[0].path:
+        return
+    global _prefetcher
+    with _prefetcher_lock:
+        if _prefetcher is None:
+            _prefetcher = ThreadPoolExecutor(1, thread_name_prefix="cosim-prefetch")
+    _prefetcher.submit(_touch, list(pieces))
+
+
+def _touch(pieces: list[StoreSlice]) -> None:
+    try:
+        paths = [path for piece in pieces for path in chunk_files(piece)]
+        null = os.open(os.devnull, os.O_WRONLY)
+    except Exception:  # noqa: BLE001 - the task's own read reports a bad store
+        return
+    try:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size, done = os.fstat(fd).st_size, 0
+                while done < size:
+                    n = os.sendfile(null, fd, done, size - done)
+                    if n <= 0:
+                        break
+                    done += n
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    finally:
+        os.close(null)
+
+
+def chunk_files(piece: StoreSlice) -> list[Path]:
+    """The chunk (or shard) files that hold ``piece``'s rows, for every array."""
+    out = []
+    for name, array in zip(ARRAYS, _open_arrays(piece.path), strict=True):
+        grid = (array.shards or array.chunks)[0]
+        for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1):
+            key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
+            out.append(Path(piece.path) / name / key)
+    return out
 
 
 def check_chunk_files(piece: StoreSlice, name: str, array) -> None:

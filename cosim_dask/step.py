@@ -23,7 +23,7 @@ from .kernel import Partial, as_pair_arrays
 from .losses import Loss, get_loss
 from .metric import Parameterisation
 from .objective import sample_chunks, split_rows
-from .reader import StoreSlice, read_group, read_slice
+from .reader import StoreSlice, prefetch, read_group, read_slice
 from .scores import ScoreStats
 from .store import validation_mask
 
@@ -76,8 +76,13 @@ def _add(a, b):
     return a if b is None else a + b
 
 
-def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkResult:
-    """The work of one chunk: read (if needed), split, partial on train rows, stats on the rest."""
+def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int,
+               ahead: Sequence[StoreSlice] = ()) -> ChunkResult:
+    """The work of one chunk: read (if needed), split, partial on train rows, stats on the rest.
+
+    ``ahead``: the chunks of a later task, whose reading starts now (:func:`prefetch`).
+    """
+    prefetch(ahead)
     # A streamed chunk is read into this thread's reused buffers: it is done with when the
     # task returns (nothing in a ChunkResult points into it).
     x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
@@ -99,10 +104,11 @@ def chunk_task(data, params: np.ndarray, spec: ChunkSpec, index: int) -> ChunkRe
 
 
 def group_task(data: list, params: np.ndarray, spec: ChunkSpec, indices: list[int],
-               split_every: int) -> ChunkResult:
+               split_every: int, ahead: Sequence[StoreSlice] = ()) -> ChunkResult:
     """Several consecutive chunks in one task, summed in the very tree the scheduler would
     build over them one task each (``len(data)`` is a power of ``split_every``): the result is
     bitwise the same as with one task per chunk."""
+    prefetch(ahead)
     if all(isinstance(p, StoreSlice) for p in data):
         data = read_group(data, reuse=True)
     results = [chunk_task(p, params, spec, i) for p, i in zip(data, indices, strict=True)]
@@ -249,6 +255,7 @@ class DaskPairs:
         on_invalid: str = "raise",
         broadcast: str = "scatter",
         chunks_per_task: int | None = None,
+        read_ahead: int | None = None,
     ) -> None:
         self.client = client
         self.source = pieces
@@ -267,6 +274,8 @@ class DaskPairs:
             raise ValueError(f"chunks_per_task={chunks_per_task} must be a power of "
                              f"split_every={self.split_every}")
         self.chunks_per_task = chunks_per_task
+        #: Streaming tasks read ahead this many tasks (None: :func:`read_ahead_tasks`).
+        self.read_ahead = read_ahead
         self.last_validation: ScoreStats | None = None
         self.last_pairs = 0
 
@@ -290,20 +299,32 @@ class DaskPairs:
                                                    self.split_every)
         return self.chunks_per_task
 
-    def _leaves(self, ref, spec: ChunkSpec, chunks: list[int], token: str, group: int) -> list:
-        if group == 1:
-            return [dask.delayed(chunk_task)(self.pieces[i], ref, spec, i,
-                                             dask_key_name=f"cosim-chunk-{token}-{i}")
-                    for i in chunks]
+    def _leaves(self, ref, spec: ChunkSpec, chunks: list[int], token: str, group: int,
+                read_ahead: int = 0) -> list:
         if self.source.groups is not None and group == self.source.group:
-            return [dask.delayed(group_task)(self.source.groups[j // group], ref, spec,
-                                             chunks[j : j + group], self.split_every,
-                                             dask_key_name=f"cosim-chunk-{token}-{j}")
+            runs = [(self.source.groups[j // group], chunks[j : j + group])
                     for j in range(0, len(chunks), group)]
-        return [dask.delayed(group_task)([self.pieces[i] for i in chunks[j : j + group]], ref,
-                                         spec, chunks[j : j + group], self.split_every,
-                                         dask_key_name=f"cosim-chunk-{token}-{j}")
-                for j in range(0, len(chunks), group)]
+        else:
+            runs = [([self.pieces[i] for i in chunks[j : j + group]], chunks[j : j + group])
+                    for j in range(0, len(chunks), group)]
+        leaves = []
+        for k, (data, indices) in enumerate(runs):
+            later = runs[k + read_ahead][0] if read_ahead and k + read_ahead < len(runs) else []
+            ahead = ([p for p in later if isinstance(p, StoreSlice)]
+                     if isinstance(later, list) else [])
+            # Leaves in chunk order (highest priority first): read-ahead guesses the chunks
+            # that start next, and partials meet their tree siblings soon. Left to itself the
+            # scheduler ran them in no useful order (55, 54, 53, ..., 0, 59, 58).
+            with dask.annotate(priority=len(runs) - k):
+                if group == 1:
+                    leaves.append(dask.delayed(chunk_task)(
+                        data[0], ref, spec, indices[0], ahead,
+                        dask_key_name=f"cosim-chunk-{token}-{indices[0]}"))
+                else:
+                    leaves.append(dask.delayed(group_task)(
+                        data, ref, spec, indices, self.split_every, ahead,
+                        dask_key_name=f"cosim-chunk-{token}-{k * group}"))
+        return leaves
 
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
         """One pass over ``chunks`` (see :func:`run_pass` for what survives what)."""
@@ -311,8 +332,12 @@ class DaskPairs:
         # Mini-batches sample scattered chunks: group only full, consecutive passes.
         group = self.group_size(params) if chunks == list(range(self.n_chunks)) else 1
 
+        read_ahead = (0 if not self.source.streaming
+                      else self.read_ahead if self.read_ahead is not None
+                      else read_ahead_tasks(self.client))
+
         def root(ref, token: str):
-            return tree_reduce(self._leaves(ref, spec, chunks, token, group),
+            return tree_reduce(self._leaves(ref, spec, chunks, token, group, read_ahead),
                                self.split_every, token)
 
         return run_pass(self.client, params, root, send=self._params_ref)
@@ -333,6 +358,19 @@ class DaskPairs:
         """Validation statistics alone (one pass over the validation rows)."""
         spec = ChunkSpec(**{**self.spec.__dict__, "with_train": False, "with_validation": True})
         return self.run(params, spec, list(range(self.n_chunks))).validation
+
+
+def read_ahead_tasks(client: Client) -> int:
+    """How many tasks ahead a streaming task starts reading: the tasks that run at once (the
+    next to start is that many places on). Only when every worker shares one machine, and
+    so one page cache; elsewhere a chunk read ahead on one host may be needed on another,
+    and reading it twice would cost more than the overlap gains."""
+    try:
+        nthreads = client.nthreads()
+    except Exception:  # noqa: BLE001 - a read-ahead guess is never worth a failed pass
+        return 0
+    hosts = {address.rsplit(":", 1)[0] for address in nthreads}
+    return sum(nthreads.values()) if len(hosts) == 1 else 0
 
 
 def scheduler_lost(client: Client) -> bool:
@@ -409,7 +447,8 @@ def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
                            group: int = 1) -> Pieces:
     """Chunks of a store read once into the workers' memory through :func:`read_group`: the
     same checks as streaming, and a lost worker's chunks are read again from the store
-    (persisted data keeps its lineage).
+    (persisted data keeps its lineage). The chunks are spread evenly over the workers
+    (:func:`persist_spread`).
 
     ``group`` > 1 (a power of the fan-in, :func:`chunks_per_task`): one key per group of
     consecutive chunks, which full passes use; mini-batches and other per-chunk passes
@@ -419,13 +458,44 @@ def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
     token = uuid.uuid4().hex[:12]
     chunks = streamed.items
     if group == 1:
-        items = client.persist([dask.delayed(read_slice)(p, dask_key_name=f"cosim-read-{token}-{i}")
-                                for i, p in enumerate(chunks)])
-        return Pieces(list(items), streamed.rows, tuple(items))
-    groups = client.persist([dask.delayed(read_group)(chunks[j : j + group],
-                                                      dask_key_name=f"cosim-read-{token}-{j}")
-                             for j in range(0, len(chunks), group)])
+        items = persist_spread(client, [[dask.delayed(read_slice)(
+            p, dask_key_name=f"cosim-read-{token}-{i}")] for i, p in enumerate(chunks)])
+        items = [item for (item,) in items]
+        return Pieces(items, streamed.rows, tuple(items))
+    groups = persist_spread(client, [[dask.delayed(read_group)(
+        chunks[j : j + group], dask_key_name=f"cosim-read-{token}-{j}")]
+        for j in range(0, len(chunks), group)])
+    groups = [g for (g,) in groups]
     return Pieces(chunks, streamed.rows, tuple(groups), groups=list(groups), group=group)
+
+
+def persist_spread(client: Client, items: list[list]) -> list[list]:
+    """Persist ``items`` (each a list of delayed values that belong together), placing
+    consecutive runs of them on each worker in proportion to its threads.
+
+    Left to itself the scheduler put 24 of 60 equal chunks on one worker and 36 on the
+    other, and every step then waited ~35% longer for the busier one. Consecutive runs keep
+    the first levels of the reduction tree on one worker. The placement is a preference
+    (``allow_other_workers``): a lost worker's chunks are recomputed anywhere.
+    """
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
+    if len(workers) < 2 or len(items) < 2:
+        return [list(client.persist(group)) for group in items]
+    threads = [info.get("nthreads", 1) or 1 for _, info in workers]
+    total = sum(threads)
+    out: list[list] = []
+    start = 0
+    for k, (address, _) in enumerate(workers):
+        stop = (len(items) if k == len(workers) - 1
+                else round(len(items) * sum(threads[: k + 1]) / total))
+        block = items[start:stop]
+        if block:
+            flat = client.persist([v for group in block for v in group], workers=[address],
+                                  allow_other_workers=True)
+            it = iter(flat)
+            out.extend([next(it) for _ in group] for group in block)
+        start = stop
+    return out
 
 
 def resolve_split_every(split_every: int | None) -> int:
@@ -433,16 +503,34 @@ def resolve_split_every(split_every: int | None) -> int:
 
 
 def persisted_pieces(client: Client, x, y, target) -> Pieces:
-    """Pieces of Dask arrays persisted in the workers' memory (read once, reused each step).
+    """Pieces of Dask arrays persisted in the workers' memory (read once, reused each step):
+    one key per chunk holding its x, y and target, spread evenly over the workers.
 
+    One key, not three: three keys of one chunk can land on different workers, and the
+    scheduler's memory manager drops the copies a step makes, so every step moved them again.
     Persisted chunks keep their lineage: a lost worker's chunks are recomputed from the
     store (unlike data scattered from the client).
     """
+    import dask.array as da
+
     if x.chunks[0] != y.chunks[0] or x.chunks[0] != target.chunks[0]:
         raise ValueError("x, y and target must share their row chunks")
     x = x.rechunk({1: -1}) if x.numblocks[1] > 1 else x
     y = y.rechunk({1: -1}) if y.numblocks[1] > 1 else y
-    x, y, target = client.persist([x, y, target])
     xs, ys, ts = x.to_delayed().ravel(), y.to_delayed().ravel(), target.to_delayed().ravel()
-    # The persisted arrays hold the futures: keep them, or the workers drop the data.
-    return Pieces(list(zip(xs, ys, ts, strict=True)), list(x.chunks[0]), (x, y, target))
+    token = uuid.uuid4().hex[:12]
+    items = [item for (item,) in persist_spread(client, [
+        [dask.delayed(_chunk_tuple)(*triple, dask_key_name=f"cosim-pairs-{token}-{i}")]
+        for i, triple in enumerate(zip(xs, ys, ts, strict=True))])]
+    # ``held`` keeps the futures (or the workers drop the data), as whole arrays again for
+    # callers that compute on them.
+    rows = list(x.chunks[0])
+    held = tuple(
+        da.concatenate([da.from_delayed(item[k], shape=(r, *arr.shape[1:]), dtype=arr.dtype)
+                        for item, r in zip(items, rows, strict=True)])
+        for k, arr in enumerate((x, y, target)))
+    return Pieces(items, rows, held)
+
+
+def _chunk_tuple(x: np.ndarray, y: np.ndarray, target: np.ndarray) -> tuple:
+    return x, y, target

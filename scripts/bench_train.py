@@ -9,7 +9,8 @@
              constant.
 2. stream    Out of core: a store ≥ 4× the cluster's total memory limit. Peak worker RSS during
              streaming steps vs the limit, and step throughput vs the raw read rate of the
-             same store on the same cluster (a pass that only reads every chunk).
+             same store on the same cluster (a pass that only reads every chunk), vs the
+             compute alone (the same step on chunks held in memory), and with read-ahead off.
 3. converge  Passes over the data to get within 1e-4 (relative) of the best loss: L-BFGS vs
              gradient descent vs Adam (a pass = one full evaluation; Adam's mini-batch
              evaluations count as their share of a pass).
@@ -190,32 +191,50 @@ def bench_stream(workdir: Path, limit_mib: int, factor: float, repeats: int) -> 
     c, client = cluster(f"{limit_mib}MiB")
     try:
         pieces = store_pieces(store.path, store.chunk_slices())
-        dask_pairs = DaskPairs(client, pieces, FullMetric(), "mse")
+        streamed = DaskPairs(client, pieces, FullMetric(), "mse")
+        no_ahead = DaskPairs(client, pieces, FullMetric(), "mse", read_ahead=0)
         A = np.eye(d)
         baseline_rss = max(client.run(lambda: psutil.Process().memory_info().rss).values())
 
         def read_pass():
             return sum(client.gather(client.map(_read_only, pieces.items, pure=False)))
 
-        read_pass()  # warm the page cache the same way for both
-        rows = {"warm": ([], [])}
+        # Compute alone: the same step over chunks held in worker memory (as many as fit in a
+        # quarter of it), scaled to the store's pairs.
+        fit = 2 * max(1, int(0.25 * limit // (store.chunk_rows * (2 * d + 1) * 4)))  # even
+        held = persisted_store_pieces(client, store.path, store.chunk_slices()[:fit])
+        wait(list(held.held))
+        in_memory = DaskPairs(client, held, FullMetric(), "mse")
+        in_memory(A)
+        compute = median_time(lambda: in_memory(A), repeats) * store.n / sum(held.rows)
+        held = in_memory = None  # frees the chunks on the workers
+
+        read_pass()  # warm the page cache the same way for all
+        variants = {"raw read pass": read_pass, "streaming step": lambda: streamed(A),
+                    "  without read-ahead": lambda: no_ahead(A)}
+        rows = {"warm": {k: [] for k in variants}}
         cold = drop_caches()
         if cold:
-            rows["cold"] = ([], [])
+            rows["cold"] = {k: [] for k in variants}
         with WorkerMemorySampler(client) as rss:
             for _ in range(repeats):
-                for cache, (reads, steps) in rows.items():
-                    for times, fn in ((reads, read_pass), (steps, lambda: dask_pairs(A))):
+                for cache, times in rows.items():
+                    for name, fn in variants.items():
                         if cache == "cold":
                             drop_caches()
-                        times.append(median_time(fn, 1))
-        for cache, (reads, steps) in rows.items():
-            r, s = statistics.median(reads), statistics.median(steps)
+                        times[name].append(median_time(fn, 1))
+        print(f"  compute alone (same step on {fit} chunks held in memory, scaled): "
+              f"{compute:6.2f} s  {store.n / compute:,.0f} pairs/s")
+        for cache, times in rows.items():
+            med = {k: statistics.median(v) for k, v in times.items()}
+            r, s = med["raw read pass"], med["streaming step"]
             print(f"  {cache} page cache:")
-            print(f"    raw read pass   {r:7.2f} s  {size / r / 2**20:8.0f} MiB/s")
-            print(f"    streaming step  {s:7.2f} s  {size / s / 2**20:8.0f} MiB/s  "
-                  f"({pairs / s:,.0f} pairs/s)")
-            print(f"    step throughput / read rate: {r / s:.2f}  (target ≥ 0.8)")
+            for name, took in med.items():
+                print(f"    {name:22s} {took:7.2f} s  {size / took / 2**20:8.0f} MiB/s  "
+                      f"({store.n / took:,.0f} pairs/s)")
+            print(f"    step throughput / read rate: {r / s:.2f}  (target ≥ 0.8);  "
+                  f"step / max(read, compute): {s / max(r, compute):.2f};  "
+                  f"read-ahead gain: {med['  without read-ahead'] / s:.2f}×")
         if not cold:
             print("  (cold rows need root: sync; echo 3 > /proc/sys/vm/drop_caches)")
         print(f"  peak worker RSS {rss.peak / 2**20:.0f} MiB vs limit {limit_mib} MiB "

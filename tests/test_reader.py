@@ -79,3 +79,35 @@ def test_truncated_raw_chunk_names_itself(tmp_path, rng):
     read_slice(StoreSlice(str(path), 1, 8, 16))  # other chunks still read
     with pytest.raises(StoreError, match=r"chunk 2 \(rows 16:24\) of array 'y'.*truncated"):
         read_slice(StoreSlice(str(path), 2, 16, 24), reuse=True)
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_prefetch_reads_a_later_chunks_files_in_the_background(tmp_path, rng):
+    from cosim_dask import reader
+
+    path = tmp_path / "s.zarr"
+    make_store(path, rng, n=4000, d=64, chunk_rows=1000)
+    piece = StoreSlice(str(path), 2, 2000, 3000)
+    files = reader.chunk_files(piece)
+    assert [f.relative_to(path).as_posix() for f in files] == ["x/c/2/0", "y/c/2/0",
+                                                                "target/c/2"]
+    before = _rchar()
+    reader.prefetch([piece])
+    reader._prefetcher.submit(lambda: None).result()  # the one prefetch thread is done
+    assert _rchar() - before >= sum(f.stat().st_size for f in files)
+
+
+def test_prefetch_leaves_errors_to_the_real_read(tmp_path, rng):
+    from cosim_dask import reader
+
+    path = tmp_path / "s.zarr"
+    make_store(path, rng)
+    (path / "x" / "c" / "1" / "0").unlink()
+    reader.prefetch([StoreSlice(str(path), 1, 8, 16), StoreSlice(str(tmp_path / "no"), 0, 0, 8)])
+    reader._prefetcher.submit(lambda: None).result()
+    with pytest.raises(StoreError, match="is missing"):
+        read_slice(StoreSlice(str(path), 1, 8, 16))

@@ -100,21 +100,43 @@ def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
         assert len(task.dependencies) <= k
 
 
-def test_streaming_from_store_equals_persisted(client, data, tmp_path):
+@pytest.mark.parametrize("compressors", [None, "auto"])  # direct file reads, zarr's reads
+@pytest.mark.parametrize("read_ahead", [0, 1, 3, None])
+def test_streaming_from_store_equals_persisted(client, data, tmp_path, compressors,
+                                               read_ahead):
     x, y, t = data
     root = zarr.open_group(tmp_path / "s.zarr", mode="w")
     for name, a in (("x", x), ("y", y), ("target", t)):
         z = root.create_array(name, shape=a.shape, dtype=a.dtype,
-                              chunks=(1000,) + a.shape[1:])
+                              chunks=(1000,) + a.shape[1:], compressors=compressors)
         z[...] = a
     slices = [slice(lo, min(lo + 1000, 5000)) for lo in range(0, 5000, 1000)]
     pieces = store_pieces(str(tmp_path / "s.zarr"), slices)
-    streamed = DaskPairs(client, pieces, FullMetric(), "mse", split_every=2)
+    streamed = DaskPairs(client, pieces, FullMetric(), "mse", split_every=2,
+                         read_ahead=read_ahead)
     persisted = dask_pairs(client, data, 1000, 2)
     A = random_spd(np.random.default_rng(3), 12)
     a, b = streamed(A), persisted(A)
     assert a.loss == b.loss
     np.testing.assert_array_equal(a.grad, b.grad)
+
+
+def test_persisted_chunks_are_spread_evenly_one_key_each(client, data):
+    """Each chunk's x, y and target are one key, and the workers hold equal shares (the
+    scheduler alone had put 24 and 36 of 60 chunks on two equal workers)."""
+    from distributed import wait
+
+    pairs = dask_pairs(client, data, 250, 4)  # 20 chunks
+    wait(pairs.pieces)
+    who = client.who_has(pairs.pieces)
+    holders = [who[item.key] for item in pairs.pieces]
+    assert len(holders) == 20 and all(len(w) == 1 for w in holders)
+    per_worker = {}
+    for k, (w,) in enumerate(holders):
+        per_worker.setdefault(w, []).append(k)
+    assert sorted(len(v) for v in per_worker.values()) == [10, 10]
+    # Consecutive runs: the first levels of the tree need no transfers.
+    assert sorted(v[0] for v in per_worker.values()) == [0, 10]
 
 
 def test_validation_rows_are_held_out(client, data):
