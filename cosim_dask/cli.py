@@ -586,10 +586,11 @@ def evaluate(
     from .model import load_model
     from .store import open_store
 
-    run(lambda: (load_model(model), open_store(store)))  # bad paths fail before start-up
+    # Bad paths fail before start-up; the model is read once.
+    loaded, _ = run(lambda: (load_model(model), open_store(store)))
     with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
                   security) as client:
-        report = run(lambda: evaluate_model(str(model), store, client=client, split=split.value))
+        report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -14,6 +14,7 @@ import numpy as np
 from distributed import Client
 
 from .losses import Loss, get_loss
+from .model import Model
 from .reader import StoreSlice, prefetch, read_slice
 from .scores import ScoreStats
 from .step import Pieces, read_ahead_tasks, run_pass, score_rows, tree_reduce
@@ -117,10 +118,11 @@ def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float
 
 
 def evaluate_model(
-    model_path: str, store_path: str, *, client: Client, split: str = "auto",
+    model_path: str | Model, store_path: str, *, client: Client, split: str = "auto",
     split_every: int = 8,
 ) -> dict[str, Any]:
-    """Figures of a saved model on a store, beside plain cosine, computed on the cluster.
+    """Figures of a saved model (a path, or one already loaded) on a store, beside plain
+    cosine, computed on the cluster.
 
     ``split="auto"`` uses the validation rows when the store is the one the model was trained
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
@@ -131,7 +133,7 @@ def evaluate_model(
     from .step import store_pieces
     from .store import open_store
 
-    model = load_model(model_path)
+    model = model_path if isinstance(model_path, Model) else load_model(model_path)
     store = open_store(store_path)
     if store.d != model.d:
         raise ModelError(

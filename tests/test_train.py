@@ -70,9 +70,20 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
     assert "learned A" in result.output and "model written to" in result.output
 
 
-def test_evaluate_reports_learned_and_plain(trained, binary_store):
+def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
+    from cosim_dask import model as model_module
+
+    reads, original = [], model_module.load_model
+
+    def load_model_counted(path, **kw):
+        reads.append(path)
+        return original(path, **kw)
+
+    monkeypatch.setattr(model_module, "load_model", load_model_counted)
     out, _ = trained
     result = cosim("evaluate", out, binary_store, "--json", *CLUSTER)
+    monkeypatch.undo()
+    assert len(reads) == 1  # checked before the cluster starts, and not read again
     report = json.loads(result.stdout)
     assert report["split"] == "validation"
     model = load_model(out)
