@@ -86,8 +86,10 @@ def test_gradient_matches_seed_per_element_formula(rng, d):
         np.testing.assert_allclose(tied_gradient(grad), tied, rtol=1e-10, atol=1e-12)
 
 
-def test_factor_gradient_matches_seed_M_derivation(rng):
-    d, k = 6, 4
+# k < 7d/8 takes the direct M form, larger k the chain rule through the SYRK form.
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+def test_factor_gradient_matches_seed_M_derivation(rng, k):
+    d = 6
     M = rng.standard_normal((k, d))
     from cosim_dask.losses import Loss
 
@@ -103,9 +105,10 @@ def test_factor_gradient_matches_seed_M_derivation(rng):
         np.testing.assert_allclose(got, seed_dsim_dM(x, y, M), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [3, 5, 9])
 @pytest.mark.parametrize("loss", ["mse", "contrastive"])
-def test_factor_gradient_equals_chain_rule(rng, loss):
-    d, k = 9, 5
+def test_factor_gradient_equals_chain_rule(rng, loss, k):
+    d = 9
     x, y, t = random_pairs(rng, 300, d)
     M = rng.standard_normal((k, d))
     pm = factor_chunk_partial(x, y, t, M, loss, block_rows=64)
@@ -131,8 +134,9 @@ def test_gradient_against_central_differences(rng, loss):
         assert np.sum(grad * D) == pytest.approx(fd, rel=1e-6, abs=1e-8)
 
 
-def test_factor_gradient_against_central_differences(rng):
-    d, k = 7, 3
+@pytest.mark.parametrize("k", [3, 5, 7])  # k = 7 = d: the SYRK route
+def test_factor_gradient_against_central_differences(rng, k):
+    d = 7
     x, y, t = random_pairs(rng, 200, d)
     M = rng.standard_normal((k, d))
     grad = factor_chunk_partial(x, y, t, M).grad
@@ -262,13 +266,13 @@ def test_partial_addition_keeps_extras():
     assert total.extra == {"a": 3.0, "b": 1.0}
 
 
-@pytest.mark.parametrize("factor", [False, True])
-def test_include_mask_equals_the_subset(rng, factor):
+@pytest.mark.parametrize("rank", [None, 2, 5])  # full A; M by the direct and the SYRK route
+def test_include_mask_equals_the_subset(rng, rank):
     x, y, t = random_pairs(rng, 300, 5)
     keep = rng.random(300) < 0.7
     x[np.flatnonzero(~keep)[0]] = 0.0  # an invalid row outside the mask is ignored
-    fn = factor_chunk_partial if factor else chunk_partial
-    A = rng.standard_normal((3, 5)) if factor else random_spd(rng, 5)
+    fn = factor_chunk_partial if rank else chunk_partial
+    A = rng.standard_normal((rank, 5)) if rank else random_spd(rng, 5)
     masked = fn(x, y, t, A, block_rows=64, include=keep)
     subset = fn(x[keep], y[keep], t[keep], A)
     assert masked.count == keep.sum() and masked.skipped == 0
@@ -293,8 +297,10 @@ def test_reused_work_buffers_never_leak_between_calls_or_threads(rng):
         x, y, t, A = case
         M = np.linalg.cholesky(A).T
         full = chunk_partial(x, y, t, A, block_rows=512)
-        factor = factor_chunk_partial(x, y, t, M, block_rows=512)
-        return full.grad, factor.grad, pair_similarity(x, y, A, block_rows=512)
+        factor = factor_chunk_partial(x, y, t, M, block_rows=512)  # the SYRK route
+        low = factor_chunk_partial(x, y, t, M[: len(M) // 4], block_rows=512)  # direct
+        return (full.grad, factor.grad, low.grad,
+                pair_similarity(x, y, A, block_rows=512))
 
     serial = [run(case) for case in cases]
     with ThreadPoolExecutor(4) as pool:
