@@ -148,9 +148,9 @@ def test_factor_gradient_against_central_differences(rng, k):
         assert np.sum(grad * D) == pytest.approx(fd, rel=1e-6, abs=1e-8)
 
 
-def test_float32_partial_close_to_float64(rng):
-    d = 64
-    x, y, t = random_pairs(rng, 20000, d)
+@pytest.mark.parametrize("d", [8, 32, 64])  # default blocks of 16,384, 4,096, 2,048 rows
+def test_float32_partial_close_to_float64(rng, d):
+    x, y, t = random_pairs(rng, 40000, d)
     A = random_spd(rng, d)
     p64 = chunk_partial(x, y, t, A)
     p32 = chunk_partial(x.astype(np.float32), y.astype(np.float32), t, A)
