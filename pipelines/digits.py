@@ -9,9 +9,11 @@ on train pairs, and scored on the held-out test pairs.
     python pipelines/digits.py            # the full run (about 3 minutes with metric-learn)
     python pipelines/digits.py --quick    # CI-sized, seconds
     python pipelines/digits.py --sweep    # the evidence for the estimator's defaults
+    python pipelines/digits.py --via-store  # the learned row via cosim ingest, train, evaluate
 
 Needs scikit-learn (for the data); metric-learn is optional and gets small compatibility
-shims here for scikit-learn >= 1.8 (the package itself never imports either).
+shims here for scikit-learn >= 1.8 (the package itself never imports either). ``--via-store``
+writes Parquet pair lists, so it needs pyarrow (``pip install 'cosim-dask[parquet]'``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,14 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,17 +62,17 @@ QUICK = Sizes(train_pairs=2_000, test_pairs=2_000, itml_pairs=1_000, mmc_pairs=1
               mmc_max_iter=5)
 
 
-def sample_pairs(X: np.ndarray, labels: np.ndarray, n_per_class: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced labelled pairs of rows of ``X``: ``n_per_class`` same-label (+1) pairs, as many
+def sample_pair_index(labels: np.ndarray, n_per_class: int,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labelled pairs of samples: ``n_per_class`` same-label (+1) pairs, as many
     different-label (−1) pairs, shuffled.
 
     Returns
     -------
-    pairs : (2 n_per_class, 2, d), y : (2 n_per_class,) ±1
+    index : (2 n_per_class, 2) int, rows of the samples; y : (2 n_per_class,) ±1
     """
     by_class = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-    first = rng.integers(0, len(X), size=4 * n_per_class)
+    first = rng.integers(0, len(labels), size=4 * n_per_class)
     same, diff = [], []
     for i in first:
         # A random partner from the same class (not i itself) or from another class.
@@ -74,7 +82,7 @@ def sample_pairs(X: np.ndarray, labels: np.ndarray, n_per_class: int,
             if j != i:
                 same.append((i, j))
         elif len(diff) < n_per_class:
-            j = rng.integers(len(X))
+            j = rng.integers(len(labels))
             if labels[j] != labels[i]:
                 diff.append((i, j))
         if len(same) == len(diff) == n_per_class:
@@ -82,12 +90,15 @@ def sample_pairs(X: np.ndarray, labels: np.ndarray, n_per_class: int,
     index = np.array(same + diff)
     y = np.concatenate([np.ones(len(same)), -np.ones(len(diff))])
     order = rng.permutation(len(y))
-    index, y = index[order], y[order]
-    return np.stack([X[index[:, 0]], X[index[:, 1]]], axis=1), y
+    return index[order], y[order]
 
 
 def digits_pairs(sizes: Sizes, seed: int = 0, test_size: float = 0.3) -> dict[str, Any]:
-    """Train and test pairs from a class-stratified split of the digits samples."""
+    """Train and test pairs from a class-stratified split of the digits samples.
+
+    ``train`` and ``test`` are ``(pairs, y)``; ``table`` is every image (1,797 × 64) and
+    ``train_index`` / ``test_index`` the same pairs as (n, 2) rows of it, for a pair list.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -97,10 +108,15 @@ def digits_pairs(sizes: Sizes, seed: int = 0, test_size: float = 0.3) -> dict[st
                                            stratify=labels, random_state=seed)
     assert not set(idx_train) & set(idx_test)
     rng = np.random.default_rng(seed)
-    train = sample_pairs(X[idx_train], labels[idx_train], sizes.train_pairs, rng)
-    test = sample_pairs(X[idx_test], labels[idx_test], sizes.test_pairs // 2, rng)
-    return {"train": train, "test": test, "n_train_samples": len(idx_train),
-            "n_test_samples": len(idx_test)}
+    out: dict[str, Any] = {"table": X, "n_train_samples": len(idx_train),
+                           "n_test_samples": len(idx_test)}
+    for split, rows, n_per_class in (("train", idx_train, sizes.train_pairs),
+                                     ("test", idx_test, sizes.test_pairs // 2)):
+        index, y = sample_pair_index(labels[rows], n_per_class, rng)
+        index = rows[index]  # rows of the whole table
+        out[split] = (np.stack([X[index[:, 0]], X[index[:, 1]]], axis=1), y)
+        out[f"{split}_index"] = index
+    return out
 
 
 def _row(method, fit_pairs, seconds, test_scores, y_test, threshold, note="") -> Row:
@@ -127,6 +143,73 @@ def learned(data, **params) -> tuple[Row, CosineMetricLearner]:
     row = _row("CosineMetricLearner" + (f" {params}" if params else " (defaults)"), len(y_tr),
                seconds, model.pair_score(p_te), y_te, model.threshold_, note)
     return row, model
+
+
+#: The cluster of the via-store row: the README's LocalCluster of 2 single-thread workers.
+CLUSTER_ARGS = ("--workers", "2", "--threads-per-worker", "1")
+#: Train on every train pair, as the other rows do (`cosim train` holds 10% out by default).
+TRAIN_ARGS = ("--validation", "0")
+
+
+def cosim(*args: object) -> str:
+    """Run ``cosim ARGS`` as a user would (``python -m cosim_dask``, a subprocess); its stdout.
+
+    A failing command raises ``RuntimeError`` with the command and its one-line error.
+    """
+    argv = [str(a) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "cosim_dask", *argv], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        said = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"`cosim {shlex.join(argv)}` exited {proc.returncode}: {said}")
+    return proc.stdout
+
+
+def via_store(data) -> Row:
+    """The learned metric through the out-of-core path: the images as an embedding table
+    (``.npy``) and each split's pairs as a Parquet pair list, ``cosim ingest`` into two pair
+    stores, ``cosim train`` on a LocalCluster, ``cosim evaluate --split all`` on the test store.
+
+    The fit time is that of ingesting the train pairs plus training (each a fresh process,
+    training with its cluster's start-up), as a user would wait for them.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cosim_dask.model import load_model
+
+    (_, y_tr), (_, y_te) = data["train"], data["test"]
+    with tempfile.TemporaryDirectory(prefix="cosim-digits-") as tmp:
+        folder = Path(tmp)
+        table = folder / "digits.npy"
+        np.save(table, data["table"])
+        for split in ("train", "test"):
+            index, y = data[f"{split}_index"], data[split][1]
+            pq.write_table(pa.table({"i": index[:, 0], "j": index[:, 1], "target": y}),
+                           folder / f"{split}-pairs.parquet")
+
+        def ingest(split: str) -> Path:
+            store = folder / f"{split}.zarr"
+            # The targets are ±1: binary as they are (no --zero-is-negative, which is for 0/1).
+            cosim("ingest", store, "--embeddings", table, "--pairs",
+                  folder / f"{split}-pairs.parquet", "--targets", "binary")
+            return store
+
+        model = folder / "model.zarr"
+        started = time.perf_counter()
+        cosim("train", ingest("train"), "--out", model, *TRAIN_ARGS, *CLUSTER_ARGS)
+        seconds = time.perf_counter() - started
+        report = json.loads(cosim("evaluate", model, ingest("test"), "--split", "all",
+                                  "--json", *CLUSTER_ARGS))
+        attrs = load_model(model).attrs
+    learned = report["learned"]
+    if learned["pairs"] != len(y_te):
+        raise RuntimeError(f"cosim evaluate scored {learned['pairs']:,} of {len(y_te):,} "
+                           "test pairs")
+    note = (f"{attrs['steps']} steps in {attrs['train_seconds']:.2f} s; time: ingest + train, "
+            "2 workers")
+    return Row("cosim train (via store)", len(y_tr), learned["auc"], learned["accuracy"],
+               seconds, note)
 
 
 def metric_learn_module():
@@ -183,12 +266,15 @@ def metric_learn_rows(data, sizes: Sizes, seed: int = 0) -> list[Row]:
     return rows
 
 
-def run(quick: bool = False, seed: int = 0, baselines: bool = True,
+def run(quick: bool = False, seed: int = 0, baselines: bool = True, store: bool = False,
         **params: Any) -> list[Row]:
-    """Every method on the same pairs; returns the table's rows (plain cosine first)."""
+    """Every method on the same pairs; returns the table's rows (plain cosine first, then the
+    learned metric: the in-memory estimator, or with ``store`` :func:`via_store`)."""
+    if store and params:
+        raise ValueError(f"the via-store row trains with cosim train's options, not {params}")
     sizes = QUICK if quick else FULL
     data = digits_pairs(sizes, seed)
-    rows = [plain_cosine(data), learned(data, **params)[0]]
+    rows = [plain_cosine(data), via_store(data) if store else learned(data, **params)[0]]
     if baselines:
         rows += metric_learn_rows(data, sizes, seed)
     return rows
@@ -232,8 +318,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip metric-learn's learners even when installed")
-    parser.add_argument("--sweep", action="store_true",
-                        help="compare the learner's candidate default settings instead")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true",
+                      help="compare the learner's candidate default settings instead")
+    mode.add_argument("--via-store", action="store_true",
+                      help="learn through pair stores: cosim ingest, train (LocalCluster, "
+                      "2 workers), evaluate, instead of the in-memory estimator")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     print(f"digits: {2 * sizes.train_pairs:,} train pairs, {sizes.test_pairs:,} test pairs "
@@ -241,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         print(render(sweep(args.quick, args.seed)))
     else:
-        print(render(run(args.quick, args.seed, not args.no_baselines)))
+        print(render(run(args.quick, args.seed, not args.no_baselines, args.via_store)))
 
 
 if __name__ == "__main__":
