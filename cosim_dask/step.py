@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -171,6 +172,61 @@ def tree_reduce(leaves: list, split_every: int, token: str, combine=None):
     return leaves[0]
 
 
+def fold_run(results: Iterable, start: int, stop: int, split_every: int, n_leaves: int,
+             combine: Callable = combine_results) -> dict[tuple[int, int], Any]:
+    """Fold the leaf results of ``start .. stop − 1`` (in order) into every node of the tree
+    :func:`tree_reduce` builds over ``n_leaves`` leaves whose leaves all lie in the run; return
+    the largest such nodes, keyed ``(level, index)``.
+
+    Each node adds its children as ``tree_reduce`` does (``combine(*children)``, in order),
+    and is formed as soon as its last child is, so at most ``split_every`` results per level
+    are held at once.
+    """
+    k = split_every
+    done: dict[tuple[int, int], Any] = {}
+    for i, value in zip(range(start, stop), results, strict=True):
+        level, j = 0, i
+        done[0, i] = value
+        while True:
+            width = -(-n_leaves // k**level)  # nodes at this level
+            parent = j // k
+            last = min(parent * k + k, width) - 1
+            covers = (parent * k ** (level + 1), min((parent + 1) * k ** (level + 1), n_leaves))
+            if width == 1 or j != last or covers[0] < start or covers[1] > stop:
+                break
+            children = [done.pop((level, c)) for c in range(parent * k, last + 1)]
+            done[level + 1, parent] = combine(*children)
+            level, j = level + 1, parent
+    return done
+
+
+def stitch_tree(nodes: dict[tuple[int, int], Any], split_every: int, n_leaves: int,
+                make_node: Callable) -> Any:
+    """The root of :func:`tree_reduce`'s tree over ``n_leaves`` leaves, given some of its
+    nodes (``(level, index)`` → value, every leaf under one of them): the missing nodes are
+    ``make_node(level, index, children)``."""
+    k = split_every
+
+    def node(level: int, j: int):
+        if (level, j) in nodes:
+            return nodes[level, j]
+        width = -(-n_leaves // k ** (level - 1))  # nodes one level down
+        return make_node(level, j, [node(level - 1, c)
+                                    for c in range(j * k, min(j * k + k, width))])
+
+    return node(tree_depth(n_leaves, k), 0)
+
+
+def run_task(items: list, params: np.ndarray, spec: ChunkSpec, start: int, stop: int,
+             split_every: int, n_leaves: int) -> dict[tuple[int, int], ChunkResult]:
+    """Chunks ``start .. stop − 1`` held by one worker, folded into the largest tree nodes
+    they alone cover (:func:`fold_run`): one task instead of one per chunk and the combine
+    tasks below those nodes, with the very same sums."""
+    results = (chunk_task(item, params, spec, i) for i, item in zip(range(start, stop), items,
+                                                                      strict=True))
+    return fold_run(results, start, stop, split_every, n_leaves)
+
+
 @dataclass
 class Pieces:
     """The chunks of a dataset as tasks see them, their row counts, and what keeps them alive."""
@@ -182,6 +238,8 @@ class Pieces:
     #: Persisted groups of ``group`` consecutive chunks (one key each); full passes use them.
     groups: list | None = None
     group: int = 1
+    #: Persisted chunks: the consecutive runs ``(start, stop)`` placed on one worker each.
+    runs: list[tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         self.streaming = bool(self.items) and isinstance(self.items[0], StoreSlice)
@@ -256,6 +314,7 @@ class DaskPairs:
         broadcast: str = "scatter",
         chunks_per_task: int | None = None,
         read_ahead: int | None = None,
+        worker_runs: bool = True,
     ) -> None:
         self.client = client
         self.source = pieces
@@ -276,6 +335,8 @@ class DaskPairs:
         self.chunks_per_task = chunks_per_task
         #: Streaming tasks read ahead this many tasks (None: :func:`read_ahead_tasks`).
         self.read_ahead = read_ahead
+        #: Full passes over persisted chunks as one task per worker's run (:func:`run_task`).
+        self.worker_runs = worker_runs
         self.last_validation: ScoreStats | None = None
         self.last_pairs = 0
 
@@ -302,20 +363,20 @@ class DaskPairs:
     def _leaves(self, ref, spec: ChunkSpec, chunks: list[int], token: str, group: int,
                 read_ahead: int = 0) -> list:
         if self.source.groups is not None and group == self.source.group:
-            runs = [(self.source.groups[j // group], chunks[j : j + group])
+            tasks = [(self.source.groups[j // group], chunks[j : j + group])
                     for j in range(0, len(chunks), group)]
         else:
-            runs = [([self.pieces[i] for i in chunks[j : j + group]], chunks[j : j + group])
+            tasks = [([self.pieces[i] for i in chunks[j : j + group]], chunks[j : j + group])
                     for j in range(0, len(chunks), group)]
         leaves = []
-        for k, (data, indices) in enumerate(runs):
-            later = runs[k + read_ahead][0] if read_ahead and k + read_ahead < len(runs) else []
+        for k, (data, indices) in enumerate(tasks):
+            later = tasks[k + read_ahead][0] if read_ahead and k + read_ahead < len(tasks) else []
             ahead = ([p for p in later if isinstance(p, StoreSlice)]
                      if isinstance(later, list) else [])
             # Leaves in chunk order (highest priority first): read-ahead guesses the chunks
             # that start next, and partials meet their tree siblings soon. Left to itself the
             # scheduler ran them in no useful order (55, 54, 53, ..., 0, 59, 58).
-            with dask.annotate(priority=len(runs) - k):
+            with dask.annotate(priority=len(tasks) - k):
                 if group == 1:
                     leaves.append(dask.delayed(chunk_task)(
                         data[0], ref, spec, indices[0], ahead,
@@ -326,6 +387,23 @@ class DaskPairs:
                         dask_key_name=f"cosim-chunk-{token}-{k * group}"))
         return leaves
 
+    def _runs_root(self, ref, spec: ChunkSpec, token: str):
+        """The pass as one task per worker's run of persisted chunks (:func:`run_task`), then
+        the nodes of the tree that span runs: the same sums, in the same order, as a task per
+        chunk, with 71 tasks a step (62 chunks) cut to about a dozen."""
+        n, k = self.n_chunks, self.split_every
+        emitted = {}
+        for start, stop in self.source.runs:
+            task = dask.delayed(run_task)(self.pieces[start:stop], ref, spec, start, stop, k, n,
+                                          dask_key_name=f"cosim-run-{token}-{start}")
+            for level, j in fold_run([None] * (stop - start), start, stop, k, n,
+                                     combine=lambda *_: None):
+                emitted[level, j] = dask.delayed(operator.getitem)(
+                    task, (level, j), dask_key_name=f"cosim-node-{token}-{level}-{j}")
+
+        return stitch_tree(emitted, k, n, lambda level, j, children: dask.delayed(
+            combine_results)(*children, dask_key_name=f"cosim-combine-{token}-{level}-{j * k}"))
+
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
         """One pass over ``chunks`` (see :func:`run_pass` for what survives what)."""
         chunks = list(chunks)
@@ -335,8 +413,12 @@ class DaskPairs:
         read_ahead = (0 if not self.source.streaming
                       else self.read_ahead if self.read_ahead is not None
                       else read_ahead_tasks(self.client))
+        by_runs = (self.worker_runs and self.source.runs is not None
+                   and chunks == list(range(self.n_chunks)))
 
         def root(ref, token: str):
+            if by_runs:
+                return self._runs_root(ref, spec, token)
             return tree_reduce(self._leaves(ref, spec, chunks, token, group, read_ahead),
                                self.split_every, token)
 
@@ -458,44 +540,46 @@ def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
     token = uuid.uuid4().hex[:12]
     chunks = streamed.items
     if group == 1:
-        items = persist_spread(client, [[dask.delayed(read_slice)(
+        items, runs = persist_spread(client, [[dask.delayed(read_slice)(
             p, dask_key_name=f"cosim-read-{token}-{i}")] for i, p in enumerate(chunks)])
         items = [item for (item,) in items]
-        return Pieces(items, streamed.rows, tuple(items))
-    groups = persist_spread(client, [[dask.delayed(read_group)(
+        return Pieces(items, streamed.rows, tuple(items), runs=runs)
+    groups, _ = persist_spread(client, [[dask.delayed(read_group)(
         chunks[j : j + group], dask_key_name=f"cosim-read-{token}-{j}")]
         for j in range(0, len(chunks), group)])
     groups = [g for (g,) in groups]
     return Pieces(chunks, streamed.rows, tuple(groups), groups=list(groups), group=group)
 
 
-def persist_spread(client: Client, items: list[list]) -> list[list]:
+def persist_spread(client: Client, items: list[list]) -> tuple[list[list], list[tuple[int, int]]]:
     """Persist ``items`` (each a list of delayed values that belong together), placing
-    consecutive runs of them on each worker in proportion to its threads.
+    consecutive runs of them on each worker in proportion to its threads; return the
+    persisted items and the runs ``[(start, stop), ...]``.
 
     Left to itself the scheduler put 24 of 60 equal chunks on one worker and 36 on the
     other, and every step then waited ~35% longer for the busier one. Consecutive runs keep
-    the first levels of the reduction tree on one worker. The placement is a preference
-    (``allow_other_workers``): a lost worker's chunks are recomputed anywhere.
+    the first levels of the reduction tree on one worker (:func:`run_task`). The placement
+    is a preference (``allow_other_workers``): a lost worker's chunks are recomputed anywhere.
     """
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
     if len(workers) < 2 or len(items) < 2:
-        return [list(client.persist(group)) for group in items]
-    threads = [info.get("nthreads", 1) or 1 for _, info in workers]
-    total = sum(threads)
+        blocks = [(None, 0, len(items))]
+    else:
+        threads = [info.get("nthreads", 1) or 1 for _, info in workers]
+        bounds = [0] + [round(len(items) * sum(threads[: k + 1]) / sum(threads))
+                        for k in range(len(workers) - 1)] + [len(items)]
+        blocks = [(address, bounds[k], bounds[k + 1]) for k, (address, _) in enumerate(workers)]
     out: list[list] = []
-    start = 0
-    for k, (address, _) in enumerate(workers):
-        stop = (len(items) if k == len(workers) - 1
-                else round(len(items) * sum(threads[: k + 1]) / total))
+    runs = []
+    for address, start, stop in blocks:
         block = items[start:stop]
-        if block:
-            flat = client.persist([v for group in block for v in group], workers=[address],
-                                  allow_other_workers=True)
-            it = iter(flat)
-            out.extend([next(it) for _ in group] for group in block)
-        start = stop
-    return out
+        if not block:
+            continue
+        where = {} if address is None else {"workers": [address], "allow_other_workers": True}
+        it = iter(client.persist([v for group in block for v in group], **where))
+        out.extend([next(it) for _ in group] for group in block)
+        runs.append((start, stop))
+    return out, runs
 
 
 def resolve_split_every(split_every: int | None) -> int:
@@ -519,9 +603,10 @@ def persisted_pieces(client: Client, x, y, target) -> Pieces:
     y = y.rechunk({1: -1}) if y.numblocks[1] > 1 else y
     xs, ys, ts = x.to_delayed().ravel(), y.to_delayed().ravel(), target.to_delayed().ravel()
     token = uuid.uuid4().hex[:12]
-    items = [item for (item,) in persist_spread(client, [
+    items, runs = persist_spread(client, [
         [dask.delayed(_chunk_tuple)(*triple, dask_key_name=f"cosim-pairs-{token}-{i}")]
-        for i, triple in enumerate(zip(xs, ys, ts, strict=True))])]
+        for i, triple in enumerate(zip(xs, ys, ts, strict=True))])
+    items = [item for (item,) in items]
     # ``held`` keeps the futures (or the workers drop the data), as whole arrays again for
     # callers that compute on them.
     rows = list(x.chunks[0])
@@ -529,7 +614,7 @@ def persisted_pieces(client: Client, x, y, target) -> Pieces:
         da.concatenate([da.from_delayed(item[k], shape=(r, *arr.shape[1:]), dtype=arr.dtype)
                         for item, r in zip(items, rows, strict=True)])
         for k, arr in enumerate((x, y, target)))
-    return Pieces(items, rows, held)
+    return Pieces(items, rows, held, runs=runs)
 
 
 def _chunk_tuple(x: np.ndarray, y: np.ndarray, target: np.ndarray) -> tuple:

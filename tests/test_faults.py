@@ -66,10 +66,11 @@ def cluster_address():
 
 
 def _kill_a_busy_worker(monitor: Client, pids: dict[str, int]) -> float:
-    """SIGKILL a worker that is running a chunk task right now; the time of the kill."""
+    """SIGKILL a worker that is running a chunk task (or a run of chunks) right now; the
+    time of the kill."""
     while True:
         busy = [w for w, keys in monitor.processing().items()
-                if any(str(k).startswith("cosim-chunk-") for k in keys)]
+                if any(str(k).startswith(("cosim-chunk-", "cosim-run-")) for k in keys)]
         if busy:
             os.kill(pids[busy[0]], signal.SIGKILL)
             return time.monotonic()

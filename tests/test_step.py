@@ -88,7 +88,9 @@ def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
 
     step.tree_reduce = spy
     try:
-        dask_pairs(client, data, -(-5000 // n_chunks), k)(np.eye(12))
+        # One task per chunk (full passes over persisted chunks otherwise take one task per
+        # worker's run: test_runs_fold_the_same_tree_as_one_task_per_chunk).
+        dask_pairs(client, data, -(-5000 // n_chunks), k, worker_runs=False)(np.eye(12))
     finally:
         step.tree_reduce = original
     combine = [key for key in captured["graph"] if str(key).startswith("cosim-combine-")]
@@ -176,3 +178,38 @@ def test_objective_matches_in_memory(client, data):
     (fl, gl), (fr, gr) = local(A), remote(A)
     assert fl == pytest.approx(fr, rel=1e-12)
     np.testing.assert_allclose(gl, gr, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 2), (62, 8), (64, 8), (65, 8), (100, 3)])
+def test_runs_fold_the_same_tree_as_one_task_per_chunk(n, k):
+    """Per-worker runs, folded and stitched, add in exactly tree_reduce's order, for any
+    partition of the chunks into consecutive runs (checked on the sum's written form)."""
+    from cosim_dask.step import fold_run, stitch_tree, tree_sum
+
+    def combine(*parts):
+        return "(" + "+".join(parts) + ")" if len(parts) > 1 else parts[0]
+
+    leaves = [f"c{i}" for i in range(n)]
+    want = tree_sum(leaves, k, combine)
+    rng = np.random.default_rng(n * 31 + k)
+    for _ in range(20):
+        cuts = sorted(set(rng.integers(1, n, size=rng.integers(0, 5)).tolist())) if n > 1 else []
+        bounds = [0, *cuts, n]
+        nodes = {}
+        for a, b in zip(bounds, bounds[1:], strict=False):
+            nodes.update(fold_run(leaves[a:b], a, b, k, n, combine))
+        got = stitch_tree(nodes, k, n, lambda level, j, children: combine(*children))
+        assert got == want, (bounds, got, want)
+
+
+@pytest.mark.parametrize("chunk_rows,split_every", [(700, 2), (333, 8), (250, 3)])
+def test_worker_runs_equal_one_task_per_chunk_bitwise(client, data, chunk_rows, split_every):
+    A = random_spd(np.random.default_rng(5), 12)
+    by_runs = dask_pairs(client, data, chunk_rows, split_every, validation=0.2)
+    per_chunk = dask_pairs(client, data, chunk_rows, split_every, validation=0.2,
+                           worker_runs=False)
+    assert by_runs.source.runs is not None and len(by_runs.source.runs) == 2
+    a, b = by_runs(A), per_chunk(A)
+    assert a.loss == b.loss and a.count == b.count
+    np.testing.assert_array_equal(a.grad, b.grad)
+    assert by_runs.last_validation.auc() == per_chunk.last_validation.auc()
