@@ -196,13 +196,16 @@ def _touch(pieces: list[StoreSlice]) -> None:
 
 def chunk_files(piece: StoreSlice) -> list[Path]:
     """The chunk (or shard) files that hold ``piece``'s rows, for every array."""
-    out = []
-    for name, array in zip(ARRAYS, _open_arrays(piece.path), strict=True):
-        grid = (array.shards or array.chunks)[0]
-        for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1):
-            key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
-            out.append(Path(piece.path) / name / key)
-    return out
+    return [path for name, array in zip(ARRAYS, _open_arrays(piece.path), strict=True)
+            for path in _array_files(piece, name, array)]
+
+
+def _array_files(piece: StoreSlice, name: str, array) -> list[Path]:
+    """The files of array ``name`` (its chunks, or shards) that hold ``piece``'s rows."""
+    grid = (array.shards or array.chunks)[0]
+    return [Path(piece.path) / name / array.metadata.encode_chunk_key(
+                (c,) + (0,) * (array.ndim - 1))
+            for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1)]
 
 
 def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
@@ -216,14 +219,11 @@ def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
     """
     if "://" in piece.path or not hasattr(array.metadata, "encode_chunk_key"):
         return
-    grid = (array.shards or array.chunks)[0]
     whole = not array.shards and not array.compressors and not array.filters
     size = int(np.prod(array.chunks)) * array.dtype.itemsize
     blosc = not array.shards and any(type(c).__name__ == "BloscCodec"
                                       for c in array.compressors)
-    for c in range(piece.lo // grid, (piece.hi - 1) // grid + 1):
-        key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
-        path = Path(piece.path) / name / key
+    for path in _array_files(piece, name, array):
         problem = None
         try:
             st = os.stat(path)
