@@ -7,6 +7,7 @@ identity and returns histogram statistics per split; the tree reduction adds the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from .losses import Loss, get_loss
 from .model import Model
 from .reader import StoreSlice, prefetch, read_slice
 from .scores import ScoreStats
-from .step import Pieces, read_ahead_tasks, run_pass, score_rows, tree_reduce
+from .step import Pieces, read_ahead_of, read_ahead_tasks, run_pass, score_rows, tree_reduce
 from .store import validation_mask
 
 SPLITS = ("train", "validation", "all")
@@ -33,7 +34,7 @@ class EvalSpec:
 
 
 def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int,
-              ahead: tuple[StoreSlice, ...] = ()) -> dict[str, ScoreStats]:
+              ahead: Sequence[StoreSlice] = ()) -> dict[str, ScoreStats]:
     """Scores of one chunk under A and under I, for each asked split (``ahead``: a later
     task's chunk, read ahead, see :func:`cosim_dask.reader.prefetch`)."""
     prefetch(ahead)
@@ -80,10 +81,9 @@ def score_pieces(
     def root(ref, token: str):
         leaves = []
         for i, p in enumerate(items):
-            later = items[i + read_ahead] if read_ahead and i + read_ahead < len(items) else None
             with dask.annotate(priority=len(items) - i):  # in order, as in training passes
                 leaves.append(dask.delayed(eval_task)(
-                    p, ref, spec, i, (later,) if isinstance(later, StoreSlice) else (),
+                    p, ref, spec, i, read_ahead_of(items, i, read_ahead),
                     dask_key_name=f"cosim-eval-{token}-{i}"))
         return tree_reduce(leaves, split_every, token, combine=_add_dicts)
 

@@ -370,9 +370,7 @@ class DaskPairs:
                     for j in range(0, len(chunks), group)]
         leaves = []
         for k, (data, indices) in enumerate(tasks):
-            later = tasks[k + read_ahead][0] if read_ahead and k + read_ahead < len(tasks) else []
-            ahead = ([p for p in later if isinstance(p, StoreSlice)]
-                     if isinstance(later, list) else [])
+            ahead = read_ahead_of([data for data, _ in tasks], k, read_ahead)
             # Leaves in chunk order (highest priority first): read-ahead guesses the chunks
             # that start next, and partials meet their tree siblings soon. Left to itself the
             # scheduler ran them in no useful order (55, 54, 53, ..., 0, 59, 58).
@@ -440,6 +438,16 @@ class DaskPairs:
         """Validation statistics alone (one pass over the validation rows)."""
         spec = ChunkSpec(**{**self.spec.__dict__, "with_train": False, "with_validation": True})
         return self.run(params, spec, list(range(self.n_chunks))).validation
+
+
+def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:
+    """The store chunks task ``k`` reads ahead: those of the task ``distance`` places on
+    (each task's data a piece, or a list of pieces; data held in memory needs no reading)."""
+    if not distance or k + distance >= len(task_data):
+        return []
+    later = task_data[k + distance]
+    return [p for p in (later if isinstance(later, list) else [later])
+            if isinstance(p, StoreSlice)]
 
 
 def read_ahead_tasks(client: Client) -> int:
