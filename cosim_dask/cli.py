@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -110,9 +112,20 @@ def run(body: Callable[[], T]) -> T:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt as exc:
+        # SIGTERM arrives as Terminated (see _root): the same clean-up, its own exit code.
+        terminated = isinstance(exc, Terminated)
+        typer.echo("terminated" if terminated else "interrupted", err=True)
+        raise typer.Exit(code=143 if terminated else 130) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every ``finally`` runs: outputs remove their
+    temporary versions and release their locks, clusters are closed."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 @app.callback()
@@ -123,6 +136,8 @@ def _root(
 ) -> None:
     """Learn a cosine-similarity metric from labelled pairs of vectors, at any scale."""
     _state["debug"] = debug
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 @app.command(cls=_Command)
@@ -159,7 +174,7 @@ def transform(
         from .transform import transform_file
 
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
-                                block_rows=block_rows)
+                                block_rows=block_rows, inputs=[model])
         what = "pairs" if src.is_dir() else "vectors"
         typer.echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
                    f"to {report.path}")
@@ -485,7 +500,7 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from .driver import TrainConfig
-    from .train import RunOptions, check_request, train_store
+    from .train import RunOptions, check_request, finished_message, train_store
 
     config = TrainConfig(
         loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
@@ -496,6 +511,10 @@ def train(
                          on_invalid="skip" if skip_invalid else "raise")
     _, checkpoint = run(lambda: check_request(store, str(out), config, options,
                                               overwrite=overwrite, resume=resume))
+    done = finished_message(checkpoint, config) if resume else None
+    if done:
+        typer.echo(f"nothing to resume: {done}")
+        return
     console = Console(stderr=True)
     with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
                   security) as client:
@@ -533,6 +552,9 @@ def train(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
+    if result.resumed_complete:
+        typer.echo(f"nothing to resume: {finished_message(checkpoint, config)}")
+        return
     attrs = result.model.attrs
     console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")

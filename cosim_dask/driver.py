@@ -221,7 +221,12 @@ def state_to_attrs(state: TrainState) -> dict[str, Any]:
 
 
 def state_from_attrs(attrs: dict[str, Any]) -> TrainState:
+    """The loop state a checkpoint saved. A stopping rule that fired stays fired (a checkpoint
+    written at the step where the loss converged must not take one more step on resume); only
+    the step limit is looked at again, since a resumed run may raise it."""
     best = attrs.get("best_score")
+    reason = attrs.get("stop_reason")
     return TrainState(step=int(attrs["step"]), history=list(attrs.get("history", [])),
                       best_score=-math.inf if best is None else float(best),
-                      since_best=int(attrs.get("since_best", 0)), stop_reason=None)
+                      since_best=int(attrs.get("since_best", 0)),
+                      stop_reason=None if reason == "max steps" else reason)

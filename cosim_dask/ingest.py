@@ -180,7 +180,7 @@ def _write(
     store: str | os.PathLike, d: int, blocks: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
     *, targets: str | None, zero_is_negative: bool, drop_invalid: bool, normalize: bool,
     chunk_rows: int, codec: str, overwrite: bool, provenance: dict,
-    progress: Progress | None,
+    progress: Progress | None, inputs: tuple,
 ) -> IngestReport:
     if targets is not None and targets not in TARGET_KINDS:
         raise CosimError(f"targets={targets!r} must be one of {TARGET_KINDS}")
@@ -191,8 +191,10 @@ def _write(
     started = time.perf_counter()
     dropped: dict[str, int] = {}
     row0 = 0
+    # The output policy refuses a store that is, holds or lies inside one of its input files.
+    paths = [src for src in inputs if isinstance(src, str | os.PathLike)]
     with create_store(store, d=d, chunk_rows=chunk_rows, codec=codec, targets=kind,
-                      provenance=provenance, overwrite=overwrite) as writer:
+                      provenance=provenance, overwrite=overwrite, inputs=paths) as writer:
         for chunk, (x, y, t) in enumerate(blocks):
             b = len(t)
             xk, yk, tk, lost = clean_block(
@@ -260,7 +262,8 @@ def ingest_arrays(
                                                          ("target", target))}}
     return _write(store, d, blocks(), targets=targets, zero_is_negative=zero_is_negative,
                   drop_invalid=drop_invalid, normalize=normalize, chunk_rows=rows,
-                  codec=codec, overwrite=overwrite, provenance=provenance, progress=progress)
+                  codec=codec, overwrite=overwrite, provenance=provenance, progress=progress,
+                  inputs=(x, y, target))
 
 
 def _source(src: ArrayLike) -> Any:
@@ -435,7 +438,8 @@ def ingest_pairs(
                   "sources": {"embeddings": _source(embeddings), "pairs": _source(path)}}
     return _write(store, d, blocks(), targets=targets, zero_is_negative=zero_is_negative,
                   drop_invalid=drop_invalid, normalize=normalize, chunk_rows=rows,
-                  codec=codec, overwrite=overwrite, provenance=provenance, progress=progress)
+                  codec=codec, overwrite=overwrite, provenance=provenance, progress=progress,
+                  inputs=(embeddings, path))
 
 
 def _gather(E: np.ndarray, idx: np.ndarray) -> np.ndarray:

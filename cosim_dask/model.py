@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_directory
 from .errors import ModelError
+from .outputs import MODEL, Output, claim_output, recover
 
 FORMAT = "cosim-model"
 FORMAT_VERSION = 1
@@ -68,26 +69,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def save_model(path: str | os.PathLike, model: Model, *, overwrite: bool) -> None:
-    """Write ``model`` to ``path`` atomically (temporary directory, then rename).
+def save_model(path: str | os.PathLike, model: Model, *, overwrite: bool = False,
+               inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Write ``model`` to ``path`` through the output policy (:func:`claim_output`): locked,
+    never over an input or anything but a model, old or new at every instant.
 
-    A failed write (disk full, file size limit, ...) leaves no temporary directory and the
-    previous ``path``, if any, as it was; it raises :class:`ModelError` saying so.
+    A failed write (disk full, file size limit, ...) leaves no temporary folder and the
+    previous ``path``, if any, as it was; it raises one line saying so.
     """
-    existed = Path(path).exists()
-    try:
-        _save(path, model, overwrite=overwrite)
-    except OSError as exc:
-        kept = (f"the previous {str(path)!r} is intact" if existed
-                else "nothing was written")
-        raise ModelError(f"cannot write model {str(path)!r}: {exc.strerror or exc} "
-                         f"({type(exc).__name__}); {kept}") from exc
+    with claim_output(path, MODEL, overwrite=overwrite, inputs=inputs) as target:
+        write_model(target, model)
 
 
-def _save(path: str | os.PathLike, model: Model, *, overwrite: bool) -> None:
+def write_model(target: Output, model: Model) -> None:
+    """Write ``model`` as a new version of the claimed output ``target`` (a run that holds
+    its output for checkpoints writes each one with this)."""
     import zarr
 
-    with atomic_directory(path, overwrite=overwrite, what="model") as tmp:
+    with target.staged() as tmp:
         root = zarr.open_group(tmp, mode="w")
         root.attrs.update(_json_safe({**model.attrs, "format": FORMAT,
                                       "format_version": FORMAT_VERSION, "d": model.d}))
@@ -117,6 +116,7 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
     """Read a model written by :func:`save_model`; :class:`ModelError` when it is not one."""
     import zarr
 
+    recover(path)  # a swap a killed writer left half done
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model {str(path)!r} does not exist; train one with `cosim train`")

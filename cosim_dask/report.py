@@ -8,12 +8,9 @@ are drawn with matplotlib when it is installed (``pip install 'cosim-dask[report
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -23,9 +20,9 @@ import numpy as np
 
 from . import __version__
 from ._svg import Chart, Series, VMark, placeholder, render
-from .atomic import check_new_output
 from .errors import CosimError
 from .model import Model, load_model
+from .outputs import HTML_REPORT, PNG_FIGURE, check_not_input, check_output, claim_output
 
 PNG_NAMES = ("loss.png", "val_auc.png", "roc.png", "spectrum.png")
 FIGURE_KEYS = ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")
@@ -98,24 +95,32 @@ def write_report(
     Raises :class:`~cosim_dask.errors.CosimError` (one line) for an existing output or a path
     that is not a model. Returns the page's path.
     """
-    out = check_new_output(out_html, overwrite=overwrite, what="report")
+    # Every output checked before anything is drawn: none may be the model, and each replaces
+    # only its own kind (a report page, a PNG figure).
+    inputs = [model_path]
+    check_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs)
+    out = Path(out_html)
     png_path = Path(png_dir) if png_dir is not None else default_png_dir(out)
     have_mpl = matplotlib_available()
-    clash = [png_path / n for n in PNG_NAMES if (png_path / n).exists()] if have_mpl else []
-    if clash and not overwrite:
-        raise CosimError(f"figure {str(clash[0])!r} already exists; pass --overwrite to "
-                         "replace it (or choose another --png-dir)")
+    if have_mpl:
+        check_not_input(png_path, inputs)
+        if png_path.exists() and not png_path.is_dir():
+            raise CosimError(f"the figures folder {str(png_path)!r} is a file; choose another "
+                             "--png-dir")
+        for name in PNG_NAMES if png_path.is_dir() else ():
+            check_output(png_path / name, PNG_FIGURE, overwrite=overwrite, inputs=inputs)
     model = load_model(model_path)
     data = report_data(model)
-    pngs: list[Path] = []
-    if have_mpl:
-        png_path.mkdir(parents=True, exist_ok=True)
-        pngs = write_pngs(data, png_path)
-    page = render_page(model, data, model_path=str(model_path),
-                       png_note=NO_MATPLOTLIB if not have_mpl else
-                       f"PNG figures: {', '.join(str(p) for p in pngs)}")
-    with _atomic_file(out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    with claim_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs) as page_out:
+        pngs: list[Path] = []
+        if have_mpl:
+            png_path.mkdir(parents=True, exist_ok=True)
+            pngs = write_pngs(data, png_path, overwrite=overwrite, inputs=inputs)
+        page = render_page(model, data, model_path=str(model_path),
+                           png_note=NO_MATPLOTLIB if not have_mpl else
+                           f"PNG figures: {', '.join(str(p) for p in pngs)}")
+        with page_out.staged() as tmp:
+            tmp.write_text(page, encoding="utf-8")
     return out
 
 
@@ -130,16 +135,6 @@ def matplotlib_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Path]:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- the charts
@@ -199,13 +194,16 @@ def _roc_labels(data: dict[str, Any]) -> dict[str, str]:
     return labels
 
 
-def write_pngs(data: dict[str, Any], folder: Path) -> list[Path]:
-    """The same four charts as PNG files drawn with matplotlib (no pyplot, no global state)."""
+def write_pngs(data: dict[str, Any], folder: Path, *, overwrite: bool = False,
+               inputs: list | tuple = ()) -> list[Path]:
+    """The same four charts as PNG files drawn with matplotlib (no pyplot, no global state),
+    each written through the output policy."""
     from matplotlib.figure import Figure
 
     def save(fig: Figure, name: str) -> Path:
         path = folder / name
-        with _atomic_file(path) as tmp:
+        with claim_output(path, PNG_FIGURE, overwrite=overwrite, inputs=inputs) as target, \
+                target.staged() as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         return path
 
@@ -346,6 +344,7 @@ def render_page(model: Model, data: dict[str, Any], *, model_path: str, png_note
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="generator" content="cosim-dask {__version__}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>cosim training report: {escape(Path(model_path).name)}</title>
 <style>{CSS}</style>

@@ -12,7 +12,7 @@ and group attributes naming the format and its version, ``n``, ``d``, ``chunk_ro
 targets are read (``"binary"`` ±1 or ``"graded"`` in [-1, 1]), the codec, target statistics,
 a creation uuid and provenance. The format attributes are written last, when every chunk is in
 place, so a store whose writing stopped half-way is never mistaken for a complete one; local
-stores are moreover written under a temporary name and renamed (:mod:`cosim_dask.atomic`).
+stores are moreover written under a temporary name and swapped in (:mod:`cosim_dask.outputs`).
 
 The train/validation split needs no second copy of the data: :func:`validation_mask` draws a
 seeded per-row mask for each chunk from ``(seed, chunk_index)`` alone.
@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,8 +35,8 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from .atomic import atomic_directory
 from .errors import CosimError, StoreError
+from .outputs import PAIR_STORE, claim_output, recover
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -161,6 +161,7 @@ def open_store(path: str | os.PathLike) -> PairStore:
     import dask.array as da
 
     spath = os.fspath(path)
+    recover(spath)  # a swap a killed writer left half done
     if not is_url(spath) and not Path(spath).exists():
         raise StoreError(f"pair store {spath!r} does not exist; create one with "
                          "`cosim generate` or `cosim ingest`")
@@ -371,12 +372,15 @@ def create_store(
     codec: str = DEFAULT_CODEC, targets: str | None = None,
     hidden_metric: np.ndarray | None = None, provenance: dict | None = None,
     overwrite: bool = False, shard_chunks: int | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> Iterator[PairStoreWriter]:
     """Create a pair store and yield a :class:`PairStoreWriter` to fill it.
 
     On leaving the block the store is finalised (format attributes last) and, for a local
-    path, renamed into place; on an exception nothing is left and an existing store at
-    ``path`` is untouched. ``targets=None`` infers "binary" when every target is ±1.
+    path, swapped into place through the output policy (:mod:`cosim_dask.outputs`: locked,
+    replaces only a pair store, never one of ``inputs``); on an exception nothing is left and
+    an existing store at ``path`` is untouched. ``targets=None`` infers "binary" when every
+    target is ±1.
 
     Parameters
     ----------
@@ -388,6 +392,8 @@ def create_store(
         Pairs per chunk; default :func:`default_chunk_rows` of ``d``.
     hidden_metric : numpy.ndarray, optional
         ``(d, d)`` A* of a generated store.
+    inputs : paths
+        The files the pairs come from: the store may not be, contain or lie inside one.
     provenance : dict, optional
         JSON-serialisable record of how the store was made.
     """
@@ -425,23 +431,9 @@ def create_store(
                              "fsspec filesystem package for this URL installed?)") from exc
         yield from fill(group)
         return
-    _check_replaceable(Path(spath), overwrite)
-    with atomic_directory(spath, overwrite=overwrite, what="pair store") as tmp:
-        yield from fill(zarr.open_group(str(tmp), mode="w-", zarr_format=3))
-
-
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    """With ``--overwrite``, replace only a pair store (or an empty folder): a typo such as
-    ``cosim ingest ~/data --overwrite`` must not delete a folder of other files."""
-    if not (overwrite and path.exists()):
-        return
-    if path.is_dir() and not any(path.iterdir()):
-        return
-    try:
-        open_store(path)
-    except StoreError as exc:
-        raise StoreError(f"refusing to replace {str(path)!r}: it is not a readable cosim pair "
-                         "store; remove it yourself or choose another STORE") from exc
+    with claim_output(spath, PAIR_STORE, overwrite=overwrite, inputs=inputs) as target, \
+            target.staged() as tmp:
+        yield from fill(zarr.open_group(str(tmp), mode="w", zarr_format=3))
 
 
 def bytes_on_disk(path: str | os.PathLike) -> int:

@@ -20,7 +20,6 @@ import numpy as np
 from distributed import Client
 
 from . import __version__
-from .atomic import check_new_output, output_lock
 from .cluster import cluster_memory
 from .driver import (
     StepCallback,
@@ -32,9 +31,11 @@ from .driver import (
 )
 from .errors import ClusterError, CosimError, TrainingError
 from .evaluate import roc_points, score_pieces, summarize
-from .model import Model, load_model, save_model
+from .model import Model, load_model, write_model
 from .objective import Objective
+from .outputs import MODEL, check_output, claim_output, reading, recover
 from .step import (
+    DEFAULT_SPLIT_EVERY,
     DaskPairs,
     Pieces,
     chunks_per_task,
@@ -76,6 +77,8 @@ class TrainResult:
     state: TrainState
     cache: str
     seconds: float
+    #: ``--resume`` of a model that was already complete: nothing was trained or written.
+    resumed_complete: bool = False
 
 
 def choose_cache(mode: str, data_bytes: int, memory_bytes: int) -> str:
@@ -110,11 +113,12 @@ class Checkpoint:
 
     model: Model
     identity: tuple[int, int, int]
+    path: str = ""
 
     @classmethod
     def read(cls, out: str) -> Checkpoint:
         identity = _identity(out)  # before reading: a rewrite meanwhile reads as a change
-        return cls(load_model(out, with_solver=True), identity)
+        return cls(load_model(out, with_solver=True), identity, out)
 
     def is_current(self, out: str) -> bool:
         return Path(out).exists() and _identity(out) == self.identity
@@ -147,21 +151,34 @@ def train_store(
     ``checkpoint``, the one :func:`check_request` read, is used instead of reading ``out``
     again, unless ``out`` has been rewritten since.
 
-    ``out + ".lock"`` is held for the whole run: a second run writing ``out`` is refused.
+    ``out`` is claimed through the output policy (:func:`claim_output`) for the whole run: a
+    second run writing it is refused, it may not be the store, and every checkpoint and the
+    final model replace it in one step. The store is held with a shared lock
+    (:func:`reading`), so no command replaces it while the run reads it.
+
+    Resuming a model that is already complete changes nothing and returns it (``resumed_complete``
+    on the result): see :func:`finished_message`.
     """
-    with output_lock(out, what="model"):
-        return _train_store(store_path, out, config, client=client, options=options,
+    with claim_output(out, MODEL, overwrite=overwrite or resume, inputs=[store_path]) as target, \
+            reading(store_path):
+        return _train_store(store_path, target, config, client=client, options=options,
                             overwrite=overwrite, resume=resume, checkpoint=checkpoint,
                             on_step=on_step, on_start=on_start, dashboard=dashboard,
                             run_id=run_id)
 
 
-def _train_store(store_path, out, config, *, client, options, overwrite, resume, checkpoint,
+def _train_store(store_path, target, config, *, client, options, overwrite, resume, checkpoint,
                  on_step, on_start, dashboard, run_id) -> TrainResult:
+    out = target.shown
     options = options or RunOptions()
     # Checked again under the lock: another run may have written ``out`` meanwhile.
     store, checkpoint = check_request(store_path, out, config, options, overwrite=overwrite,
                                       resume=resume, checkpoint=checkpoint)
+    if resume and finished_message(checkpoint, config) is not None:
+        state = state_from_attrs({**checkpoint.model.attrs["train_state"],
+                                  "history": checkpoint.model.attrs["history"]})
+        return TrainResult(checkpoint.model, state, "none", 0.0, resumed_complete=True)
+    split_every = resolve_split_every(options.split_every)
     form = config.make_parameterisation()
     solver = config.make_solver()
     state = _restore(checkpoint.model, solver) if resume else None
@@ -180,6 +197,8 @@ def _train_store(store_path, out, config, *, client, options, overwrite, resume,
         "solver": config.solver, "settings": asdict(config), "settings_key": config.key(),
         "store_fingerprint": store.fingerprint, "store_path": str(store_path),
         "targets": store.targets, "cosim_version": __version__,
+        # The fan-in fixes the order of the float sums, so the bits of A: a resume must keep it.
+        "split_every": split_every,
     }
     publisher = None
     if dashboard:
@@ -206,8 +225,7 @@ def _train_store(store_path, out, config, *, client, options, overwrite, resume,
             on_step(record)
 
     def checkpoint(solver_, state_: TrainState) -> None:
-        save_model(out, _model(form, solver_, state_, base_attrs, complete=False),
-                   overwrite=True)
+        write_model(target, _model(form, solver_, state_, base_attrs, complete=False))
         progress["checkpoint"] = state_.step
 
     started = time.perf_counter()
@@ -219,7 +237,7 @@ def _train_store(store_path, out, config, *, client, options, overwrite, resume,
         )
         seconds = time.perf_counter() - started
         model = _model(form, solver, state, base_attrs, complete=True)
-        model.attrs.update(_final_figures(client, pieces, model.A, config, binary, options))
+        model.attrs.update(_final_figures(client, pieces, model.A, config, binary, split_every))
     except Exception as exc:
         if isinstance(exc, ClusterError | OSError | CancelledError) and scheduler_lost(client):
             raise _scheduler_lost(exc, store_path, out, progress, overwrite) from None
@@ -228,7 +246,7 @@ def _train_store(store_path, out, config, *, client, options, overwrite, resume,
         if publisher and not scheduler_lost(client):
             publisher.close()
     model.attrs["train_seconds"] = seconds
-    save_model(out, model, overwrite=True)
+    write_model(target, model)
     return TrainResult(model, state, cache, seconds)
 
 
@@ -269,10 +287,10 @@ def check_request(
     if resume and overwrite:
         raise CosimError("--resume and --overwrite contradict each other; pass one")
     if resume:
+        recover(out)  # a swap a killed run left half done
         if not Path(out).exists():
             raise TrainingError(f"nothing to resume: {out!r} does not exist; drop --resume")
-    else:
-        check_new_output(out, overwrite=overwrite, what="model")
+    check_output(out, MODEL, overwrite=overwrite or resume, inputs=[store_path])
     store = open_store(store_path)
     if config.rank is not None and config.rank > store.d:
         raise CosimError(f"rank={config.rank} must be between 1 and the dimension d={store.d}")
@@ -286,12 +304,13 @@ def check_request(
         return store, None
     if checkpoint is None or not checkpoint.is_current(out):
         checkpoint = Checkpoint.read(out)
-    _check_checkpoint(checkpoint.model, out, config, store)
+    _check_checkpoint(checkpoint.model, out, config, store, options)
     _restore(checkpoint.model, config.make_solver())  # its solver state must load too
     return store, checkpoint
 
 
-def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairStore) -> None:
+def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairStore,
+                      options: RunOptions) -> None:
     if model.solver_state is None:
         raise TrainingError(f"{out!r} holds no solver state to resume from")
     if model.attrs.get("settings_key") != config.key():
@@ -308,6 +327,32 @@ def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairSt
             f"cannot resume {out!r}: it was trained on another store "
             f"({model.attrs.get('store_path')!r}); use that store or --overwrite"
         )
+    # Models written before the fan-in was recorded used the default.
+    saved = model.attrs.get("split_every", DEFAULT_SPLIT_EVERY)
+    now = resolve_split_every(options.split_every)
+    if saved != now:
+        raise TrainingError(
+            f"cannot resume {out!r}: it was trained with --split-every {saved}, now {now}; "
+            "the fan-in fixes the order of the sums and so the result: pass --split-every "
+            f"{saved}, or start afresh with --overwrite"
+        )
+
+
+def finished_message(checkpoint: Checkpoint | None, config: TrainConfig) -> str | None:
+    """Why resuming ``checkpoint`` has nothing to do (None when it has): the model is complete
+    and either stopped by itself (converged, patience, ...) or reached ``config.steps``.
+
+    A run that stopped at its step limit goes on when the limit is raised; one that stopped by
+    itself would stop at the same step with any limit, so resuming it changes nothing."""
+    if checkpoint is None or not checkpoint.model.attrs.get("complete"):
+        return None
+    attrs = checkpoint.model.attrs
+    steps, reason = attrs.get("steps"), attrs.get("stop_reason")
+    if reason == "max steps" and config.steps > steps:
+        return None
+    hint = ("; raise --steps to train further" if reason == "max steps"
+            else "; it stopped by itself, so more steps would change nothing")
+    return f"{checkpoint.path!r} is already complete ({steps} steps, stopped: {reason}){hint}"
 
 
 def _restore(model: Model, solver) -> TrainState:
@@ -343,12 +388,13 @@ def _model(form, solver, state: TrainState, base_attrs: dict, *, complete: bool)
     return Model(A=A, M=M, attrs=attrs, solver_state=solver.state())
 
 
-def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, options) -> dict:
+def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, split_every: int
+                   ) -> dict:
     """Thresholds calibrated on the training rows; figures and ROC on the validation rows."""
     splits = ("train", "validation") if config.validation > 0 else ("train",)
     stats = score_pieces(client, pieces, A, loss=config.make_loss(binary),
                          validation=config.validation, seed=config.seed, splits=splits,
-                         split_every=options.split_every or 8)
+                         split_every=split_every)
     figures: dict[str, Any] = {"train_figures": summarize(stats, "train", binary=binary)}
     if binary:
         figures["threshold"] = figures["train_figures"]["learned"]["threshold"]

@@ -2,23 +2,24 @@
 plain cosine similarity downstream (a vector database, FAISS) equals the learned similarity.
 
 The input is read memory-mapped and streamed in row blocks, so memory stays bounded whatever
-its size; the output is written under a temporary name beside OUT and renamed into place only
-when every block is done. Sources are dispatched by kind (:func:`transform_file`): a ``.npy``
-array, or a pair store (both sides of every pair, into a new pair store).
+its size; the output is written through the output policy (:mod:`cosim_dask.outputs`): under a
+temporary name beside OUT, renamed into place only when every block is done. Sources are
+dispatched by kind (:func:`transform_file`): a ``.npy`` array, or a pair store (both sides of
+every pair, into a new pair store).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
 from .errors import CosimError, ShapeError
 from .model import Model
+from .outputs import NPY_ARRAY, claim_output
 
 #: Rows per block: 65,536 × d = 128 float32 is 32 MB in and out; large enough that the GEMM
 #: dominates the Python overhead, small enough to bound memory.
@@ -84,6 +85,7 @@ def transform_file(
     *,
     overwrite: bool = False,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> TransformReport:
     """Write ``L x`` for every vector of ``src`` to the ``.npy`` file ``out``.
 
@@ -94,6 +96,8 @@ def transform_file(
     out : the output ``.npy`` path, (n, k), float32 for float16/float32 input, else float64
     overwrite : replace an existing ``out``
     block_rows : rows per block (bounds memory)
+    inputs : other files the command reads (the model's path): ``out`` may not be one of
+        them, nor ``src`` (the output policy, :mod:`cosim_dask.outputs`)
 
     Raises
     ------
@@ -104,7 +108,7 @@ def transform_file(
     if block_rows < 1:
         raise CosimError(f"block_rows={block_rows} must be >= 1")
     if Path(src).is_dir():
-        return transform_store(model, src, out, overwrite=overwrite)
+        return transform_store(model, src, out, overwrite=overwrite, inputs=inputs)
     array = open_embeddings(src)
     n, d = array.shape
     if d != model.d:
@@ -112,25 +116,25 @@ def transform_file(
                          f"per vector (shape {array.shape})")
     L = model.components()
     out_dtype = np.float32 if array.dtype in (np.float16, np.float32) else np.float64
-    with atomic_file(out, overwrite=overwrite, what="output") as tmp:
-        # A memory-mapped .npy written block by block: bounded memory for any n.
-        result = np.lib.format.open_memmap(tmp, mode="w+", dtype=out_dtype,
-                                           shape=(n, L.shape[0]))
-        try:
-            for lo, block in _blocks(array, block_rows):
-                finite = np.isfinite(block).all(axis=1)
-                if not finite.all():
-                    raise CosimError(f"input {str(src)!r} has NaN or Inf values (first at row "
-                                     f"{lo + int(np.argmin(finite))}); nothing was written")
-                result[lo : lo + len(block)] = transform_block(L, block)
-            result.flush()
-        finally:
-            del result  # close the map before the rename (and before removal on failure)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(out_dtype)),
+              "fortran_order": False, "shape": (n, L.shape[0])}
+    with claim_output(out, NPY_ARRAY, overwrite=overwrite, inputs=[src, *inputs]) as target, \
+            target.staged() as tmp, open(tmp, "wb") as f:
+        # Written block by block with plain writes (bounded memory for any n); never a
+        # memory map of a sparse file, on which a full disk is a SIGBUS instead of ENOSPC.
+        np.lib.format.write_array_header_2_0(f, header)
+        for lo, block in _blocks(array, block_rows):
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                raise CosimError(f"input {str(src)!r} has NaN or Inf values (first at row "
+                                 f"{lo + int(np.argmin(finite))}); nothing was written")
+            f.write(np.ascontiguousarray(transform_block(L, block), dtype=out_dtype).data)
     return TransformReport(str(out), n, d, L.shape[0], np.dtype(out_dtype).name)
 
 
 def transform_store(
     model: Model, src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
 ) -> TransformReport:
     """Write a new pair store with ``L x`` and ``L y`` for every pair of the store ``src``
     (same targets, same chunking), chunk by chunk in bounded memory.
@@ -152,7 +156,8 @@ def transform_store(
     provenance = {"command": "transform", "source": str(src),
                   "model": model.attrs.get("run_id"), "cosim_version": __version__}
     with create_store(out, d=L.shape[0], chunk_rows=store.chunk_rows, targets=store.targets,
-                      provenance=provenance, overwrite=overwrite) as writer:
+                      provenance=provenance, overwrite=overwrite,
+                      inputs=[src, *inputs]) as writer:
         for s in store.chunk_slices():
             x, y = np.asarray(group["x"][s]), np.asarray(group["y"][s])
             writer.append(transform_block(L, x), transform_block(L, y),

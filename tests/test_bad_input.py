@@ -61,6 +61,10 @@ def world(tmp_path_factory):
     np.save(w / "t40.npy", np.ones(40, dtype=np.float32))
     (w / "x.txt").write_text("1,2,3\n")
     (w / "tls.yaml").write_text("distributed: {comm: {tls: {client: {cert: a.pem}}}}\n")
+    # A store that holds one of the inputs of a command that would replace it.
+    generate_store(w / "sx.zarr", pairs=100, dim=6, rank=2, targets="binary", seed=1)
+    np.save(w / "sx.zarr" / "x.npy", rng.standard_normal((50, 6)).astype(np.float32))
+    (w / "link-to-store").symlink_to(w / "store.zarr")
     return w
 
 
@@ -129,6 +133,36 @@ CLI_CASES = [
     ("generate-dim-0", ["generate", "{w}/g.zarr", "--pairs", "10", "--dim", "0"], ["dim=0"]),
     ("generate-over-store", ["generate", S, "--pairs", "10", "--dim", "2"], ["already exists"]),
     ("info-missing", ["info", "{w}/none.zarr"], ["does not exist"]),
+    # The output policy: never an input, never another kind of artifact, even with --overwrite.
+    ("out-is-the-store", ["train", S, "--out", S, "--overwrite"], ["is the input"]),
+    ("out-contains-the-store", ["train", S, "--out", "{w}", "--overwrite"],
+     ["contains the input"]),
+    ("out-inside-the-store", ["train", S, "--out", "{w}/store.zarr/m.zarr"],
+     ["lies inside the input"]),
+    ("out-links-to-the-store", ["train", S, "--out", "{w}/link-to-store", "--overwrite"],
+     ["is the input"]),
+    ("out-is-a-folder-of-files", ["train", S, "--out", "{w}/folder", "--overwrite"],
+     ["refusing to replace", "not a cosim model"]),
+    ("out-is-another-store", ["train", S, "--out", "{w}/sx.zarr", "--overwrite"],
+     ["refusing to replace", "not a cosim model"]),
+    ("ingest-over-its-input", ["ingest", "{w}/sx.zarr", "--x", "{w}/sx.zarr/x.npy", "--y",
+                               "{w}/y.npy", "--target", "{w}/t.npy", "--overwrite"],
+     ["contains the input", "x.npy"]),
+    ("generate-over-a-model", ["generate", M, "--pairs", "10", "--dim", "2", "--overwrite"],
+     ["refusing to replace", "not a cosim pair store"]),
+    ("generate-over-a-store-with-extras", ["generate", "{w}/sx.zarr", "--pairs", "10",
+                                           "--dim", "2", "--overwrite"],
+     ["refusing to replace", "holds other files", "x.npy"]),
+    ("transform-onto-the-model", ["transform", M, "{w}/x.npy", M, "--overwrite"],
+     ["is the input"]),
+    ("transform-onto-its-input", ["transform", M, "{w}/x.npy", "{w}/x.npy", "--overwrite"],
+     ["is the input"]),
+    ("transform-over-a-model", ["transform", M, "{w}/x.npy", "{w}/model-d3.zarr",
+                                "--overwrite"], ["refusing to replace", "is a folder"]),
+    ("transform-store-onto-the-store", ["transform", M, S, S, "--overwrite"], ["is the input"]),
+    ("report-onto-the-model", ["report", M, "--out", M, "--overwrite"], ["is the input"]),
+    ("report-over-another-file", ["report", M, "--out", "{w}/x.txt", "--overwrite"],
+     ["refusing to replace", "not a report"]),
     ("info-validation-1.5", ["info", S, "--validation", "1.5"], ["1.5"]),
 ]
 

@@ -248,7 +248,7 @@ def test_interrupted_ingest_keeps_old_store(tmp_path, aligned, monkeypatch):
         real_append(self, *args)
 
     monkeypatch.setattr(PairStoreWriter, "append", failing_append)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CosimError, match="No space left on device.*is intact"):
         ingest_arrays(path, y, x, t, chunk_rows=16, overwrite=True)
     monkeypatch.undo()
     store = open_store(path)

@@ -216,13 +216,20 @@ def test_existing_out_needs_overwrite_and_is_untouched(trained, tmp_path):
                             "to replace it\n"
     assert out.read_text() == "old report"
     assert not (tmp_path / "report-figures").exists()
+    # --overwrite replaces only a report cosim wrote, never another file.
+    result = cosim("report", trained, "--out", out, "--overwrite", expect=2)
+    assert "refusing to replace" in result.output and "not a report" in result.output
+    assert out.read_text() == "old report"
+    out.unlink()
+    cosim("report", trained, "--out", out)
     cosim("report", trained, "--out", out, "--overwrite")
     assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_failure_while_writing_leaves_the_old_page(trained, tmp_path, monkeypatch):
     out = tmp_path / "report.html"
-    out.write_text("old report")
+    write_report(trained, out, png_dir=tmp_path / "png")
+    old = out.read_bytes()
 
     def boom(*args, **kwargs):
         raise CosimError("drawing failed")
@@ -230,7 +237,7 @@ def test_failure_while_writing_leaves_the_old_page(trained, tmp_path, monkeypatc
     monkeypatch.setattr(report_mod, "render_page", boom)
     with pytest.raises(CosimError, match="drawing failed"):
         write_report(trained, out, overwrite=True, png_dir=tmp_path / "png")
-    assert out.read_text() == "old report"
+    assert out.read_bytes() == old
     assert not [p for p in tmp_path.rglob(".*tmp-*")]
 
 

@@ -9,6 +9,7 @@ import zarr
 from cosim_dask import pair_similarity
 from cosim_dask.errors import CosimError, StoreError
 from cosim_dask.ingest import generate_store
+from cosim_dask.outputs import OutputError
 from cosim_dask.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -208,7 +209,7 @@ def test_overwrite_replaces_only_pair_stores(tmp_path, pairs):
     folder = tmp_path / "my-data"
     folder.mkdir()
     (folder / "precious.txt").write_text("keep me")
-    with pytest.raises(StoreError, match="refusing to replace .* not a readable cosim pair"):
+    with pytest.raises(OutputError, match="refusing to replace .* not a cosim pair store"):
         write(folder, x, y, t, chunk_rows=8, overwrite=True)
     assert (folder / "precious.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()

@@ -80,6 +80,12 @@ def test_bad_inputs(tmp_path, rng, full_model):
     # Nothing half-written: no outputs, no temporary files, the existing file untouched.
     assert (tmp_path / "exists.npy").read_bytes() == b"keep me"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".", "out"))]
+    # --overwrite replaces only a .npy array: not a file of other bytes ...
+    with pytest.raises(CosimError, match="refusing to replace .* not a .npy array"):
+        transform_file(full_model, tmp_path / "in.npy", tmp_path / "exists.npy", overwrite=True)
+    assert (tmp_path / "exists.npy").read_bytes() == b"keep me"
+    # ... but an array, yes.
+    np.save(tmp_path / "exists.npy", np.zeros(3))
     transform_file(full_model, tmp_path / "in.npy", tmp_path / "exists.npy", overwrite=True)
     assert np.load(tmp_path / "exists.npy").shape == (20, 6)
 
