@@ -46,7 +46,7 @@ _prefetcher_lock = threading.Lock()
 #: How long a task waits for a store folder that is missing before it reports the store as
 #: invisible: replacing a store renames the old one aside, then the new one in, and a read
 #: between the two renames must see the new store, not an error about the folder.
-MISSING_WAIT_SECONDS = 2.0
+MISSING_WAIT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)

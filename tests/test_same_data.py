@@ -53,18 +53,18 @@ def address(folders):
         yield addr
 
 
-def test_relative_store_path_reads_the_drivers_store(folders, address):
+def test_relative_store_path_reads_the_drivers_store(folders, address, monkeypatch):
     driver, worker = folders
     assert open_store(driver / "pairs.zarr").fingerprint != \
         open_store(worker / "pairs.zarr").fingerprint
-    args = ["--steps", 3, "--cache", "stream", "--scheduler", address]
-    relative = subprocess.run(cosim_cmd("train", "pairs.zarr", "--out", "rel.zarr", *args),
-                              cwd=driver, capture_output=True, text=True, timeout=180)
-    assert relative.returncode == 0, relative.stderr
-    absolute = subprocess.run(cosim_cmd("train", driver / "pairs.zarr", "--out",
-                                        driver / "abs.zarr", *args),
-                              cwd=worker, capture_output=True, text=True, timeout=180)
-    assert absolute.returncode == 0, absolute.stderr
+    args = ["--steps", "3", "--cache", "stream", "--scheduler", address]
+    monkeypatch.chdir(driver)  # the driver's working directory: not the worker's
+    relative = runner.invoke(app, ["train", "pairs.zarr", "--out", "rel.zarr", *args])
+    assert relative.exit_code == 0, relative.output
+    monkeypatch.chdir(worker)
+    absolute = runner.invoke(app, ["train", str(driver / "pairs.zarr"), "--out",
+                                   str(driver / "abs.zarr"), *args])
+    assert absolute.exit_code == 0, absolute.output
     # The worker read the driver's store both times: the same run, the same A.
     np.testing.assert_array_equal(load_model(driver / "rel.zarr").A,
                                   load_model(driver / "abs.zarr").A)
@@ -103,7 +103,7 @@ def test_store_replaced_before_persisting_is_caught(tmp_path, address):
     with Client(address) as client:
         pieces = make_pieces(client, opened, "memory")
         with pytest.raises(StoreError, match=f"fingerprint {started_with}.*fingerprint {found}"):
-            client.gather(list(pieces.held))
+            client.compute(list(pieces.held), sync=True)  # the persisted reads' outcome
 
 
 def test_a_replaced_store_is_not_read_through_the_open_cache(tmp_path):
