@@ -202,7 +202,7 @@ def open_store(path: str | os.PathLike) -> PairStore:
                              f"{got}, attributes say {shape}/{chunks}; re-create it")
         if arr.dtype != np.float32:  # numbers only: nothing is ever unpickled
             raise StoreError(f"pair store {spath!r} is inconsistent: {name} has dtype "
-                             f"{arr.dtype}, expected float32; re-create it")
+                             f"{arr.dtype}, expected floating point (float32); re-create it")
     # Shards, like chunks, must cut the rows of x, y and target at the same places: a task's
     # rows are read from each array by the same grid.
     shards = {name: (arr.shards or arr.chunks)[0] for name, arr in arrays.items()}
@@ -499,11 +499,15 @@ def _check_replaceable(path: Path, overwrite: bool) -> None:
         return
     if path.is_dir() and not any(path.iterdir()):
         return
+    # Only its format attribute: a damaged pair store (a missing chunk, contradicting
+    # stats), which open_store refuses, is exactly what a user re-creates over.
     try:
-        open_store(path)
-    except StoreError as exc:
+        is_store = zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - no readable group: not a pair store
+        is_store = False
+    if not is_store:
         raise StoreError(f"refusing to replace {str(path)!r}: it is not a readable cosim pair "
-                         "store; remove it yourself or choose another STORE") from exc
+                         "store; remove it yourself or choose another STORE")
 
 
 def bytes_on_disk(path: str | os.PathLike) -> int:

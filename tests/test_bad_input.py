@@ -232,7 +232,7 @@ CLI_CASES = [
      ["target_stats is str", "is damaged"]),
     ("store-shards-differ", ["info", "{w}/store-shards.zarr"], ["row blocks", "inconsistent"]),
     ("store-x-float64", ["transform", M, "{w}/store-x-float64.zarr", "{w}/t.zarr"],
-     ["x has dtype float64, expected float32"]),
+     ["x has dtype float64, expected floating point (float32)"]),
     ("ingest-x-missing", ["ingest", "{w}/i.zarr", "--x", "{w}/none.npy", "--y", "{w}/y.npy",
                           "--target", "{w}/t.npy"], ["none.npy", "does not exist"]),
     ("ingest-x-integers", ["ingest", "{w}/i.zarr", "--x", "{w}/xint.npy", "--y", "{w}/y.npy",
@@ -261,6 +261,20 @@ def test_cli_bad_input(world, scheduler, argv, fragments):
     assert result.exit_code == 2, (result.output, result.exception)
     one_line_error(result.stderr, *fragments)
     assert tree_hash(world) == before  # nothing that existed changed, nothing was added
+
+
+def test_a_damaged_store_can_be_regenerated_over(tmp_path):
+    """open_store refuses a store with a missing chunk; --overwrite still replaces it, as
+    the error message advises."""
+    path = tmp_path / "s.zarr"
+    generate_store(path, pairs=2_000, dim=4, rank=2, targets="binary", seed=1, chunk_rows=500)
+    (path / "x" / "c" / "2" / "0").unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        open_store(path)
+    result = runner.invoke(app, ["generate", str(path), "--pairs", "2000", "--dim", "4",
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert open_store(path).n == 2_000
 
 
 def test_debug_shows_the_traceback(world):
