@@ -154,7 +154,8 @@ def evaluate_model(
         raise CosimError("the model was trained without validation rows; use --split all")
     binary = store.targets == "binary"
     loss = _model_loss(model.attrs, binary)
-    stats = score_pieces(client, store_pieces(store.path, store.chunk_slices()), model.A,
+    pieces = store_pieces(store.path, store.chunk_slices(), identity=store.fingerprint)
+    stats = score_pieces(client, pieces, model.A,
                          loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
                          splits=(split,), joint=not binary, split_every=split_every)
     thresholds = {"learned": model.attrs.get("threshold"),

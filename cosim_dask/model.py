@@ -107,13 +107,71 @@ def write_model(target: Output, model: Model) -> None:
 def _write(group, name: str, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array, dtype=np.float64)
     # Uncompressed and in one chunk: exact float64 round trip, and the files are small.
+    # write_empty_chunks: zarr skips an all-zero chunk (a zero gradient), and load_model
+    # reports a missing chunk file as damage.
     z = group.create_array(name, shape=array.shape, dtype="float64",
-                           chunks=array.shape or None, compressors=None)
+                           chunks=array.shape or None, compressors=None,
+                           config={"write_empty_chunks": True})
     z[...] = array
 
 
+#: Tolerances of the checks on A at load time, relative to its size: entries of A − Aᵀ at
+#: most SYMMETRY_TOL·max|A|, eigenvalues at least −PSD_TOL·λ_max. Round-off of MᵀM or of a
+#: PSD projection stays orders of magnitude below; anything beyond is a damaged file.
+SYMMETRY_TOL = 1e-8
+PSD_TOL = 1e-8
+
+#: Keys of the ``train_state`` attribute (what a resumed run continues from) and the kinds
+#: of value each holds.
+TRAIN_STATE_KEYS = {"step": "count", "best_score": "number or null", "since_best": "count",
+                    "stop_reason": "text or null"}
+
+#: Attributes the readers rely on, when present, and the kinds of value the format gives
+#: them ("...or null": null allowed). ``history``, ``settings`` and ``train_state`` are
+#: checked in depth by :func:`_check_attrs`.
+ATTR_KINDS = {
+    "steps": "count", "complete": "bool", "rank": "count or null",
+    "threshold": "number or null", "plain_threshold": "number or null",
+    "train_loss": "number or null", "val_loss": "number or null", "val_auc": "number or null",
+    "train_seconds": "number or null", "param": "text or null", "loss": "text or null",
+    "solver": "text or null", "targets": "text or null", "stop_reason": "text or null",
+    "store_path": "text or null", "store_fingerprint": "text or null",
+    "settings_key": "text or null", "run_id": "text or null",
+    "history": "list", "settings": "dict", "train_state": "dict",
+    "train_figures": "dict or null", "validation_figures": "dict or null",
+    "roc": "dict or null",
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a JSON attribute value is of ``kind`` ("count", "number", "text", "bool",
+    "list", "dict", each optionally "... or null")."""
+    if kind.endswith(" or null"):
+        return value is None or _is_kind(value, kind[: -len(" or null")])
+    if isinstance(value, bool):
+        return kind == "bool"
+    return {"count": isinstance(value, int) and value >= 0,
+            "number": isinstance(value, int | float),
+            "text": isinstance(value, str), "list": isinstance(value, list),
+            "dict": isinstance(value, dict)}.get(kind, False)
+
+
+def _damaged(path: Path, problem: str) -> ModelError:
+    return ModelError(f"model {str(path)!r} is damaged: {problem}; retrain it or restore a copy")
+
+
 def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
-    """Read a model written by :func:`save_model`; :class:`ModelError` when it is not one."""
+    """Read a model written by :func:`save_model`; :class:`ModelError` when it is not one.
+
+    Nothing is taken on trust: every array must be present and complete (a missing chunk
+    file is an error, never zeros), A finite, symmetric and positive semi-definite within
+    stated tolerances (max|A − Aᵀ| ≤ :data:`SYMMETRY_TOL`·max|A|, smallest eigenvalue ≥
+    −:data:`PSD_TOL`·largest, largest > 0), M finite and (k, d), the solver's arrays
+    finite, and the attributes the readers rely on of the types the format gives them
+    (:data:`ATTR_KINDS`; ``history`` a list of step records, ``settings`` the training
+    settings, ``train_state`` a dict with :data:`TRAIN_STATE_KEYS`). Any mismatch raises one
+    line, "model PATH is damaged: ...; retrain it or restore a copy".
+    """
     import zarr
 
     recover(path)  # a swap a killed writer left half done
@@ -134,23 +192,106 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
         )
     d = attrs.get("d")
     A = _read(root, "A", path)
-    if not isinstance(d, int) or A.shape != (d, d):
-        raise ModelError(f"model {str(path)!r}: A has shape {A.shape}, expected d={d!r}")
+    if not _is_kind(d, "count") or d < 1 or A.shape != (d, d):
+        raise _damaged(path, f"A has shape {A.shape}, expected d={d!r}")
     if not np.isfinite(A).all():
-        raise ModelError(f"model {str(path)!r}: A has NaN or Inf entries")
+        raise _damaged(path, "A has NaN or Inf entries")
+    _check_psd(A, path)
     M = _read(root, "M", path) if "M" in root else None
-    if M is not None and (M.ndim != 2 or M.shape[1] != d):
-        raise ModelError(f"model {str(path)!r}: M has shape {M.shape}, expected (k, {d})")
+    if M is not None and (M.ndim != 2 or M.shape[1] != d or M.shape[0] < 1):
+        raise _damaged(path, f"M has shape {M.shape}, expected (k, {d})")
+    if M is not None and not np.isfinite(M).all():
+        raise _damaged(path, "M has NaN or Inf entries")
+    _check_attrs(attrs, path)
     state = None
     if with_solver and "solver" in root:
         group = root["solver"]
         state = dict(group.attrs)
         for name in group.array_keys():
             state[name] = _read(group, name, path)
+            if not np.isfinite(state[name]).all():
+                raise _damaged(path, f"solver array {name!r} has NaN or Inf entries")
+        for key in ("train_state", "history"):  # what a resumed run continues from
+            if key not in attrs:
+                raise _damaged(path, f"it holds solver state but no {key!r} attribute")
     return Model(A=A, M=M, attrs=attrs, solver_state=state)
 
 
+def _check_psd(A: np.ndarray, path: Path) -> None:
+    """A symmetric and PSD within :data:`SYMMETRY_TOL` and :data:`PSD_TOL`, and not zero."""
+    scale = float(np.abs(A).max())
+    asym = float(np.abs(A - A.T).max())
+    if asym > SYMMETRY_TOL * scale:
+        raise _damaged(path, f"A is not symmetric (max |A - A^T| = {asym:.3g}, max |A| = "
+                             f"{scale:.3g})")
+    eig = np.linalg.eigvalsh((A + A.T) / 2)
+    if not eig[-1] > 0:
+        raise _damaged(path, "A is zero (no positive eigenvalue)")
+    if eig[0] < -PSD_TOL * eig[-1]:
+        raise _damaged(path, f"A is not positive semi-definite (smallest eigenvalue "
+                             f"{eig[0]:.3g}, largest {eig[-1]:.3g})")
+
+
+def _check_attrs(attrs: dict, path: Path) -> None:
+    """The attributes the readers use, when present, are of the kinds the format says."""
+    for key, kind in ATTR_KINDS.items():
+        if key in attrs and not _is_kind(attrs[key], kind):
+            raise _damaged(path, f"attribute {key!r} is {attrs[key]!r:.60}, expected "
+                                 f"{'a ' if kind in ('count', 'bool', 'list', 'dict') else ''}"
+                                 f"{kind}")
+    for i, record in enumerate(attrs.get("history", [])):
+        if not isinstance(record, dict) or not _is_kind(record.get("step"), "count"):
+            raise _damaged(path, f"history[{i}] is {record!r:.60}, expected a step record "
+                                 "with a 'step' count")
+        bad = [k for k, v in record.items() if not _is_kind(v, "number or null")]
+        if bad:
+            raise _damaged(path, f"history[{i}].{bad[0]} is {record[bad[0]]!r:.60}, expected "
+                                 "a number or null")
+    if "train_state" in attrs:
+        state = attrs["train_state"]
+        for key, kind in TRAIN_STATE_KEYS.items():
+            if key not in state:
+                raise _damaged(path, f"train_state has no {key!r}")
+            if not _is_kind(state[key], kind):
+                raise _damaged(path, f"train_state.{key} is {state[key]!r:.60}, expected "
+                                     f"{kind}")
+    if "settings" in attrs:
+        _check_settings(attrs["settings"], path)
+    for key in ("train_figures", "validation_figures", "roc"):
+        parts = attrs.get(key) or {}
+        bad = [k for k, v in parts.items() if not isinstance(v, dict)]
+        if bad:
+            raise _damaged(path, f"{key}.{bad[0]} is {parts[bad[0]]!r:.60}, expected a dict")
+
+
+def _check_settings(settings: dict, path: Path) -> None:
+    """Each known training setting of the type :class:`~cosim_dask.driver.TrainConfig`
+    gives it (unknown keys are left alone)."""
+    import types
+    import typing
+
+    from .driver import TrainConfig
+
+    def fits(value: Any, hint: Any) -> bool:
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            return any(fits(value, h) for h in typing.get_args(hint))
+        if hint is type(None):
+            return value is None
+        if isinstance(value, bool):
+            return hint is bool
+        if hint is float:
+            return isinstance(value, int | float)
+        return isinstance(value, hint) if isinstance(hint, type) else True
+
+    for key, hint in typing.get_type_hints(TrainConfig).items():
+        if key in settings and not fits(settings[key], hint):
+            raise _damaged(path, f"settings.{key} is {settings[key]!r:.60}, expected "
+                                 f"{getattr(hint, '__name__', hint)}")
+
+
 def _read(group, name: str, path: Path) -> np.ndarray:
+    """Array ``name`` of ``group``: float64 and every chunk stored (zarr would give the fill
+    value, 0, for a missing chunk file), read in full."""
     try:
         array = group[name]
     except KeyError:
@@ -160,4 +301,14 @@ def _read(group, name: str, path: Path) -> np.ndarray:
                          f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if array.dtype != np.float64:
         raise ModelError(f"model {str(path)!r}: {name} has dtype {array.dtype}, expected float64")
-    return np.asarray(array[...])
+    try:
+        stored, total = array.nchunks_initialized, array.nchunks
+        if array.size and stored < total:
+            raise _damaged(path, f"array {name!r} has {stored} of its {total} chunk files "
+                                 "(zarr would read the missing ones as zeros)")
+        return np.asarray(array[...])
+    except ModelError:
+        raise
+    except Exception as exc:  # a truncated or corrupt chunk file: the decoder fails
+        raise _damaged(path, f"array {name!r} cannot be read ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

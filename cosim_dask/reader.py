@@ -10,14 +10,23 @@ the destination.
 Streaming tasks read into per-thread buffers reused from chunk to chunk (``reuse=True``):
 their chunk is gone when the task ends. Anything that keeps the arrays (persisted data)
 gets fresh ones.
+
+Every read checks what it reads: that the chunk files exist and have their size
+(:func:`check_chunk_files`), and that the store at the path is still the one the run
+started with (:func:`check_identity`, by the fingerprint a :class:`StoreSlice` carries):
+a store regenerated at the same path, or another store at the same relative path on a
+worker, is an error rather than other data.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import socket
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,22 +43,91 @@ _prefetcher: ThreadPoolExecutor | None = None
 _prefetcher_lock = threading.Lock()
 
 
+#: How long a task waits for a store folder that is missing before it reports the store as
+#: invisible: replacing a store renames the old one aside, then the new one in, and a read
+#: between the two renames must see the new store, not an error about the folder.
+MISSING_WAIT_SECONDS = 1.0
+
+
 @dataclass(frozen=True)
 class StoreSlice:
-    """Rows [lo, hi) of chunk ``index`` of a pair store, read by the worker itself."""
+    """Rows [lo, hi) of chunk ``index`` of a pair store, read by the worker itself.
+
+    ``path`` is absolute for a local store (workers have working directories of their own)
+    and ``identity`` the store's fingerprint when the run started (None: not checked).
+    """
 
     path: str
     index: int
     lo: int
     hi: int
+    identity: str | None = None
 
 
 @functools.lru_cache(maxsize=8)
-def _open_arrays(path: str):
+def _open_arrays(path: str, identity: str | None = None):
+    # Keyed by the identity too: a store replaced at the same path is opened afresh rather
+    # than read with the old store's cached metadata.
     import zarr
 
     group = zarr.open_group(path, mode="r")
     return group["x"], group["y"], group["target"]
+
+
+def store_identity(path: str) -> str | None:
+    """The fingerprint of the pair store at ``path`` as it is now (attributes read afresh,
+    no cache), or None when no readable pair store is there.
+
+    Raises :class:`StoreError` when a local ``path`` does not exist on this machine (after
+    waiting :data:`MISSING_WAIT_SECONDS` for a replacement to finish): the workers cannot see
+    the store.
+    """
+    from .store import FORMAT, fingerprint
+
+    if "://" in path:
+        import zarr
+
+        try:
+            attrs = dict(zarr.open_group(path, mode="r").attrs)
+        except Exception:  # noqa: BLE001 - no group there: reported as "no pair store"
+            return None
+    else:
+        deadline = time.monotonic() + MISSING_WAIT_SECONDS
+        while not os.path.isdir(path):
+            if time.monotonic() >= deadline:
+                raise StoreError(
+                    f"the workers cannot see the pair store {path!r} (no such folder on "
+                    f"worker host {socket.gethostname()!r}); keep the store on a filesystem "
+                    "every worker mounts at the same path, or give an object-store URL "
+                    "(s3://..., gs://...) instead")
+            time.sleep(0.05)
+        try:
+            # A zarr v3 group keeps its attributes in zarr.json: one small file, read
+            # directly, so the check costs a task next to nothing.
+            with open(os.path.join(path, "zarr.json"), "rb") as f:
+                attrs = json.load(f).get("attributes") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+    if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+        return None
+    return fingerprint(attrs)
+
+
+def check_identity(piece: StoreSlice) -> None:
+    """Raise :class:`StoreError` when the store at ``piece.path`` is not the one the run
+    started with (``piece.identity``): it was replaced or regenerated meanwhile, or this
+    worker sees another store at that path."""
+    if piece.identity is None:
+        return
+    found = store_identity(piece.path)
+    if found != piece.identity:
+        what = "no readable pair store" if found is None else f"fingerprint {found}"
+        raise StoreError(
+            f"the pair store {piece.path!r} changed under this run: it started with the store "
+            f"of fingerprint {piece.identity}, but worker host {socket.gethostname()!r} found "
+            f"{what} there (replaced or regenerated while being read); keep a store unchanged "
+            "while a run reads it (write a new store under a new name) and run again"
+        )
 
 
 def read_slice(piece: StoreSlice, *, reuse: bool = False
@@ -67,10 +145,13 @@ def read_group(pieces: Sequence[StoreSlice], *, reuse: bool = False
     """Read consecutive chunks of one store with one read per array; one tuple each.
 
     In a local store every chunk file is checked first (:func:`check_chunk_files`): zarr
-    reads a missing chunk file as zeros and blosc decodes a truncated one into garbage.
+    reads a missing chunk file as zeros and blosc decodes a truncated one into garbage. The
+    store's identity is checked before the read and again after it (:func:`check_identity`):
+    a store replaced by a rename during the read is caught by the second check.
     """
     first, last = pieces[0], pieces[-1]
-    arrays = _open_arrays(first.path)
+    check_identity(first)
+    arrays = _open_arrays(first.path, first.identity)
     out = []
     for name, array in zip(ARRAYS, arrays, strict=True):
         for piece in pieces:
@@ -93,6 +174,7 @@ def read_group(pieces: Sequence[StoreSlice], *, reuse: bool = False
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from None
         out.append(dest)
+    check_identity(first)
     return [tuple(a[p.lo - first.lo : p.hi - first.lo] for a in out) for p in pieces]
 
 
@@ -196,7 +278,8 @@ def _touch(pieces: list[StoreSlice]) -> None:
 
 def chunk_files(piece: StoreSlice) -> list[Path]:
     """The chunk (or shard) files that hold ``piece``'s rows, for every array."""
-    return [path for name, array in zip(ARRAYS, _open_arrays(piece.path), strict=True)
+    return [path for name, array in zip(ARRAYS, _open_arrays(piece.path, piece.identity),
+                                        strict=True)
             for path in _array_files(piece, name, array)]
 
 
@@ -245,3 +328,47 @@ def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
                 f"{piece.path!r} is damaged: chunk file {str(path)!r} {problem}; restore the "
                 "store or re-create it with `cosim ingest`"
             )
+
+
+def check_all_chunks(path: str, arrays: dict, n: int, chunk_rows: int) -> None:
+    """Raise :class:`StoreError` unless every chunk of every array of the store at ``path``
+    is stored: the check :func:`~cosim_dask.store.open_store` makes once, before any run.
+
+    A local store has each chunk file checked as every read checks it
+    (:func:`check_chunk_files`: present, and of its size). A URL store has zarr's count of
+    stored chunks compared with the chunk grid, and the first missing chunk named.
+    """
+    if "://" not in path:
+        for index, lo in enumerate(range(0, n, chunk_rows)):
+            piece = StoreSlice(path, index, lo, min(lo + chunk_rows, n))
+            for name, array in arrays.items():
+                check_chunk_files(piece, name, array)
+        return
+    for name, array in arrays.items():
+        try:
+            stored, total = array.nchunks_initialized, array.nchunks
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be listed
+            raise StoreError(f"cannot list the chunks of array {name!r} in {path!r} "
+                             f"({type(exc).__name__}); check the URL and its credentials"
+                             ) from None
+        if stored < total:
+            raise StoreError(
+                f"array {name!r} in {path!r} is damaged: {_first_missing(array)} "
+                f"{stored} of its {total} chunks are stored (zarr would read the missing ones "
+                "as zeros); restore the store or re-create it with `cosim ingest`")
+
+
+def _first_missing(array) -> str:
+    """"chunk K (object KEY) is missing;" for the first chunk of ``array`` not in its store,
+    or "" when the store cannot say which."""
+    try:
+        from zarr.core.sync import sync
+
+        grid = (array.shards or array.chunks)[0]
+        for c in range(-(-array.shape[0] // grid)):
+            key = array.metadata.encode_chunk_key((c,) + (0,) * (array.ndim - 1))
+            if not sync((array.store_path / key).exists()):
+                return f"chunk {c} (object {array.store_path.path}/{key}) is missing;"
+    except Exception:  # noqa: BLE001 - naming the chunk is a courtesy; the count is the error
+        pass
+    return ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError
@@ -527,14 +528,26 @@ def wait_result(client: Client, future, poll: float = WATCH_SECONDS):
                 raise lost_scheduler_error(client) from None
 
 
-def store_pieces(path: str, slices: Sequence[slice]) -> Pieces:
-    """Streaming pieces: every task reads its own rows from the store, every pass."""
-    pieces = [StoreSlice(str(path), i, s.start, s.stop) for i, s in enumerate(slices)]
+def store_pieces(path: str, slices: Sequence[slice], identity: str | None = None) -> Pieces:
+    """Streaming pieces: every task reads its own rows from the store, every pass.
+
+    A local ``path`` is made absolute here, on the driver: a worker resolves a relative path
+    against its own working directory, where another store (or none) may lie. Every piece
+    carries the store's fingerprint, ``identity`` (default: the store's now), which each
+    read checks (:func:`cosim_dask.reader.check_identity`); pass the fingerprint of the
+    store the run opened and checked, so a store replaced since is caught too.
+    """
+    from .reader import store_identity
+
+    path = str(path) if "://" in str(path) else os.path.abspath(path)
+    if identity is None:
+        identity = store_identity(path)
+    pieces = [StoreSlice(path, i, s.start, s.stop, identity) for i, s in enumerate(slices)]
     return Pieces(pieces, [s.stop - s.start for s in slices])
 
 
 def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
-                           group: int = 1) -> Pieces:
+                           group: int = 1, identity: str | None = None) -> Pieces:
     """Chunks of a store read once into the workers' memory through :func:`read_group`: the
     same checks as streaming, and a lost worker's chunks are read again from the store
     (persisted data keeps its lineage). The chunks are spread evenly over the workers
@@ -544,7 +557,7 @@ def persisted_store_pieces(client: Client, path: str, slices: Sequence[slice],
     consecutive chunks, which full passes use; mini-batches and other per-chunk passes
     stream their chunks from the store.
     """
-    streamed = store_pieces(path, slices)
+    streamed = store_pieces(path, slices, identity)
     token = uuid.uuid4().hex[:12]
     chunks = streamed.items
     if group == 1:

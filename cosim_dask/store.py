@@ -37,6 +37,7 @@ import zarr.codecs
 
 from .errors import CosimError, StoreError
 from .outputs import PAIR_STORE, claim_output, recover
+from .reader import check_all_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -156,7 +157,14 @@ def open_store(path: str | os.PathLike) -> PairStore:
     ------
     StoreError
         One line naming the path and the fix when the store is missing, is not a cosim pair
-        store, has another format version or inconsistent shapes.
+        store, has another format version, arrays that disagree with its attributes (shape,
+        float32 dtype, the same row chunks and shards for x, y and target), target
+        statistics of the wrong form or contradicting the declared target kind, or a chunk
+        that is not stored (named with its file; zarr would read it as zeros).
+
+    Everything later runs rely on is checked here, once; each read checks its own chunk
+    files and the store's identity again (:mod:`cosim_dask.reader`), since a file can
+    vanish, or the store be replaced, after this.
     """
     import dask.array as da
 
@@ -193,28 +201,82 @@ def open_store(path: str | os.PathLike) -> PairStore:
             got = (getattr(arr, "shape", None), getattr(arr, "chunks", None))
             raise StoreError(f"pair store {spath!r} is inconsistent: {name} has shape/chunks "
                              f"{got}, attributes say {shape}/{chunks}; re-create it")
-        if arr.dtype.kind != "f":  # numbers only: nothing is ever unpickled
+        if arr.dtype != np.float32:  # numbers only: nothing is ever unpickled
             raise StoreError(f"pair store {spath!r} is inconsistent: {name} has dtype "
-                             f"{arr.dtype}, expected floating point; re-create it")
+                             f"{arr.dtype}, expected floating point (float32); re-create it")
+    # Shards, like chunks, must cut the rows of x, y and target at the same places: a task's
+    # rows are read from each array by the same grid.
+    shards = {name: (arr.shards or arr.chunks)[0] for name, arr in arrays.items()}
+    if len(set(shards.values())) != 1:
+        raise StoreError(f"pair store {spath!r} is inconsistent: x, y and target are stored "
+                         f"in row blocks of {shards}; re-create it")
     if kind not in TARGET_KINDS:
         raise StoreError(f"pair store {spath!r} has targets={kind!r}, expected one of "
                          f"{TARGET_KINDS}; re-create it")
+    _check_target_stats(spath, attrs.get("target_stats"), kind, n)
+    # Every chunk must be stored: zarr reads a missing one as its fill value (0).
+    check_all_chunks(spath, arrays, n, rows)
     hidden = None
     if "hidden_metric" in group:
         stored = group["hidden_metric"]
         if not isinstance(stored, zarr.Array) or stored.dtype.kind != "f":
             raise StoreError(f"pair store {spath!r} is inconsistent: hidden_metric is not a "
                              "floating-point array; re-create it")
-        hidden = np.asarray(stored[...], dtype=np.float64)
-        if hidden.shape != (d, d):
+        if stored.shape != (d, d):
             raise StoreError(f"pair store {spath!r} is inconsistent: hidden_metric has shape "
-                             f"{hidden.shape}, expected {(d, d)}; re-create it")
+                             f"{stored.shape}, expected {(d, d)}; re-create it")
+        if stored.nchunks_initialized < stored.nchunks:
+            raise StoreError(f"pair store {spath!r} is damaged: a chunk of hidden_metric is "
+                             "missing (zarr would read it as zeros); re-create it")
+        hidden = np.asarray(stored[...], dtype=np.float64)
     return PairStore(
         path=spath, n=n, d=d, chunk_rows=rows, targets=kind, attrs=attrs,
         x=da.from_zarr(arrays["x"]), y=da.from_zarr(arrays["y"]),
         target=da.from_zarr(arrays["target"]),
         hidden_metric=hidden, fingerprint=fingerprint(attrs),
     )
+
+
+_STAT_COUNTS = ("count_pos", "count_neg", "count_zero")
+
+
+def _check_target_stats(spath: str, stats: Any, kind: str, n: int) -> None:
+    """The ``target_stats`` attribute must be of the form the writer gives it and agree with
+    the declared target kind: "binary" means every one of the n targets is +1 or -1.
+
+    The stats were counted over every target written, so a contradiction means the
+    attributes or the arrays were changed by hand, or belong to another store.
+    """
+    def damaged(problem: str) -> StoreError:
+        return StoreError(f"pair store {spath!r} is damaged: {problem}; restore the store or "
+                          "re-create it with `cosim ingest`")
+
+    if not isinstance(stats, dict):
+        raise damaged(f"target_stats is {type(stats).__name__}, expected a dict of counts")
+    counts = {}
+    for key in _STAT_COUNTS:
+        value = stats.get(key)
+        if not _is_count(value):
+            raise damaged(f"target_stats.{key} is {value!r}, expected a count >= 0")
+        counts[key] = value
+    hist = stats.get("hist_counts")
+    if (not isinstance(hist, list) or len(hist) != HIST_BINS
+            or not all(_is_count(c) for c in hist)):
+        raise damaged(f"target_stats.hist_counts is {hist!r}, expected {HIST_BINS} counts")
+    mean = stats.get("mean")
+    if isinstance(mean, bool) or not isinstance(mean, int | float) or not abs(mean) <= 1:
+        raise damaged(f"target_stats.mean is {mean!r}, expected a number in [-1, 1]")
+    # Every target lies in [-1, 1] (ingest checks it), so the histogram counts all n.
+    if sum(hist) != n:
+        raise damaged(f"target_stats count {sum(hist)} targets, the arrays hold n={n}")
+    if kind == "binary" and counts["count_pos"] + counts["count_neg"] != n:
+        other = n - counts["count_pos"] - counts["count_neg"]
+        raise damaged(f"targets are declared binary (+1/-1) but target_stats count {other} "
+                      "other values")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def validation_mask(chunk_index: int, rows: int, fraction: float, seed: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from .driver import (
     state_from_attrs,
     state_to_attrs,
 )
-from .errors import ClusterError, CosimError, TrainingError
+from .errors import ClusterError, CosimError, ModelError, TrainingError
 from .evaluate import roc_points, score_pieces, summarize
 from .model import Model, load_model, write_model
 from .objective import Objective
@@ -98,8 +98,9 @@ def make_pieces(client: Client, store: PairStore, cache: str,
         # Tiny chunks are persisted in groups, one key per task of a pass (step.py).
         group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
                                 resolve_split_every(split_every))
-        return persisted_store_pieces(client, store.path, store.chunk_slices(), group)
-    return store_pieces(store.path, store.chunk_slices())
+        return persisted_store_pieces(client, store.path, store.chunk_slices(), group,
+                                      identity=store.fingerprint)
+    return store_pieces(store.path, store.chunk_slices(), identity=store.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
     split_every = resolve_split_every(options.split_every)
     form = config.make_parameterisation()
     solver = config.make_solver()
-    state = _restore(checkpoint.model, solver) if resume else None
+    state = _restore(checkpoint.model, solver, out) if resume else None
 
     binary = store.targets == "binary"
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
@@ -305,7 +306,7 @@ def check_request(
     if checkpoint is None or not checkpoint.is_current(out):
         checkpoint = Checkpoint.read(out)
     _check_checkpoint(checkpoint.model, out, config, store, options)
-    _restore(checkpoint.model, config.make_solver())  # its solver state must load too
+    _restore(checkpoint.model, config.make_solver(), out)  # its solver state must load too
     return store, checkpoint
 
 
@@ -355,9 +356,18 @@ def finished_message(checkpoint: Checkpoint | None, config: TrainConfig) -> str 
     return f"{checkpoint.path!r} is already complete ({steps} steps, stopped: {reason}){hint}"
 
 
-def _restore(model: Model, solver) -> TrainState:
-    """Put a checked checkpoint's solver state into ``solver``; the loop state to go on from."""
-    solver.restore(model.solver_state)
+def _restore(model: Model, solver, out: str = "") -> TrainState:
+    """Put a checked checkpoint's solver state into ``solver``; the loop state to go on from.
+
+    :func:`~cosim_dask.model.load_model` checked the arrays and attributes; a solver state
+    that lacks a value its solver needs, or holds one of the wrong type, is a damaged model.
+    """
+    try:
+        solver.restore(model.solver_state)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelError(f"model {str(out)!r} is damaged: its {solver.name} solver state "
+                         f"cannot be restored ({type(exc).__name__}: {exc}); retrain it or "
+                         "restore a copy") from None
     return state_from_attrs({**model.attrs["train_state"], "history": model.attrs["history"]})
 
 

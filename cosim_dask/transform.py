@@ -143,6 +143,7 @@ def transform_store(
     generated store's hidden metric is not carried over (it describes the old space).
     """
     from . import __version__
+    from .reader import StoreSlice, read_slice
     from .store import create_store, open_store
 
     store = open_store(src)
@@ -150,16 +151,14 @@ def transform_store(
         raise ShapeError(f"the model has d={model.d} but the pair store {str(src)!r} has "
                          f"d={store.d}")
     L = model.components()
-    import zarr
-
-    group = zarr.open_group(store.path, mode="r")
     provenance = {"command": "transform", "source": str(src),
                   "model": model.attrs.get("run_id"), "cosim_version": __version__}
     with create_store(out, d=L.shape[0], chunk_rows=store.chunk_rows, targets=store.targets,
                       provenance=provenance, overwrite=overwrite,
                       inputs=[src, *inputs]) as writer:
-        for s in store.chunk_slices():
-            x, y = np.asarray(group["x"][s]), np.asarray(group["y"][s])
-            writer.append(transform_block(L, x), transform_block(L, y),
-                          np.asarray(group["target"][s]))
+        for i, s in enumerate(store.chunk_slices()):
+            # The readers' one path: chunk files checked (a missing one is an error, not
+            # zeros) and the store checked to be the one opened above.
+            x, y, t = read_slice(StoreSlice(store.path, i, s.start, s.stop, store.fingerprint))
+            writer.append(transform_block(L, x), transform_block(L, y), t)
     return TransformReport(str(out), store.n, store.d, L.shape[0], "float32")

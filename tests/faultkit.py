@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,11 +50,15 @@ def cosim_cmd(*args) -> list[str]:
 
 
 @contextmanager
-def dask_processes(workers: int = 2, *, tls: dict | None = None, extra_env: dict | None = None
+def dask_processes(workers: int = 2, *, tls: dict | None = None, extra_env: dict | None = None,
+                   cwd: str | os.PathLike | None = None,
+                   wrap: Callable[[list[str]], list[str]] | None = None,
                    ) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     """A ``dask scheduler`` and ``workers`` ``dask worker`` subprocesses on loopback.
 
     ``tls``: {"ca", "scheduler": (cert, key), "worker": (cert, key)} for a tls:// cluster.
+    ``cwd``: the workers' working directory (default: this process's). ``wrap``: turns the
+    worker command line into the one to run (e.g. inside ``unshare``).
     Yields the address and the processes (scheduler first); all are killed on exit.
     """
     port = free_port()
@@ -75,7 +79,8 @@ def dask_processes(workers: int = 2, *, tls: dict | None = None, extra_env: dict
                               stderr=subprocess.DEVNULL)]
     try:
         for _ in range(workers):
-            procs.append(subprocess.Popen(work, env=env, stdout=subprocess.DEVNULL,
+            procs.append(subprocess.Popen(wrap(work) if wrap else work, env=env, cwd=cwd,
+                                          stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL))
         yield address, procs
     finally:

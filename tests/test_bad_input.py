@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 import cosim_dask
 from cosim_dask.cli import app
+from cosim_dask.driver import TrainConfig
 from cosim_dask.errors import (
     CosimError,
     InvalidPairsError,
@@ -30,7 +32,7 @@ from cosim_dask.errors import (
 )
 from cosim_dask.ingest import generate_store
 from cosim_dask.model import Model, save_model
-from cosim_dask.store import open_store
+from cosim_dask.store import create_store, open_store
 
 runner = CliRunner()
 
@@ -50,6 +52,8 @@ def world(tmp_path_factory):
     old.attrs.update({"format": "cosim-model", "format_version": 9, "d": 2})
     future = zarr.open_group(w / "store-v9.zarr", mode="w")
     future.attrs.update({"format": "cosim-pairs", "format_version": 9})
+    _damaged_models(w)
+    _damaged_stores(w)
     (w / "folder").mkdir()
     (w / "folder" / "notes.txt").write_text("not a store\n")
     (w / "not-a-model.bin").write_bytes(b"\x00garbage")
@@ -68,6 +72,74 @@ def world(tmp_path_factory):
     return w
 
 
+def _model_with(path, *, A=None, M=None, attrs=None, solver=None):
+    """A model file as save_model writes it, holding whatever it is given."""
+    save_model(path, Model(A=np.eye(6) if A is None else A, M=M, attrs=attrs or {},
+                           solver_state=solver), overwrite=False)
+
+
+def _damaged_models(w):
+    """Model files damaged the ways a disk, a copy or a hand edit damages them."""
+    rng = np.random.default_rng(3)
+    _model_with(w / "model-no-chunk.zarr", A=np.eye(6) * 2)
+    (w / "model-no-chunk.zarr" / "A" / "c" / "0" / "0").unlink()  # zarr would read A = 0
+    _model_with(w / "model-no-M-chunk.zarr", A=np.eye(6), M=np.eye(6))
+    (w / "model-no-M-chunk.zarr" / "M" / "c" / "0" / "0").unlink()
+    skew = np.eye(6)
+    skew[0, 1] = 0.5
+    _model_with(w / "model-asym.zarr", A=skew)
+    _model_with(w / "model-indefinite.zarr", A=np.diag([1.0, 1, 1, 1, 1, -1]))
+    M = rng.standard_normal((3, 6))
+    _model_with(w / "model-M-nan.zarr", A=M.T @ M, M=np.where(np.eye(3, 6) > 0, np.nan, M))
+    # save_model writes NaN attributes as null, so the NaN goes into M's chunk by hand.
+    bad = zarr.open_group(w / "model-M-nan.zarr", mode="r+")
+    bad["M"][0, 0] = np.nan
+    _model_with(w / "model-history-str.zarr", attrs={"history": "step 1: loss 0.3"})
+    _model_with(w / "model-history-junk.zarr", attrs={"history": [{"step": 1, "loss": "low"}]})
+    _model_with(w / "model-settings-list.zarr", attrs={"settings": ["mse", "factor"]})
+    _model_with(w / "model-settings-type.zarr", attrs={"settings": {"loss": 3, "seed": 0}})
+    _model_with(w / "model-steps-str.zarr", attrs={"steps": "10"})
+    _model_with(w / "model-threshold-str.zarr", attrs={"threshold": "0.5"})
+    solver = {"params": np.eye(6), "grad": np.zeros((6, 6)), "loss": 1.0, "iteration": 1}
+    _model_with(w / "model-state-keys.zarr", solver=solver,
+                attrs={"history": [], "train_state": {"step": 1}})
+    _model_with(w / "model-state-none.zarr", solver=solver, attrs={"history": []})
+    # A checkpoint that passes every check of a resume but its solver's: no "grad".
+    config = TrainConfig(solver="gd")
+    _model_with(w / "model-solver-lacks.zarr", solver={"params": np.eye(6)}, attrs={
+        "history": [], "train_state": {"step": 1, "best_score": None, "since_best": 0,
+                                       "stop_reason": None},
+        "settings": asdict(config), "settings_key": config.key(),
+        "store_fingerprint": open_store(w / "store.zarr").fingerprint})
+
+
+def _damaged_stores(w):
+    """Pair stores whose attributes or files contradict each other."""
+    shutil.copytree(w / "store.zarr", w / "store-no-chunk.zarr")
+    (w / "store-no-chunk.zarr" / "y" / "c" / "1" / "0").unlink()  # zarr would read zeros
+    generate_store(w / "graded.zarr", pairs=2_000, dim=6, rank=2, targets="graded", seed=9,
+                   chunk_rows=1_000)
+    shutil.copytree(w / "graded.zarr", w / "graded-as-binary.zarr")
+    zarr.open_group(w / "graded-as-binary.zarr", mode="r+").attrs["targets"] = "binary"
+    shutil.copytree(w / "store.zarr", w / "store-stats-str.zarr")
+    zarr.open_group(w / "store-stats-str.zarr", mode="r+").attrs["target_stats"] = "lots"
+    # x and y in shards of two chunks, target in single chunks: the chunk shapes agree, the
+    # files do not cut the rows at the same places.
+    with create_store(w / "store-shards.zarr", d=6, chunk_rows=500, shard_chunks=2) as wr:
+        rng = np.random.default_rng(5)
+        wr.append(rng.standard_normal((2_000, 6)), rng.standard_normal((2_000, 6)),
+                  np.sign(rng.standard_normal(2_000)))
+    group = zarr.open_group(w / "store-shards.zarr", mode="r+")
+    target = group["target"][...]
+    group.create_array("target", shape=target.shape, chunks=(500,), dtype="float32",
+                       overwrite=True, config={"write_empty_chunks": True})[...] = target
+    shutil.copytree(w / "store.zarr", w / "store-x-float64.zarr")
+    group = zarr.open_group(w / "store-x-float64.zarr", mode="r+")
+    x = group["x"][...]
+    group.create_array("x", shape=x.shape, chunks=(1_000, 6), dtype="float64",
+                       overwrite=True)[...] = x
+
+
 @pytest.fixture(scope="module")
 def scheduler():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -77,6 +149,15 @@ def scheduler():
 
 S, M, OUT = "{w}/store.zarr", "{w}/model.zarr", "{w}/new.zarr"
 TRAIN = ["train", S, "--out", OUT]
+
+
+def argv_of(command: str, model: str) -> list[str]:
+    """The command line that reads ``model`` through ``command``."""
+    return {"evaluate": ["evaluate", model, S, "--scheduler", "{sched}"],
+            "transform": ["transform", model, "{w}/x.npy", "{w}/xt.npy"],
+            "report": ["report", model, "--out", "{w}/r.html"],
+            "resume": ["train", S, "--out", model, "--resume"]}[command]
+
 
 #: (id, argv with {w} for the folder and {sched} for a running scheduler, fragments)
 CLI_CASES = [
@@ -118,6 +199,44 @@ CLI_CASES = [
      ["format version 9"]),
     ("model-other-d", ["evaluate", "{w}/model-d3.zarr", S, "--scheduler", "{sched}"],
      ["d=3", "d=6"]),
+    # damaged models: one line "is damaged", from every command that reads a model
+    *[(f"model-{kind}-{cmd}", [*argv_of(cmd, f"{{w}}/model-{kind}.zarr")], ["is damaged", *frag])
+      for kind, frag in (("no-chunk", ["array 'A'", "0 of its 1 chunk files"]),
+                         ("asym", ["not symmetric"]),
+                         ("indefinite", ["not positive semi-definite", "-1"]))
+      for cmd in ("evaluate", "transform", "report", "resume")],
+    *[(f"model-{kind}", ["evaluate", f"{{w}}/model-{kind}.zarr", S, "--scheduler", "{sched}"],
+       ["is damaged", *frag]) for kind, frag in (
+        ("no-M-chunk", ["array 'M'"]),
+        ("M-nan", ["M has NaN or Inf"]),
+        ("history-str", ["attribute 'history'", "expected a list"]),
+        ("history-junk", ["history[0].loss"]),
+        ("settings-list", ["attribute 'settings'", "expected a dict"]),
+        ("settings-type", ["settings.loss is 3", "expected str"]),
+        ("steps-str", ["attribute 'steps' is '10'", "expected a count"]),
+        ("threshold-str", ["attribute 'threshold'", "number or null"]))],
+    *[(f"model-{kind}-resume", ["train", S, "--out", f"{{w}}/model-{kind}.zarr", "--resume",
+                                "--solver", "gd"], ["is damaged", *frag]) for kind, frag in (
+        ("state-keys", ["train_state has no 'best_score'"]),
+        ("state-none", ["no 'train_state' attribute"]),
+        ("solver-lacks", ["gd solver state cannot be restored", "KeyError"]))],
+    ("transform-store-other-d", ["transform", "{w}/model-d3.zarr", S, "{w}/t.zarr"],
+     ["d=3", "d=6"]),
+    # damaged stores: the problem named before any work, by every command that reads one
+    *[(f"store-no-chunk-{cmd}", argv, ["chunk 1", "array 'y'", "store-no-chunk.zarr/y/c/1/0",
+                                       "is missing"])
+      for cmd, argv in (("info", ["info", "{w}/store-no-chunk.zarr"]),
+                        ("transform", ["transform", M, "{w}/store-no-chunk.zarr", "{w}/t.zarr"]),
+                        ("evaluate", ["evaluate", M, "{w}/store-no-chunk.zarr",
+                                      "--scheduler", "{sched}"]),
+                        ("train", ["train", "{w}/store-no-chunk.zarr", "--out", OUT]))],
+    ("store-binary-contradicts-stats", ["info", "{w}/graded-as-binary.zarr"],
+     ["declared binary", "other values", "is damaged"]),
+    ("store-stats-not-a-dict", ["train", "{w}/store-stats-str.zarr", "--out", OUT],
+     ["target_stats is str", "is damaged"]),
+    ("store-shards-differ", ["info", "{w}/store-shards.zarr"], ["row blocks", "inconsistent"]),
+    ("store-x-float64", ["transform", M, "{w}/store-x-float64.zarr", "{w}/t.zarr"],
+     ["x has dtype float64, expected floating point (float32)"]),
     ("ingest-x-missing", ["ingest", "{w}/i.zarr", "--x", "{w}/none.npy", "--y", "{w}/y.npy",
                           "--target", "{w}/t.npy"], ["none.npy", "does not exist"]),
     ("ingest-x-integers", ["ingest", "{w}/i.zarr", "--x", "{w}/xint.npy", "--y", "{w}/y.npy",
@@ -176,6 +295,20 @@ def test_cli_bad_input(world, scheduler, argv, fragments):
     assert result.exit_code == 2, (result.output, result.exception)
     one_line_error(result.stderr, *fragments)
     assert tree_hash(world) == before  # nothing that existed changed, nothing was added
+
+
+def test_a_damaged_store_can_be_regenerated_over(tmp_path):
+    """open_store refuses a store with a missing chunk; --overwrite still replaces it, as
+    the error message advises."""
+    path = tmp_path / "s.zarr"
+    generate_store(path, pairs=2_000, dim=4, rank=2, targets="binary", seed=1, chunk_rows=500)
+    (path / "x" / "c" / "2" / "0").unlink()
+    with pytest.raises(StoreError, match="is missing"):
+        open_store(path)
+    result = runner.invoke(app, ["generate", str(path), "--pairs", "2000", "--dim", "4",
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert open_store(path).n == 2_000
 
 
 def test_debug_shows_the_traceback(world):
