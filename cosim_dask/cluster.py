@@ -12,6 +12,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from .errors import ClusterError
+from .waits import close_client, close_cluster, guarded, start_local
 
 #: BLAS threads in processes that share cores collapse (FACTS: one GEMM ran 50× slower).
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -44,7 +45,10 @@ def scheduler_address(config: ClusterConfig) -> str | None:
 def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     """A client, and the LocalCluster it owns (None when it joined an existing cluster).
 
-    An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds.
+    An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds, a
+    LocalCluster that does not start after :data:`cosim_dask.waits.START_TIMEOUT` seconds.
+    The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.waits.start_local`):
+    the driver alone handles it and closes them.
     """
     security = _security(config.security)
     address = scheduler_address(config)
@@ -73,7 +77,7 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     env.update({name: str(config.threads_per_worker) for name in _BLAS_ENV})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-        cluster = LocalCluster(
+        cluster = start_local(lambda: LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,
             memory_limit=config.memory_limit,
@@ -81,8 +85,12 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
             dashboard_address=config.dashboard_address,
             host="127.0.0.1",
             security=security,
-        )
-    return Client(cluster, security=security), cluster
+        ))
+    try:
+        return Client(cluster, security=security), cluster
+    except BaseException:
+        close_cluster(cluster)
+        raise
 
 
 def _security(security: object | None):
@@ -142,14 +150,18 @@ def _security(security: object | None):
 
 def cluster_memory(client: Client) -> int:
     """Total memory limit of the cluster's workers, in bytes (0 when unknown)."""
-    info = client.scheduler_info(n_workers=-1)
+    info = guarded(client, lambda: client.scheduler_info(n_workers=-1),
+                   "asking the scheduler for its workers")
     return int(sum(w.get("memory_limit") or 0 for w in info["workers"].values()))
 
 
 def close(client: Client, cluster: LocalCluster | None) -> None:
-    client.close()
+    """Close the client and the LocalCluster it owns, each within
+    :data:`cosim_dask.waits.CLOSE_TIMEOUT` seconds (a frozen scheduler must not hang the end
+    of a command)."""
+    close_client(client)
     if cluster is not None:
-        cluster.close()
+        close_cluster(cluster)
 
 
 class WorkerMemorySampler:
@@ -162,7 +174,8 @@ class WorkerMemorySampler:
     def __init__(self, client: Client, interval: float = 0.05) -> None:
         import psutil
 
-        self.procs = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+        pids = guarded(client, lambda: client.run(os.getpid), "asking the workers' pids")
+        self.procs = [psutil.Process(pid) for pid in pids.values()]
         self.interval = interval
         self.peak = 0
         self._done = threading.Event()

@@ -45,7 +45,8 @@ from ._dashboard_store import (
     is_valid_run_id,
     routes,
 )
-from .errors import ClusterError, CosimError
+from .errors import ClusterError, CosimError, SchedulerLostError
+from .waits import guarded
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ def dashboard_url(client: distributed.Client) -> str:
         raise ClusterError("the Dask scheduler reports no dashboard address")
     link = str(link)
     try:
-        hosts = client.run_on_scheduler(_http_hosts())
+        hosts = guarded(client, lambda: client.run_on_scheduler(_http_hosts()),
+                        "asking the scheduler where its dashboard listens")
+    except SchedulerLostError:
+        raise
     except Exception:  # an old or unusual scheduler: trust its link
         logger.debug("cannot ask the scheduler where its dashboard listens", exc_info=True)
         return link
@@ -338,7 +342,11 @@ class MetricsPublisher:
         if link is None:
             return "the scheduler runs no dashboard"
         try:
-            self.client.register_plugin(CosimDashboardPlugin(), name=PLUGIN_NAME)
+            guarded(self.client, lambda: self.client.register_plugin(CosimDashboardPlugin(),
+                                                                     name=PLUGIN_NAME),
+                    "installing the cosim plugin on the scheduler")
+        except SchedulerLostError:
+            raise
         except (ImportError, AttributeError) as exc:
             # Unpickling the plugin on the scheduler imports cosim_dask.
             return f"the scheduler cannot import cosim_dask: {exc}"
@@ -352,7 +360,10 @@ class MetricsPublisher:
             self._store.handle(msg)
             return
         try:
-            self.client.log_event(TOPIC, msg)
+            guarded(self.client, lambda: self.client.log_event(TOPIC, msg),
+                    "publishing metrics to the scheduler")
+        except SchedulerLostError:
+            raise  # the run cannot go on either: let it stop with its own message
         except Exception as exc:
             # Losing the dashboard must not stop training: say so once and go on.
             if not self._warned:

@@ -33,3 +33,12 @@ class TrainingError(CosimError):
 
 class ClusterError(CosimError):
     """A Dask cluster that cannot be reached or started."""
+
+
+class SchedulerLostError(ClusterError):
+    """The Dask scheduler went away or stopped answering during a run."""
+
+
+class WorkerLostError(ClusterError):
+    """A worker left while a request needed every worker (a broadcast); the request is
+    repeated."""

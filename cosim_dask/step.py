@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 
-from .errors import ClusterError
+from .errors import ClusterError, WorkerLostError
 from .kernel import Partial, as_pair_arrays
 from .losses import Loss, get_loss
 from .metric import Parameterisation
@@ -28,6 +28,7 @@ from .objective import sample_chunks, split_rows
 from .reader import StoreSlice, prefetch, read_group, read_slice
 from .scores import ScoreStats
 from .store import validation_mask
+from .waits import guarded, lost_scheduler_error, scheduler_gone
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
     from distributed import Client
@@ -41,9 +42,8 @@ DEFAULT_SPLIT_EVERY = 8
 #: task, so a store of 10,000 tiny chunks must not become 10,000 tasks per pass.
 GROUP_BYTES = 16 * 2**20
 MIN_TASKS = 64
-#: How often a waiting pass checks that the client is still connected to the scheduler.
-WATCH_SECONDS = 2.0
-#: Passes repeated when a worker holding the scattered parameters died with them.
+#: Passes repeated when a worker holding the scattered parameters died with them, or died
+#: while they were being sent.
 PASS_ATTEMPTS = 3
 
 
@@ -348,7 +348,7 @@ class DaskPairs:
     def _params_ref(self, params: np.ndarray):
         if self.broadcast == "scatter":
             # One copy to every worker per step; a task reference, not a graph constant.
-            return self.client.scatter(params, broadcast=True, hash=False)
+            return broadcast_params(self.client, params)
         return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
 
     def group_size(self, params: np.ndarray) -> int:
@@ -457,7 +457,7 @@ def read_ahead_tasks(client: Client) -> int:
     so one page cache; elsewhere a chunk read ahead on one host may be needed on another,
     and reading it twice would cost more than the overlap gains."""
     try:
-        nthreads = client.nthreads()
+        nthreads = guarded(client, client.nthreads, "asking the scheduler for its workers")
     except Exception:  # noqa: BLE001 - a read-ahead guess is never worth a failed pass
         return 0
     hosts = {address.rsplit(":", 1)[0] for address in nthreads}
@@ -465,24 +465,41 @@ def read_ahead_tasks(client: Client) -> int:
 
 
 def scheduler_lost(client: Client) -> bool:
-    """True once the client has lost its scheduler (reconnecting, or given up)."""
-    return client.status not in ("running", "newly-created")
+    """True once the client has lost its scheduler (reconnecting, closed, or a wait gave up
+    on it: :func:`cosim_dask.waits.guarded`)."""
+    return scheduler_gone(client)
 
 
-def lost_scheduler_error(client: Client) -> ClusterError:
-    return ClusterError(f"lost the Dask scheduler at {client.scheduler.address!r} "
-                        f"(client {client.status})")
+def broadcast_params(client: Client, params: np.ndarray):
+    """The parameters scattered to every worker: a future of one key on each.
 
+    A worker that dies during the broadcast would make it wait forever (the scheduler keeps
+    copying to the dead worker while the key is wanted): the wait raises
+    :class:`WorkerLostError` instead, after releasing the key, which ends the copying, and
+    :func:`run_pass` sends the parameters again.
+    """
+    from distributed import Future
+
+    key = f"cosim-params-{uuid.uuid4().hex}"
+    try:
+        return guarded(client, lambda: client.scatter({key: params}, broadcast=True,
+                                                      hash=False)[key],
+                       "sending the parameters to every worker", watch_workers=True)
+    except WorkerLostError:
+        Future(key, client).release()
+        raise
 
 
 def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callable | None = None):
     """Compute ``root(ref, token)``, a reduction over tasks that use the parameters ``ref``.
 
     The parameters are scattered to every worker (``send`` may choose otherwise). The pass is
-    repeated when a lost worker took them along (scattered data has no lineage), and a lost
-    scheduler becomes a :class:`ClusterError` instead of a hang.
+    repeated when a lost worker took them along (scattered data has no lineage) or died
+    while they were being sent, and a scheduler that is lost or stops answering becomes a
+    :class:`~cosim_dask.errors.SchedulerLostError` instead of a hang
+    (:mod:`cosim_dask.waits` has the bound).
     """
-    send = send or (lambda p: client.scatter(p, broadcast=True, hash=False))
+    send = send or (lambda p: broadcast_params(client, p))
     for attempt in range(1, PASS_ATTEMPTS + 1):
         token = uuid.uuid4().hex[:12]
         ref = future = None
@@ -490,14 +507,15 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
             ref = send(params)
             future = client.compute(root(ref, token))
             return wait_result(client, future)
-        except CancelledError:
+        except (CancelledError, WorkerLostError) as exc:
             if scheduler_lost(client):
                 raise lost_scheduler_error(client) from None
             if attempt == PASS_ATTEMPTS:
                 raise ClusterError(f"a pass was cancelled {attempt} times in a row: workers "
                                    "keep dying, or the work was cancelled") from None
-            logger.warning("a pass was cancelled (a worker holding the parameters died); "
-                           "sending them again and repeating the pass (%d/%d)",
+            logger.warning("%s; sending the parameters again and repeating the pass (%d/%d)",
+                           "a pass was cancelled (a worker holding the parameters died)"
+                           if isinstance(exc, CancelledError) else exc,
                            attempt + 1, PASS_ATTEMPTS)
         except OSError:
             if scheduler_lost(client):
@@ -517,15 +535,11 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
                         held.release()
     raise AssertionError("unreachable")  # pragma: no cover
 
-def wait_result(client: Client, future, poll: float = WATCH_SECONDS):
-    """``future.result()`` that gives up when the scheduler is gone: a future submitted
-    while the client reconnects is never cancelled and would wait forever."""
-    while True:
-        try:
-            return future.result(timeout=poll)
-        except TimeoutError:
-            if client.status in ("closed", "closing", "failed"):
-                raise lost_scheduler_error(client) from None
+def wait_result(client: Client, future):
+    """``future.result()`` that gives up when the scheduler is gone or stops answering (a
+    future submitted while the client reconnects is never cancelled and would wait forever);
+    a long pass on a scheduler that answers waits as long as it takes."""
+    return guarded(client, future.result, "waiting for a pass")
 
 
 def store_pieces(path: str, slices: Sequence[slice], identity: str | None = None) -> Pieces:
@@ -582,7 +596,8 @@ def persist_spread(client: Client, items: list[list]) -> tuple[list[list], list[
     the first levels of the reduction tree on one worker (:func:`run_task`). The placement
     is a preference (``allow_other_workers``): a lost worker's chunks are recomputed anywhere.
     """
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"].items())
+    workers = sorted(guarded(client, lambda: client.scheduler_info(n_workers=-1),
+                             "asking the scheduler for its workers")["workers"].items())
     if len(workers) < 2 or len(items) < 2:
         blocks = [(None, 0, len(items))]
     else:
@@ -597,7 +612,8 @@ def persist_spread(client: Client, items: list[list]) -> tuple[list[list], list[
         if not block:
             continue
         where = {} if address is None else {"workers": [address], "allow_other_workers": True}
-        it = iter(client.persist([v for group in block for v in group], **where))
+        it = iter(guarded(client, lambda b=block, w=where: client.persist(
+            [v for group in b for v in group], **w), "persisting the chunks"))
         out.extend([next(it) for _ in group] for group in block)
         runs.append((start, stop))
     return out, runs

@@ -272,3 +272,140 @@ def test_disk_full_keeps_the_previous_model(tmp_path, cluster_address, checkpoin
     assert tree_hash(out) == before
     assert leftovers(tmp_path) == []
     load_model(out)
+
+
+# --- 7. every wait has a deadline: frozen scheduler, worker lost mid-broadcast, Ctrl-C ------
+
+
+@pytest.mark.slow
+def test_frozen_scheduler_ends_the_run_within_the_bound(small_store, tmp_path):
+    """A SIGSTOPped scheduler keeps its connections open, so the client never sees it close:
+    the liveness probes end the run within SCHEDULER_DEADLINE (+ a probe period and the
+    bounded close), with the lost-scheduler line and an intact, resumable checkpoint."""
+    from cosim_dask.waits import CLOSE_TIMEOUT, SCHEDULER_DEADLINE, WATCH_SECONDS
+
+    out = tmp_path / "m.zarr"
+    args = ["--steps", 400, "--solver", "gd", "--tol", 0, "--checkpoint-every", 1]
+    bound = SCHEDULER_DEADLINE + 2 * WATCH_SECONDS + CLOSE_TIMEOUT
+    with dask_processes(workers=2) as (address, procs):
+        proc = subprocess.Popen(cosim_cmd("train", small_store, "--out", out, *args,
+                                          "--scheduler", address),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: out.exists() and load_model(out).attrs["steps"] >= 3, 120,
+                     "three checkpoints")
+            procs[0].send_signal(signal.SIGSTOP)  # the scheduler freezes, sockets open
+            frozen_at = time.monotonic()
+            _, stderr = proc.communicate(timeout=bound + 30)
+            stopped_after = time.monotonic() - frozen_at
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            procs[0].send_signal(signal.SIGCONT)
+            procs[0].kill()
+    assert proc.returncode == 2, stderr
+    assert stopped_after <= bound, (stopped_after, bound)
+    line = one_line_error(stderr, "training stopped after step", "lost the Dask scheduler",
+                          "is intact", f"cosim train {small_store} --out {out} --resume")
+    saved = int(re.search(r"last checkpoint \(step (\d+)\)", line).group(1))
+    model = load_model(out, with_solver=True)
+    assert model.attrs["steps"] == saved >= 3 and not model.attrs["complete"]
+    assert leftovers(tmp_path) == []
+    result = runner.invoke(app, ["train", str(small_store), "--out", str(out), "--resume",
+                                 *map(str, args[:1]), str(saved + 2), *map(str, args[2:]),
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_model(out).attrs["steps"] == saved + 2
+
+
+def _dies_receiving_a_broadcast(marker: str):
+    """A worker plugin that SIGKILLs its own worker the first time (cluster-wide: the
+    ``marker`` file) a key reaches it through the scheduler's copying of a broadcast.
+
+    The scheduler sends a broadcast's first copy with ``update_data`` and the others with
+    ``gather`` requests to the workers that lack it; a worker records the stimulus
+    ``gather-...`` before it stores the key. Dying right there, before answering, is dying
+    in the middle of the broadcast, every time: no race with the timing of the step.
+    Defined in a function so that it is pickled by value for the workers."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class DieReceivingBroadcast(WorkerPlugin):
+        name = "die-receiving-broadcast"
+
+        def setup(self, worker):
+            self.worker = worker
+
+        def transition(self, key, start, finish, **kwargs):
+            log = self.worker.state.stimulus_log
+            if finish != "memory" or not log or not log[-1].stimulus_id.startswith("gather-"):
+                return
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return DieReceivingBroadcast()
+
+
+@pytest.mark.slow
+def test_worker_killed_during_the_broadcast_gives_the_undisturbed_result(store, tmp_path):
+    config = TrainConfig(steps=3, tol=0.0, gtol=0.0, validation=0.1)
+    options = RunOptions(cache="memory", checkpoint_every=None)
+    marker = tmp_path / "killed"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        calm = train_store(str(store), str(tmp_path / "calm.zarr"), config, client=client,
+                           options=options, dashboard=False)
+        client.register_plugin(_dies_receiving_a_broadcast(str(marker)))
+        outcome = {}
+
+        def train():
+            try:
+                outcome["result"] = train_store(
+                    str(store), str(tmp_path / "killed.zarr"), config, client=client,
+                    options=options, dashboard=False)
+            except BaseException as exc:  # reported below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        thread.join(90)  # the old code waited forever
+        assert not thread.is_alive(), "training hung after a worker died in the broadcast"
+        assert "error" not in outcome, outcome.get("error")
+        assert marker.exists()  # a worker did die receiving the parameters
+    killed = outcome["result"]
+    np.testing.assert_array_equal(killed.model.A, calm.model.A)  # bitwise
+    assert [h["loss"] for h in killed.state.history] == [h["loss"] for h in calm.state.history]
+
+
+_PROGRESS = ("Dask dashboard:", "Live training page:", "training")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_local_cluster_is_one_line(small_store, tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it: the workers of the
+    LocalCluster get it too, and used to print a traceback each."""
+    out = tmp_path / "m.zarr"
+    proc = subprocess.Popen(cosim_cmd("train", small_store, "--out", out, "--steps", 400,
+                                      "--solver", "gd", "--tol", 0, "--checkpoint-every", 1),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: out.exists() and load_model(out).attrs["steps"] >= 2, 120,
+                 "two checkpoints")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    # What the interrupt printed: the lines besides the run's own progress report.
+    said = [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(_PROGRESS) and " pairs × " not in line]
+    assert said == ["interrupted"], stderr
+    model = load_model(out, with_solver=True)  # the last checkpoint is intact
+    assert model.attrs["steps"] >= 2 and not model.attrs["complete"]
+    assert leftovers(tmp_path) == []
