@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import LocalCluster
-from faultkit import leftovers
+from faultkit import leftovers, one_line_error, tree_hash
 from typer.testing import CliRunner
 
 from cosim_dask.cli import app
@@ -39,11 +39,12 @@ def setup(tmp_path_factory):
         yield store, cluster.scheduler_address
 
 
-def train(store, out, address, kill_at: int, swap: str) -> subprocess.CompletedProcess:
+def train(store, out, address, kill_at: int, swap: str = "exchange", args=ARGS
+          ) -> subprocess.CompletedProcess:
     env = {**os.environ, "COSIM_KILL_AT": str(kill_at), "COSIM_SWAP": swap,
            "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, str(DRIVER), "train", str(store), "--out", str(out),
-                           *ARGS, "--scheduler", address],
+                           *args, "--scheduler", address],
                           capture_output=True, text=True, timeout=180, env=env)
 
 
@@ -82,3 +83,50 @@ def test_kill_at_every_write_operation_resumes_to_the_same_a(setup, tmp_path, sw
         kill_at += 1
     # Two checkpoints and the final model: at least publish + swap + removal for the last two.
     assert kills >= 7, kills
+
+
+def test_a_run_that_stopped_by_itself_resumes_to_nothing_more(setup, tmp_path):
+    """The stopping rule fires at step k, where a checkpoint is also written; the run is killed
+    after the final evaluation pass, before the final write. The resume must not take a step
+    k + 1: it ends on the uninterrupted A, bitwise. A complete model then resumes to nothing."""
+    store, address = setup
+    common = ["--tol", "1e-3", "--steps", "40", "--validation", "0.2"]
+    whole = tmp_path / "whole.zarr"
+    cosim_train = ["train", str(store), "--scheduler", address, *common]
+    assert runner.invoke(app, [*cosim_train, "--out", str(whole)]).exit_code == 0
+    expected = load_model(whole)
+    k = expected.attrs["steps"]
+    assert 1 <= k < 40 and expected.attrs["stop_reason"].startswith("relative loss change")
+    part = tmp_path / "part.zarr"
+    # Operations: the checkpoint at step k (publish, rename), then the final write's publish.
+    run = train(store, part, address, 3, args=[*common, "--checkpoint-every", str(k)])
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    checkpoint = load_model(part)
+    assert checkpoint.attrs["steps"] == k and not checkpoint.attrs["complete"]
+    result = runner.invoke(app, [*cosim_train, "--out", str(part), "--resume",
+                                 "--checkpoint-every", str(k)])
+    assert result.exit_code == 0, result.output
+    final = load_model(part)
+    assert final.attrs["complete"] and final.attrs["steps"] == k
+    np.testing.assert_array_equal(final.A, expected.A)
+    # Resuming the complete model: nothing to do, nothing rewritten, even with more steps.
+    before = tree_hash(part)
+    for steps in ("40", "80"):
+        result = runner.invoke(app, [*cosim_train, "--out", str(part), "--resume",
+                                     "--checkpoint-every", str(k), "--steps", steps])
+        assert result.exit_code == 0, result.output
+        assert "nothing to resume" in result.output and "stopped by itself" in result.output
+        assert tree_hash(part) == before
+
+
+def test_resume_with_another_fan_in_is_refused(setup, tmp_path):
+    """The fan-in of the reduction tree orders the float sums: a resume may not change it."""
+    store, address = setup
+    out = tmp_path / "m.zarr"
+    base = ["train", str(store), "--out", str(out), "--scheduler", address, "--steps", "2"]
+    assert runner.invoke(app, [*base, "--split-every", "2"]).exit_code == 0
+    before = tree_hash(out)
+    result = runner.invoke(app, [*base[:-1], "4", "--resume"])
+    assert result.exit_code == 2
+    one_line_error(result.stderr, "--split-every 2, now 8")
+    assert tree_hash(out) == before
