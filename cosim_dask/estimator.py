@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 from .driver import TrainConfig, TrainState, run_solver
 from .errors import CosimError, ShapeError
 from .kernel import pair_similarity
-from .model import Model
+from .model import Model, save_model
 from .objective import Objective
 from .scores import calibrated_threshold, roc_auc
 from .step import LocalPairs
@@ -431,6 +432,12 @@ class CosineMetricLearner:
                  "steps": self.n_iter_, "threshold": self.threshold_,
                  "stop_reason": self.stop_reason_, "history": self.history_}
         return Model(A=self.metric_.copy(), M=None if M is None else M.copy(), attrs=attrs)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+        """Write the fitted metric as a model file (``cosim evaluate``/``transform`` read it),
+        through the same output policy as ``cosim train``: an existing ``path`` is replaced only
+        with ``overwrite`` and only when it is a model, never left half-written."""
+        save_model(path, self.to_model(), overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------- helpers

@@ -191,3 +191,24 @@ def test_transform_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     one_line_error(proc.stderr, "cannot write .npy array", "No space left on device",
                    "nothing was written")
     assert proc.stdout.strip() == "left:", proc.stdout
+
+
+def test_the_estimators_save_goes_through_the_same_policy(tmp_path, rng):
+    from cosim_dask.estimator import CosineMetricLearner
+
+    pairs = rng.standard_normal((400, 2, 5))
+    y = np.where(rng.random(400) < 0.5, -1.0, 1.0)
+    learner = CosineMetricLearner(max_iter=3).fit(pairs, y)
+    out = tmp_path / "m.zarr"
+    learner.save(out)
+    np.testing.assert_array_equal(load_model(out).A, learner.get_mahalanobis_matrix())
+    with pytest.raises(CosimError, match="already exists"):
+        learner.save(out)
+    store = tmp_path / "s.zarr"
+    generate_store(store, pairs=100, dim=5, seed=1)
+    before = tree_hash(store)
+    with pytest.raises(CosimError, match="refusing to replace .* not a cosim model"):
+        learner.save(store, overwrite=True)
+    assert tree_hash(store) == before
+    learner.save(out, overwrite=True)
+    assert leftovers(tmp_path) == []
