@@ -53,6 +53,10 @@ class OutputError(CosimError):
     """An output that may not be written: exists, wrong kind, one of the inputs, locked, ..."""
 
 
+class LockUnavailable(OutputError):
+    """The lock file cannot be created (a read-only folder, say)."""
+
+
 @dataclass(frozen=True)
 class Kind:
     """A kind of artifact a command writes, and how to recognise an existing one.
@@ -115,7 +119,10 @@ _TOKEN = r"[0-9a-f]{16}"
 
 def real_path(path: str | os.PathLike) -> Path:
     """``path`` made absolute with every symlink resolved (the parts that exist)."""
-    return Path(os.path.abspath(os.fspath(path))).resolve()
+    real = Path(os.path.abspath(os.fspath(path))).resolve()
+    if not real.name:
+        raise OutputError(f"{os.fspath(path)!r} is the root folder; name a file or folder in it")
+    return real
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -217,8 +224,8 @@ def _flock(lock: Path, exclusive: bool, shown: str, kind: Kind) -> int:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise OutputError(f"cannot lock the {kind.name} {shown!r} ({str(lock)!r}): "
-                              f"{exc.strerror}") from None
+            raise LockUnavailable(f"cannot lock the {kind.name} {shown!r} ({str(lock)!r}): "
+                                  f"{exc.strerror}") from None
         try:
             fcntl.flock(fd, mode)
         except BlockingIOError:
@@ -262,11 +269,9 @@ def reading(path: str | os.PathLike, kind: Kind = PAIR_STORE) -> Iterator[None]:
     real = real_path(path)
     try:
         fd = _flock(lock_path(real), False, os.fspath(path), kind)
-    except OutputError as exc:
-        if "cannot lock" in str(exc):
-            yield
-            return
-        raise
+    except LockUnavailable:
+        yield
+        return
     try:
         yield
     finally:
