@@ -14,7 +14,7 @@ from distributed import Client, LocalCluster
 from .errors import ClusterError
 from .waits import close_client, close_cluster, guarded, start_local
 
-#: BLAS threads in processes that share cores collapse (FACTS: one GEMM ran 50× slower).
+#: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -60,7 +60,7 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
                 raise
             raise ClusterError(
                 f"the scheduler at {address!r} speaks TLS but no certificates were given: pass "
-                "--security CONFIG.yaml (see README, Reliability and security)"
+                "--security CONFIG.yaml (see README, Training on a cluster)"
             ) from None
         except (OSError, TimeoutError) as exc:
             raise ClusterError(

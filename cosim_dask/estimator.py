@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 #: NumPy inputs with fewer floats than this are fitted in-process when ``cluster="auto"``:
 #: 2e7 float64 are 160 MB, and such a pass takes well under a second on one core, less than
-#: a LocalCluster's start-up (seconds) and its per-step scheduling (~50 ms, FACTS).
+#: a LocalCluster's start-up (seconds) and its per-step scheduling (~50 ms, measured).
 IN_PROCESS_MAX_FLOATS = 20_000_000
 #: Pairs per chunk for NumPy inputs (Dask inputs keep their own row chunks by default).
 DEFAULT_CHUNK_ROWS = 65536
@@ -53,11 +53,11 @@ class CosineMetricLearner:
     loss : ``"mse"`` (squared error against the targets) or ``"contrastive"``.
     negative_target : mse with binary labels only: the target a label −1 stands for (None:
         −1). 0.0 asks "different" pairs to be orthogonal rather than opposite, which a PSD
-        metric on non-negative features can reach; it ranks better on digits (README).
+        metric on non-negative features can reach; it ranks better on digits (pipelines/README.md).
     param : ``"factor"`` (A = MᵀM, M k × d: PSD by construction, no projection) or ``"full"``
         (A itself, projected onto A ⪰ εI after each step). The factor form is the default:
         with the full form L-BFGS stalled on digits after 7 steps, once the PSD projection
-        became active (README).
+        became active (pipelines/README.md).
     rank : k for ``param="factor"`` (None: k = d).
     solver : ``"lbfgs"``, ``"gd"`` or ``"adam"`` (mini-batches of ``batch_chunks`` chunks).
     lr : the solver's step size (None: its default).
@@ -77,7 +77,7 @@ class CosineMetricLearner:
     blas_threads : BLAS threads for an in-process fit (None: leave BLAS alone). One thread
         by default: the GEMMs of an in-process fit are small (2,048-row blocks), and on a
         shared machine multi-threaded BLAS collapsed (digits fit 3.3 s with 2 threads,
-        0.85 s with 1, FACTS and README).
+        0.85 s with 1, measured; scripts/README.md).
     random_state : seed of the validation split, mini-batches and the factor's start.
     verbose : log each step (loss, gradient norm) to the ``cosim_dask.estimator`` logger.
 

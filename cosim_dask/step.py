@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 #: Pairs per task in memory; partials stay small whatever the chunk size.
 DEFAULT_SPLIT_EVERY = 8
 #: Grouping of small chunks into one task: a group holds at most this many bytes of pairs
-#: (x, y and target) and the pass keeps at least MIN_TASKS tasks. FACTS: ~2-5 ms overhead per
+#: (x, y and target) and the pass keeps at least MIN_TASKS tasks. measured: ~2-5 ms overhead per
 #: task, so a store of 10,000 tiny chunks must not become 10,000 tasks per pass.
 GROUP_BYTES = 16 * 2**20
 MIN_TASKS = 64

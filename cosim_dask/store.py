@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 TARGET_KINDS = ("binary", "graded")
 
 #: Bytes of one ``x`` chunk the default chunking aims at: 16 MiB is 32,768 rows at d = 128
-#: (x and y together 32 MiB), about 50-90 ms of gradient work per task (FACTS.md: keep tasks
+#: (x and y together 32 MiB), about 50-90 ms of gradient work per task (measured: keep tasks
 #: >= ~50 ms). Measured (scripts/bench_store.py): chunks of 32 MiB or more per array read
 #: 2-4x slower warm, because glibc serves allocations >= 32 MiB with fresh mmap'd pages that
 #: fault in on every read. See README "Store format".

@@ -9,7 +9,7 @@
    touches only these files). Figures are ratios to the default measured in the same run: the
    machine is shared, so absolute MB/s are noisy.
 2. Chunk sizes for the default codec: full-read throughput and the gradient time of one chunk
-   (FACTS.md: tasks should compute for >= ~50 ms).
+   (measured: tasks should compute for >= ~50 ms).
 3. Peak RSS of `cosim generate` and `cosim ingest` (aligned .npy, and embeddings + Parquet
    pair list) as subprocesses on a dataset several times larger than that RSS.
 """
