@@ -19,7 +19,7 @@ from faultkit import cosim_cmd, dask_processes, leftovers, one_line_error, wait_
 from typer.testing import CliRunner
 
 from cosim_dask.cli import app
-from cosim_dask.errors import StoreError
+from cosim_dask.errors import CosimError, StoreError
 from cosim_dask.ingest import generate_store
 from cosim_dask.model import load_model
 from cosim_dask.reader import StoreSlice, read_slice
@@ -80,8 +80,13 @@ def test_store_regenerated_mid_run_stops_the_run(tmp_path, address):
     try:
         wait_for(lambda: out.exists() and load_model(out).attrs["steps"] >= 2, 120,
                  "two checkpoints")
-        # `cosim generate --overwrite` again with another seed: a new store renamed into place.
-        found = _generate(store, seed=4, overwrite=True)
+        # `cosim generate --overwrite` is refused while the run reads the store ...
+        with pytest.raises(CosimError, match="in use by another cosim run"):
+            _generate(store, seed=4, overwrite=True)
+        # ... but a user's own `mv` of another store into place goes round the lock.
+        found = _generate(tmp_path / "new.zarr", seed=4)
+        os.rename(store, tmp_path / "aside.zarr")
+        os.rename(tmp_path / "new.zarr", store)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
