@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -68,7 +69,7 @@ def _one_line_usage_errors() -> Iterator[None]:
             raise
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         message = " ".join(exc.format_message().split())
-        typer.echo(f"error: {message}{where}", err=True)
+        _echo(f"error: {message}{where}", err=True)
         raise typer.Exit(code=2) from None
 
 
@@ -99,6 +100,33 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+#: C0 and C1 control characters, DEL, and the Unicode controls that reorder text (bidi):
+#: in a store attribute or a path they could clear the screen, set the terminal's title or
+#: hide what is printed.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character shown as an escape (ESC as ``\\x1b``): safe
+    to print to a terminal whatever a file or an argument held."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _echo(text: object, err: bool = False) -> None:
+    """Every human-readable line the CLI prints goes through here (JSON is escaped by
+    json.dumps): one place where text from files and arguments is made printable."""
+    typer.echo(printable(text), err=err)
+
+
+def _say(console: Console, text: object) -> None:
+    """:func:`_echo` for a rich console: escaped, and not read as rich markup."""
+    console.print(printable(text), markup=False)
+
 
 def run(body: Callable[[], T]) -> T:
     """Call ``body``; a CosimError becomes a one-line message and exit code 2."""
@@ -108,7 +136,7 @@ def run(body: Callable[[], T]) -> T:
         if _state["debug"]:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        typer.echo(f"error: {message}", err=True)
+        _echo(f"error: {message}", err=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -161,7 +189,7 @@ def transform(
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
                                 block_rows=block_rows)
         what = "pairs" if src.is_dir() else "vectors"
-        typer.echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
+        _echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
                    f"to {report.path}")
 
     run(body)
@@ -239,7 +267,7 @@ def generate(
             store, pairs=pairs, dim=dim, rank=rank, noise=noise, targets=targets.value,
             seed=seed, chunk_rows=chunk_pairs, codec=codec.value, overwrite=overwrite,
             progress=progress))
-    typer.echo(_report_line(report, "generated"))
+    _echo(_report_line(report, "generated"))
 
 
 @app.command(cls=_Command)
@@ -292,7 +320,7 @@ def ingest(
                                     progress=progress, **options)
         raise CosimError("give either --x, --y and --target, or --embeddings and --pairs")
 
-    typer.echo(_report_line(run(body), "ingested"))
+    _echo(_report_line(run(body), "ingested"))
 
 
 @app.command(cls=_Command)
@@ -309,7 +337,7 @@ def info(
         typer.echo(json.dumps(data, indent=2))
         return
     for line in _format_info(data):
-        typer.echo(line)
+        _echo(line)
 
 
 def _format_info(info: dict) -> list[str]:
@@ -344,8 +372,12 @@ def _format_info(info: dict) -> list[str]:
         lines.append(f"hidden A*    rank {h['rank']} (+ small ridge), eigenvalues "
                      f"{lo:.3g}..{hi:.3g}")
     lines.append(f"created      {info['created']} by cosim-dask {info['cosim_version']}")
-    for key, value in (info.get("provenance") or {}).items():
-        lines.append(f"  {key}: {json.dumps(value)}")
+    provenance = info.get("provenance")
+    if isinstance(provenance, dict):
+        for key, value in provenance.items():
+            lines.append(f"  {key}: {json.dumps(value)}")
+    elif provenance is not None:  # written by another tool: shown as it is
+        lines.append(f"provenance   {json.dumps(provenance)}")
     return lines
 
 # End of the pair-store commands.
@@ -396,13 +428,21 @@ SecurityOpt = Annotated[Path | None, typer.Option(
     "schedulers.", rich_help_panel="Cluster")]
 
 
-@contextmanager
-def _cluster(scheduler, workers, threads, memory_limit, dashboard_address, security):
-    from .cluster import ClusterConfig, close, connect
+def _cluster_config(scheduler, workers, threads, memory_limit, dashboard_address, security):
+    """The cluster options, checked (one line and exit 2 if bad) before anything starts."""
+    from .cluster import ClusterConfig
 
     config = ClusterConfig(scheduler=scheduler, workers=workers, threads_per_worker=threads,
                            memory_limit=memory_limit, dashboard_address=dashboard_address,
                            security=security)
+    run(config.check)
+    return config
+
+
+@contextmanager
+def _cluster(config):
+    from .cluster import close, connect
+
     if not _state["debug"]:
         # When the scheduler goes away, distributed's client logs each failed reconnect with
         # a traceback; our own one-line error says what happened and how to resume.
@@ -494,12 +534,13 @@ def train(
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
+    cluster = _cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
     _, checkpoint = run(lambda: check_request(store, str(out), config, options,
                                               overwrite=overwrite, resume=resume))
     console = Console(stderr=True)
-    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
-                  security) as client:
-        console.print(f"Dask dashboard: {_dashboard_link(client)}")
+    with _cluster(cluster) as client:
+        _say(console, f"Dask dashboard: {_dashboard_link(client)}")
         progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), console=console,
                             transient=False)
@@ -507,12 +548,13 @@ def train(
 
         def on_start(info) -> None:
             if info.get("live_url"):
-                console.print(f"Live training page: {info['live_url']}")
+                _say(console, f"Live training page: {info['live_url']}")
             if info.get("live_hint"):
-                console.print(info["live_hint"])
+                _say(console, info["live_hint"])
             s = info["store"]
             resumed = info["resumed_at"]
-            console.print(
+            _say(
+                console,
                 f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
                 f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
                 + (f"; resuming at step {resumed}" if resumed is not None else ""))
@@ -534,10 +576,10 @@ def train(
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
     attrs = result.model.attrs
-    console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
+    _say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")
     _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
-    typer.echo(f"model written to {out}")
+    _echo(f"model written to {out}")
 
 
 def _print_figures(figures: dict | None) -> None:
@@ -586,15 +628,16 @@ def evaluate(
     from .model import load_model
     from .store import open_store
 
+    cluster = _cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
     # Bad paths fail before start-up; the model is read once.
     loaded, _ = run(lambda: (load_model(model), open_store(store)))
-    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
-                  security) as client:
+    with _cluster(cluster) as client:
         report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
+    _echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
     _print_figures(report)
 
 
@@ -618,9 +661,9 @@ def report(
     from .report import NO_MATPLOTLIB, default_png_dir, matplotlib_available, write_report
 
     page = run(lambda: write_report(model, out, overwrite=overwrite, png_dir=png_dir))
-    typer.echo(f"report written to {page}")
+    _echo(f"report written to {page}")
     if matplotlib_available():
-        typer.echo(f"PNG figures in {png_dir or default_png_dir(out)}")
+        _echo(f"PNG figures in {png_dir or default_png_dir(out)}")
     else:
         typer.echo(NO_MATPLOTLIB)
 

@@ -33,3 +33,8 @@ class TrainingError(CosimError):
 
 class ClusterError(CosimError):
     """A Dask cluster that cannot be reached or started."""
+
+
+class DivergedError(TrainingError):
+    """A solver whose parameters ran off (inf/nan, or a degenerate metric): the step size is
+    too large for the problem, not the data at fault."""

@@ -171,7 +171,9 @@ class CosineMetricLearner:
         if self.cluster not in CLUSTER_MODES:
             raise CosimError(f"cluster={self.cluster!r} must be one of: "
                              f"{', '.join(CLUSTER_MODES)}")
-        if self.max_iter is None or int(self.max_iter) != self.max_iter:
+        if (not isinstance(self.max_iter, int | float | np.integer | np.floating)
+                or isinstance(self.max_iter, bool) or not np.isfinite(self.max_iter)
+                or int(self.max_iter) != self.max_iter):
             raise CosimError(f"max_iter={self.max_iter!r} must be a whole number >= 0")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise CosimError(f"chunk_rows={self.chunk_rows!r} must be >= 1")
