@@ -138,6 +138,12 @@ def run(body: Callable[[], T]) -> T:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _echo(f"error: {message}", err=True)
         raise typer.Exit(code=2) from None
+    except MemoryError as exc:  # e.g. a size typed with a few zeros too many
+        if _state["debug"]:
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else "MemoryError"
+        _echo(f"error: not enough memory ({detail}); check the sizes given", err=True)
+        raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise typer.Exit(code=130) from None
@@ -218,6 +224,9 @@ _ChunkPairs = Annotated[
                  "32,768 at d=128, evened out over the pairs)."),
 ]
 _CodecOpt = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
+#: Seeds feed NumPy's generators, which take [0, 2**32 - 1] here (train checks its own
+#: seed in TrainConfig.check).
+_MAX_SEED = 2**32 - 1
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing STORE.")]
 
 
@@ -255,7 +264,8 @@ def generate(
                      ] = 0.05,
     targets: Annotated[TargetKind, typer.Option(help="Graded (clipped similarity) or "
                                                 "binary (its sign).")] = TargetKind.graded,
-    seed: Annotated[int, typer.Option(help="Seed of A* and of every chunk.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_MAX_SEED,
+                                      help="Seed of A* and of every chunk.")] = 0,
     chunk_pairs: _ChunkPairs = None,
     codec: _CodecOpt = Codec.none,
     overwrite: _Overwrite = False,
@@ -329,7 +339,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     validation: Annotated[float | None, typer.Option(
         help="Also show the train/validation split this fraction gives.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_MAX_SEED, help="Seed of that split.")] = 0,
 ) -> None:
     """Describe a pair store: shape, chunks, codec, sizes, targets, provenance."""
     data = run(lambda: store_info(store, validation=validation, seed=seed))

@@ -72,10 +72,9 @@ def scheduler_address(config: ClusterConfig) -> str | None:
 def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     """A client, and the LocalCluster it owns (None when it joined an existing cluster).
 
-    An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds;
-    bad settings raise it before anything starts (:meth:`ClusterConfig.check`).
+    An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds.
     """
-    config.check()
+    config.check()  # bad settings fail here, before anything starts
     security = _security(config.security)
     address = scheduler_address(config)
     if address:
@@ -95,23 +94,23 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
                 f"local cluster"
             ) from None
         return client, None
+    if config.workers < 1 or config.threads_per_worker < 1:
+        raise ClusterError(
+            f"workers={config.workers} and threads_per_worker={config.threads_per_worker} "
+            "must be at least 1"
+        )
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     env.update({name: str(config.threads_per_worker) for name in _BLAS_ENV})
-    try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-            cluster = LocalCluster(
-                n_workers=config.workers,
-                threads_per_worker=config.threads_per_worker,
-                memory_limit=config.memory_limit,
-                processes=config.processes,
-                dashboard_address=config.dashboard_address,
-                host="127.0.0.1",
-                security=security,
-            )
-    except (RuntimeError, OSError) as exc:
-        # What the checks cannot see in advance (a port taken, no processes left).
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ClusterError(f"cannot start a local Dask cluster: {detail}") from None
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+        cluster = LocalCluster(
+            n_workers=config.workers,
+            threads_per_worker=config.threads_per_worker,
+            memory_limit=config.memory_limit,
+            processes=config.processes,
+            dashboard_address=config.dashboard_address,
+            host="127.0.0.1",
+            security=security,
+        )
     return Client(cluster, security=security), cluster
 
 
