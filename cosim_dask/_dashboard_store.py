@@ -250,7 +250,9 @@ def split_host(value: str) -> tuple[str, int | None]:
 @functools.lru_cache(maxsize=1)
 def _machine_names() -> frozenset[str]:
     # Once per process: getfqdn may ask the resolver.
-    return frozenset(n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()) if n)
+    # Loopback names answer on loopback only (some machines call themselves "localhost").
+    names = {n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()) if n}
+    return frozenset(names - _LOOPBACK_NAMES)
 
 
 def _is_loopback(address: str) -> bool:

@@ -132,17 +132,12 @@ def run(body: Callable[[], T]) -> T:
     """Call ``body``; a CosimError becomes a one-line message and exit code 2."""
     try:
         return body()
-    except (CosimError, FileNotFoundError, PermissionError, OSError) as exc:
+    # MemoryError: a size typed with a few zeros too many ("Unable to allocate 71 PiB ...").
+    except (CosimError, FileNotFoundError, PermissionError, OSError, MemoryError) as exc:
         if _state["debug"]:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        _echo(f"error: {message}", err=True)
-        raise typer.Exit(code=2) from None
-    except MemoryError as exc:  # e.g. a size typed with a few zeros too many
-        if _state["debug"]:
-            raise
-        detail = str(exc).splitlines()[0] if str(exc) else "MemoryError"
-        _echo(f"error: not enough memory ({detail}); check the sizes given", err=True)
+        message = printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -8,7 +8,6 @@ each beside plain cosine) whose figures go into the model's attributes.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -44,7 +43,7 @@ from .step import (
     scheduler_lost,
     store_pieces,
 )
-from .store import PairStore, is_url, open_store
+from .store import PairStore, open_store
 
 CACHE_MODES = ("auto", "memory", "stream")
 #: Persist only when the training data takes at most this share of the cluster's memory.
@@ -269,7 +268,6 @@ def check_request(
     options.check()
     if resume and overwrite:
         raise CosimError("--resume and --overwrite contradict each other; pass one")
-    _check_out_apart(store_path, out, overwrite)
     if resume:
         if not Path(out).exists():
             raise TrainingError(f"nothing to resume: {out!r} does not exist; drop --resume")
@@ -291,25 +289,6 @@ def check_request(
     _check_checkpoint(checkpoint.model, out, config, store)
     _restore(checkpoint.model, config.make_solver())  # its solver state must load too
     return store, checkpoint
-
-
-def _check_out_apart(store_path: str, out: str, overwrite: bool) -> None:
-    """``out`` may replace only a model: never the training store, a folder holding it, or
-    any other folder (``--overwrite`` on a folder of data would delete it)."""
-    if not is_url(str(store_path)):
-        store, model = Path(store_path).resolve(), Path(out).resolve()
-        if store == model or store in model.parents or model in store.parents:
-            raise CosimError(f"--out {str(out)!r} overlaps the training store "
-                             f"{str(store_path)!r}; write the model elsewhere")
-    meta = Path(out) / "zarr.json"
-    if overwrite and Path(out).exists():
-        try:
-            kind = json.loads(meta.read_text()).get("attributes", {}).get("format")
-        except (OSError, ValueError, AttributeError):
-            kind = None
-        if kind != "cosim-model":
-            raise CosimError(f"refusing to replace {str(out)!r}: it is not a cosim model; "
-                             "remove it yourself or choose another --out")
 
 
 def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairStore) -> None:
