@@ -10,13 +10,17 @@ Histories are columnar (one ``array('d')`` per metric, NaN for "not given") beca
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import math
+import os
 import re
+import socket
 import threading
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -32,6 +36,11 @@ MAX_STEPS_PER_RUN = 100_000
 MAX_RUNS = 100
 #: Key of the wall-clock time (seconds since the epoch) the driver attached to each step.
 TIME_KEY = "wall_time"
+#: Extra names the pages answer to, read from the serving process's environment: a comma-
+#: separated list of ``host`` or ``host:port`` (``*`` for any), for a proxy that passes on
+#: its own ``Host`` header.
+ALLOWED_HOSTS_ENV = "COSIM_DASHBOARD_ALLOWED_HOSTS"
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def is_valid_run_id(run_id: str) -> bool:
@@ -221,6 +230,73 @@ _PAGES = {
 }
 
 
+def split_host(value: str) -> tuple[str, int | None]:
+    """A ``Host`` header as (lower-case name without brackets or final dot, port or None)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        name, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+    elif value.count(":") == 1:
+        name, port = value.split(":")
+    else:  # a bare name, or a bare IPv6 address
+        name, port = value, None
+    if port is None or port == "":
+        return name.rstrip("."), None
+    if not port.isascii() or not port.isdigit() or len(port) > 5:
+        return "", None  # matches nothing
+    return name.rstrip("."), int(port)
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_names() -> frozenset[str]:
+    # Once per process: getfqdn may ask the resolver.
+    # Loopback names answer on loopback only (some machines call themselves "localhost").
+    names = {n.lower().rstrip(".") for n in (socket.gethostname(), socket.getfqdn()) if n}
+    return frozenset(names - _LOOPBACK_NAMES)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or ip).is_loopback
+
+
+def host_allowed(header: str | None, local: tuple[str, int], names: Iterable[str] = (),
+                 extra: str | None = None) -> bool:
+    """Whether a request whose ``Host`` is ``header``, arriving at the local socket address
+    ``local`` (address, port), is for this server: a DNS-rebinding page names its own host.
+
+    The name must be a loopback name (``localhost``, ``127.0.0.1``, ``[::1]``) when the
+    request came in on loopback, and otherwise the address it came in on, this machine's
+    name or one of ``names`` (the names the server is announced as); the port, the one it
+    came in on. ``extra`` (see :data:`ALLOWED_HOSTS_ENV`) adds ``host`` or ``host:port``
+    entries, or ``*`` for any.
+    """
+    if not header:
+        return False
+    name, port = split_host(header)
+    if not name:
+        return False
+    address, local_port = local
+    address = address.split("%")[0].lower()
+    for entry in (e.strip() for e in (extra or "").split(",")):
+        if entry == "*":
+            return True
+        if entry:
+            allowed_name, allowed_port = split_host(entry)
+            if allowed_name == name and allowed_port in (None, port):
+                return True
+    if (port if port is not None else 80) != local_port:
+        return False
+    if _is_loopback(address):
+        return name in _LOOPBACK_NAMES or name == address
+    allowed = {address, *(n.lower().rstrip(".") for n in names), *_machine_names()}
+    return name in allowed
+
+
 class _Base(web.RequestHandler):
     def initialize(self, store: RunStore, context: dict[str, Any]) -> None:
         self.store = store
@@ -229,6 +305,22 @@ class _Base(web.RequestHandler):
     def set_default_headers(self) -> None:
         # Live data: never serve a cached copy.
         self.set_header("Cache-Control", "no-store")
+
+    def prepare(self) -> None:
+        """Refuse (403) a request whose ``Host`` is not a name of this server: a page from
+        another site rebound to this address must not read the runs' settings and paths."""
+        try:
+            local = self.request.connection.stream.socket.getsockname()[:2]
+        except (AttributeError, OSError):
+            local = ("", -1)  # unknown: only an explicitly allowed name passes
+        header = self.request.headers.get("Host")
+        if not host_allowed(header, local, self.context.get("hosts", ()),
+                            os.environ.get(ALLOWED_HOSTS_ENV)):
+            self.set_status(403)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            # The refused name is not echoed back: nothing of the request is reflected.
+            self.finish("403: this server does not answer for that Host; open it by the "
+                        f"address it listens on, or list the name in {ALLOWED_HOSTS_ENV}\n")
 
     def _root(self, depth: int) -> str:
         # Relative link from this page to the server's root. Relative, not absolute, links keep

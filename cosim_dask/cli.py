@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -70,7 +71,7 @@ def _one_line_usage_errors() -> Iterator[None]:
             raise
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         message = " ".join(exc.format_message().split())
-        typer.echo(f"error: {message}{where}", err=True)
+        _echo(f"error: {message}{where}", err=True)
         raise typer.Exit(code=2) from None
 
 
@@ -101,15 +102,43 @@ app = typer.Typer(
 
 _state = {"debug": False}
 
+#: C0 and C1 control characters, DEL, and the Unicode controls that reorder text (bidi):
+#: in a store attribute or a path they could clear the screen, set the terminal's title or
+#: hide what is printed.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character shown as an escape (ESC as ``\\x1b``): safe
+    to print to a terminal whatever a file or an argument held."""
+    return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _echo(text: object, err: bool = False) -> None:
+    """Every human-readable line the CLI prints goes through here (JSON is escaped by
+    json.dumps): one place where text from files and arguments is made printable."""
+    typer.echo(printable(text), err=err)
+
+
+def _say(console: Console, text: object) -> None:
+    """:func:`_echo` for a rich console: escaped, and not read as rich markup."""
+    console.print(printable(text), markup=False)
+
 
 def run(body: Callable[[], T]) -> T:
     """Call ``body``; a CosimError becomes a one-line message and exit code 2."""
     try:
         return body()
-    except (CosimError, FileNotFoundError, PermissionError, OSError) as exc:
+    # MemoryError: a size typed with a few zeros too many ("Unable to allocate 71 PiB ...").
+    except (CosimError, FileNotFoundError, PermissionError, OSError, MemoryError) as exc:
         if _state["debug"]:
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = printable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(code=2) from None
     except KeyboardInterrupt as exc:
@@ -176,7 +205,7 @@ def transform(
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
                                 block_rows=block_rows, inputs=[model])
         what = "pairs" if src.is_dir() else "vectors"
-        typer.echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
+        _echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
                    f"to {report.path}")
 
     run(body)
@@ -205,6 +234,9 @@ _ChunkPairs = Annotated[
                  "32,768 at d=128, evened out over the pairs)."),
 ]
 _CodecOpt = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
+#: Seeds feed NumPy's generators, which take [0, 2**32 - 1] here (train checks its own
+#: seed in TrainConfig.check).
+_MAX_SEED = 2**32 - 1
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing STORE.")]
 
 
@@ -242,7 +274,8 @@ def generate(
                      ] = 0.05,
     targets: Annotated[TargetKind, typer.Option(help="Graded (clipped similarity) or "
                                                 "binary (its sign).")] = TargetKind.graded,
-    seed: Annotated[int, typer.Option(help="Seed of A* and of every chunk.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_MAX_SEED,
+                                      help="Seed of A* and of every chunk.")] = 0,
     chunk_pairs: _ChunkPairs = None,
     codec: _CodecOpt = Codec.none,
     overwrite: _Overwrite = False,
@@ -254,7 +287,7 @@ def generate(
             store, pairs=pairs, dim=dim, rank=rank, noise=noise, targets=targets.value,
             seed=seed, chunk_rows=chunk_pairs, codec=codec.value, overwrite=overwrite,
             progress=progress))
-    typer.echo(_report_line(report, "generated"))
+    _echo(_report_line(report, "generated"))
 
 
 @app.command(cls=_Command)
@@ -307,7 +340,7 @@ def ingest(
                                     progress=progress, **options)
         raise CosimError("give either --x, --y and --target, or --embeddings and --pairs")
 
-    typer.echo(_report_line(run(body), "ingested"))
+    _echo(_report_line(run(body), "ingested"))
 
 
 @app.command(cls=_Command)
@@ -316,7 +349,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     validation: Annotated[float | None, typer.Option(
         help="Also show the train/validation split this fraction gives.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of that split.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_MAX_SEED, help="Seed of that split.")] = 0,
 ) -> None:
     """Describe a pair store: shape, chunks, codec, sizes, targets, provenance."""
     data = run(lambda: store_info(store, validation=validation, seed=seed))
@@ -324,7 +357,7 @@ def info(
         typer.echo(json.dumps(data, indent=2))
         return
     for line in _format_info(data):
-        typer.echo(line)
+        _echo(line)
 
 
 def _format_info(info: dict) -> list[str]:
@@ -359,8 +392,12 @@ def _format_info(info: dict) -> list[str]:
         lines.append(f"hidden A*    rank {h['rank']} (+ small ridge), eigenvalues "
                      f"{lo:.3g}..{hi:.3g}")
     lines.append(f"created      {info['created']} by cosim-dask {info['cosim_version']}")
-    for key, value in (info.get("provenance") or {}).items():
-        lines.append(f"  {key}: {json.dumps(value)}")
+    provenance = info.get("provenance")
+    if isinstance(provenance, dict):
+        for key, value in provenance.items():
+            lines.append(f"  {key}: {json.dumps(value)}")
+    elif provenance is not None:  # written by another tool: shown as it is
+        lines.append(f"provenance   {json.dumps(provenance)}")
     return lines
 
 # End of the pair-store commands.
@@ -411,13 +448,21 @@ SecurityOpt = Annotated[Path | None, typer.Option(
     "schedulers.", rich_help_panel="Cluster")]
 
 
-@contextmanager
-def _cluster(scheduler, workers, threads, memory_limit, dashboard_address, security):
-    from .cluster import ClusterConfig, close, connect
+def _cluster_config(scheduler, workers, threads, memory_limit, dashboard_address, security):
+    """The cluster options, checked (one line and exit 2 if bad) before anything starts."""
+    from .cluster import ClusterConfig
 
     config = ClusterConfig(scheduler=scheduler, workers=workers, threads_per_worker=threads,
                            memory_limit=memory_limit, dashboard_address=dashboard_address,
                            security=security)
+    run(config.check)
+    return config
+
+
+@contextmanager
+def _cluster(config):
+    from .cluster import close, connect
+
     if not _state["debug"]:
         # When the scheduler goes away, distributed's client logs each failed reconnect with
         # a traceback; our own one-line error says what happened and how to resume.
@@ -509,16 +554,17 @@ def train(
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
+    cluster = _cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
     _, checkpoint = run(lambda: check_request(store, str(out), config, options,
                                               overwrite=overwrite, resume=resume))
     done = finished_message(checkpoint, config) if resume else None
     if done:
-        typer.echo(f"nothing to resume: {done}")
+        _echo(f"nothing to resume: {done}")
         return
     console = Console(stderr=True)
-    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
-                  security) as client:
-        console.print(f"Dask dashboard: {_dashboard_link(client)}")
+    with _cluster(cluster) as client:
+        _say(console, f"Dask dashboard: {_dashboard_link(client)}")
         progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), console=console,
                             transient=False)
@@ -526,12 +572,13 @@ def train(
 
         def on_start(info) -> None:
             if info.get("live_url"):
-                console.print(f"Live training page: {info['live_url']}")
+                _say(console, f"Live training page: {info['live_url']}")
             if info.get("live_hint"):
-                console.print(info["live_hint"])
+                _say(console, info["live_hint"])
             s = info["store"]
             resumed = info["resumed_at"]
-            console.print(
+            _say(
+                console,
                 f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
                 f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
                 + (f"; resuming at step {resumed}" if resumed is not None else ""))
@@ -553,13 +600,13 @@ def train(
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
     if result.resumed_complete:
-        typer.echo(f"nothing to resume: {finished_message(checkpoint, config)}")
+        _echo(f"nothing to resume: {finished_message(checkpoint, config)}")
         return
     attrs = result.model.attrs
-    console.print(f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
+    _say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")
     _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
-    typer.echo(f"model written to {out}")
+    _echo(f"model written to {out}")
 
 
 def _print_figures(figures: dict | None) -> None:
@@ -608,15 +655,16 @@ def evaluate(
     from .model import load_model
     from .store import open_store
 
+    cluster = _cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
     # Bad paths fail before start-up; the model is read once.
     loaded, _ = run(lambda: (load_model(model), open_store(store)))
-    with _cluster(scheduler, workers, threads_per_worker, memory_limit, dashboard_address,
-                  security) as client:
+    with _cluster(cluster) as client:
         report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    typer.echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
+    _echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
     _print_figures(report)
 
 
@@ -640,9 +688,9 @@ def report(
     from .report import NO_MATPLOTLIB, default_png_dir, matplotlib_available, write_report
 
     page = run(lambda: write_report(model, out, overwrite=overwrite, png_dir=png_dir))
-    typer.echo(f"report written to {page}")
+    _echo(f"report written to {page}")
     if matplotlib_available():
-        typer.echo(f"PNG figures in {png_dir or default_png_dir(out)}")
+        _echo(f"PNG figures in {png_dir or default_png_dir(out)}")
     else:
         typer.echo(NO_MATPLOTLIB)
 

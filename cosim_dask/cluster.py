@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +39,31 @@ class ClusterConfig:
     timeout: float = 10.0
     processes: bool = True
 
+    def check(self) -> None:
+        """Check every setting before anything starts; a :class:`ClusterError` names the bad
+        value and the form expected.
+
+        The scheduler address (scheme, host, port), the workers and threads, the memory
+        limit, the dashboard address, and the TLS settings against the scheduler's scheme.
+        """
+        address = scheduler_address(self)
+        scheme = None if address is None else check_scheduler_address(address)
+        most = max_local_processes()
+        for name in ("workers", "threads_per_worker"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                # A typo of 100000 workers would start 100000 processes on this machine.
+                raise ClusterError(f"{name}={value!r} must be a whole number between 1 and "
+                                   f"{most} (4 per core of this machine, at least 64)")
+        if not isinstance(self.timeout, int | float) or not (
+                math.isfinite(self.timeout) and self.timeout > 0):
+            raise ClusterError(f"timeout={self.timeout!r} must be a finite number of seconds > 0")
+        check_memory_limit(self.memory_limit)
+        if self.dashboard_address is not None:
+            check_dashboard_address(self.dashboard_address)
+        _check_tls(address, scheme, self.security)
+        _security(self.security)  # a TLS config file is read and checked here, too
+
 
 def scheduler_address(config: ClusterConfig) -> str | None:
     """The scheduler to connect to, from the option or from Dask's configuration."""
@@ -50,6 +78,7 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.waits.start_local`):
     the driver alone handles it and closes them.
     """
+    config.check()  # bad settings fail here, before anything starts
     security = _security(config.security)
     address = scheduler_address(config)
     if address:
@@ -91,6 +120,124 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     except BaseException:
         close_cluster(cluster)
         raise
+
+
+def max_local_processes() -> int:
+    """Most LocalCluster workers (or threads per worker) accepted: 4 per core, at least 64."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def _schemes() -> list[str]:
+    from distributed.comm.registry import backends
+
+    return sorted(backends)
+
+
+def check_scheduler_address(address: str) -> str:
+    """The scheme of a scheduler address (``tcp://host:port``, ``tls://...``, a bare
+    ``host:port`` meaning Dask's default scheme); :class:`ClusterError` if it is not one."""
+    expected = (f"expected SCHEME://HOST:PORT such as tcp://127.0.0.1:8786 (schemes: "
+                f"{', '.join(_schemes())})")
+    if not isinstance(address, str) or not address.strip():
+        raise ClusterError(f"scheduler={address!r} is not a Dask scheduler address; {expected}")
+    scheme, sep, location = address.partition("://")
+    if not sep:
+        scheme = dask.config.get("distributed.comm.default-scheme", "tcp")
+        location = address
+    if scheme not in _schemes():
+        raise ClusterError(f"scheduler={address!r} names the unknown protocol {scheme!r}; "
+                           f"{expected}")
+    if scheme == "inproc":
+        if not location:
+            raise ClusterError(f"scheduler={address!r} is not a Dask scheduler address; "
+                               f"{expected}")
+        return scheme
+    host, port = _split_host_port(location)
+    if not host or port is None or not 1 <= port <= 65535:
+        raise ClusterError(f"scheduler={address!r} is not a Dask scheduler address (a host "
+                           f"and a port 1-65535 are needed); {expected}")
+    return scheme
+
+
+def _split_host_port(location: str) -> tuple[str, int | None]:
+    """``host:port``, ``[v6]:port`` or ``:port`` → (host, port); port None if not a number."""
+    if location.startswith("["):
+        host, sep, rest = location[1:].partition("]")
+        port = rest[1:] if sep and rest.startswith(":") else ""
+    else:
+        host, _, port = location.rpartition(":")
+    if not port.isascii() or not port.isdigit() or len(port) > 5:
+        return host, None
+    return host, int(port)
+
+
+def check_memory_limit(limit: object) -> None:
+    """A worker memory limit: ``'auto'``, None, bytes (int) or a size string ('4GiB')."""
+    if limit is None or limit == "auto":
+        return
+    bad = ClusterError(f"memory_limit={limit!r} is not a size; give bytes with a unit, such "
+                       "as '4GiB' or '500MB', or 'auto' (0 for no limit)")
+    if isinstance(limit, bool):
+        raise bad
+    if isinstance(limit, int | float):
+        # Dask reads a float in (0, 1] as a share of the machine's memory.
+        if not math.isfinite(limit) or limit < 0:
+            raise bad
+        return
+    if not isinstance(limit, str) or not limit.strip():
+        raise bad
+    from dask.utils import parse_bytes
+
+    try:
+        size = parse_bytes(limit)
+    except (ValueError, TypeError):
+        raise bad from None
+    # "0.5" parses to 0 bytes, which Dask would read as "no limit": only "0" means that.
+    if size < 0 or (size == 0 and limit.strip() != "0"):
+        raise bad
+
+
+def check_dashboard_address(address: object) -> None:
+    """A dashboard address ``host:port`` (``:port`` for every interface; port 0 = any free
+    port); a host name must resolve."""
+    expected = "expected HOST:PORT with a port 0-65535, such as 127.0.0.1:8787 or :0"
+    if not isinstance(address, str) or ":" not in address:
+        raise ClusterError(f"dashboard_address={address!r} is not an address; {expected}")
+    host, port = _split_host_port(address)
+    if port is None or port > 65535:
+        raise ClusterError(f"dashboard_address={address!r} has no valid port; {expected}")
+    if not host:
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            socket.getaddrinfo(host, port)
+        except (OSError, UnicodeError):
+            raise ClusterError(f"dashboard_address={address!r}: the host {host!r} does not "
+                               f"resolve; {expected}") from None
+
+
+def _tls_given(security: object | None) -> bool:
+    if security is None:
+        return False
+    if isinstance(security, str | os.PathLike):
+        return True
+    return bool(getattr(security, "require_encryption", False))
+
+
+def _check_tls(address: str | None, scheme: str | None, security: object | None) -> None:
+    """TLS settings against the scheduler's scheme: certificates for a tcp:// scheduler
+    would silently go unused; a tls:// scheduler without any cannot be reached."""
+    if scheme in ("tcp", "ws") and _tls_given(security):
+        raise ClusterError(f"a TLS config (security) was given but the scheduler {address!r} "
+                           f"speaks plain {scheme}://; use its tls:// address, or drop the "
+                           "TLS config (--security)")
+    if (scheme in ("tls", "wss") and not _tls_given(security)
+            and not dask.config.get("distributed.comm.tls.ca-file", None)):
+        raise ClusterError(f"the scheduler {address!r} speaks TLS but no certificates were "
+                           "given: pass --security CONFIG.yaml (see README, Reliability and "
+                           "security)")
 
 
 def _security(security: object | None):

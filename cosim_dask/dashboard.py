@@ -180,7 +180,9 @@ class CosimDashboardPlugin(SchedulerPlugin):
         if app is None:
             raise ClusterError("the scheduler has no HTTP server to add the cosim pages to")
         self.store = RunStore(self.max_runs, self.max_steps)
-        app.add_handlers(".*$", routes(self.store, {"dask_nav": True, "served_by": "scheduler"}))
+        context = {"dask_nav": True, "served_by": "scheduler",
+                   "hosts": _scheduler_hosts(scheduler)}
+        app.add_handlers(".*$", routes(self.store, context))
         try:
             # The dashboard's nav bar is rendered from one memoized dict per scheduler; adding
             # to its "pages" puts a "Cosim" tab beside Status, Workers, Tasks, ...
@@ -198,6 +200,17 @@ class CosimDashboardPlugin(SchedulerPlugin):
             self.store.handle(msg)
 
 
+def _scheduler_hosts(scheduler: distributed.Scheduler) -> list[str]:
+    """The host of the scheduler's address: the dashboard link is built from it, so the
+    pages answer to that name (see ``_dashboard_store.host_allowed``)."""
+    try:
+        from distributed.comm.addressing import get_address_host
+
+        return [get_address_host(scheduler.address)]
+    except Exception:  # inproc or an unusual address: the machine's names still apply
+        return []
+
+
 class _DriverServer:
     """The fallback: the same pages served by a Tornado server on a thread of the driver."""
 
@@ -211,7 +224,8 @@ class _DriverServer:
         self.port = sockets[0].getsockname()[1]
         shown = host if host and host not in ("0.0.0.0", "::") else socket.gethostname()
         self.root = f"http://{shown}:{self.port}/"
-        context = {"dask_nav": False, "dashboard_link": dashboard_link, "served_by": "driver"}
+        context = {"dask_nav": False, "dashboard_link": dashboard_link, "served_by": "driver",
+                   "hosts": [shown]}
         self._app = web.Application(routes(store, context))
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CosimError, TrainingError
+from .errors import CosimError, DivergedError
 from .losses import Loss, get_loss
 from .metric import Parameterisation, get_parameterisation
 from .objective import Objective
@@ -27,6 +27,34 @@ from .solvers import Solver, get_solver
 #: opposite: on digits 0.0 gave test AUC 0.980 vs 0.978 for −1 (full form: 0.930 vs 0.902);
 #: on our synthetic sign-of-hidden-similarity pairs −1 did better (0.966 vs 0.963).
 DEFAULT_NEGATIVE_TARGET = 0.0
+#: Most solver steps a run may ask for: far beyond any real run (each step is at least one
+#: pass over the data), small enough that a typo (1e20) is caught before start-up.
+MAX_STEPS = 10_000_000
+#: Seeds feed NumPy's generators, which take integers in [0, 2**32 - 1] here.
+MAX_SEED = 2**32 - 1
+#: Mean eigenvalue of A (trace / d) outside [1/MAX_SCALE, MAX_SCALE] means the solver has
+#: diverged: the similarity ignores the scale of A and every start has a mean eigenvalue
+#: of at most 1, while float32 products xᵀAx overflow not far beyond it.
+MAX_SCALE = 1e12
+
+
+def _real(value: object, name: str) -> float:
+    """``value`` as a finite float, or a CosimError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise CosimError(f"{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise CosimError(f"{name}={value} must be a finite number")
+    return float(value)
+
+
+def _whole(value: object, name: str, low: int, high: int | None) -> int:
+    """``value`` as an int in [low, high], or a CosimError naming it and the range."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise CosimError(f"{name}={value!r} must be a whole number")
+    if value < low or (high is not None and value > high):
+        where = f"between {low:,} and {high:,}" if high is not None else f">= {low}"
+        raise CosimError(f"{name}={value} must be {where}")
+    return int(value)
 
 
 @dataclass
@@ -53,22 +81,27 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.steps < 0:
-            raise CosimError(f"steps={self.steps} must be >= 0")
-        if self.lr is not None and not self.lr > 0:
-            raise CosimError(f"lr={self.lr} must be > 0")
-        if self.regularization < 0:
-            raise CosimError(f"regularization={self.regularization} must be >= 0")
-        if not 0.0 <= self.validation < 1.0:
+        """Every number checked before anything starts: a :class:`CosimError` naming the
+        value and the range it must be in."""
+        _whole(self.steps, "steps", 0, MAX_STEPS)
+        _whole(self.seed, "seed", 0, MAX_SEED)
+        if self.lr is not None:
+            _real(self.lr, "lr")
+            if not self.lr > 0:
+                raise CosimError(f"lr={self.lr} must be > 0")
+        for name in ("tol", "gtol", "regularization"):
+            if not _real(getattr(self, name), name) >= 0:
+                raise CosimError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("negative_target", "pos_margin", "neg_margin"):
+            if getattr(self, name) is not None:
+                _real(getattr(self, name), name)
+        if not 0.0 <= _real(self.validation, "validation") < 1.0:
             raise CosimError(f"validation={self.validation} must be in [0, 1)")
-        if self.patience is not None and self.patience < 1:
-            raise CosimError(f"patience={self.patience} must be >= 1")
+        for name in ("rank", "patience", "batch_chunks"):
+            if getattr(self, name) is not None:
+                _whole(getattr(self, name), name, 1, None)
         if self.patience is not None and self.validation == 0:
             raise CosimError("patience needs validation rows: pass --validation > 0")
-        if self.batch_chunks is not None and self.batch_chunks < 1:
-            raise CosimError(f"batch_chunks={self.batch_chunks} must be >= 1")
-        if self.tol < 0 or self.gtol < 0:
-            raise CosimError("tol and gtol must be >= 0")
         self.make_loss()
         self.make_parameterisation()
         self.make_solver()
@@ -149,20 +182,22 @@ def run_solver(
     source = objective.partial_sum
     resumed = state is not None
     state = state or TrainState()
+    # Every pass goes through the guard: parameters that have run off are reported as a
+    # diverging solver, so an invalid-pairs error from the kernel only ever means the data.
+    guarded = _Guarded(objective, config)
     if not resumed:
         started = time.perf_counter()
-        info = solver.start(params0, objective)
+        info = solver.start(params0, guarded)
         _record(state, source, info.loss, info.grad_norm, 0.0, info.evaluations,
                 time.perf_counter() - started, targets_binary, on_step)
     while state.step < config.steps and state.stop_reason is None:
         started = time.perf_counter()
         before = solver.loss
-        info = solver.step(objective, form.project)
+        guarded.step = state.step + 1
+        info = solver.step(guarded, form.project)
         if not math.isfinite(info.loss) or not np.isfinite(solver.params).all():
-            raise TrainingError(
-                f"the loss became {info.loss} at step {state.step + 1}; the last checkpoint "
-                "is kept. Lower --lr, add --regularization, or check the data"
-            )
+            what = "parameters" if math.isfinite(info.loss) else "loss"
+            raise diverged(config, state.step + 1, f"the {what} became inf/nan")
         state.step += 1
         record = _record(state, source, info.loss, info.grad_norm, info.step_size,
                          info.evaluations, time.perf_counter() - started, targets_binary,
@@ -173,6 +208,50 @@ def run_solver(
     if state.stop_reason is None:
         state.stop_reason = "max steps"
     return state
+
+
+def diverged(config: TrainConfig, step: int, what: str) -> DivergedError:
+    """The one-line report of a diverging solver at ``step``, naming the step size to lower."""
+    lr = config.lr if config.lr is not None else getattr(config.make_solver(), "lr", None)
+    now = f"now {lr:g}" if lr is not None else "now the solver's default"
+    return DivergedError(
+        f"the solver diverged at step {step} ({what}); lower the step size (lr, --lr; {now}), "
+        "add regularization (--regularization), or use the lbfgs solver"
+    )
+
+
+def check_parameters(form: Parameterisation, params: np.ndarray) -> str | None:
+    """Why ``params`` cannot be evaluated (None when they can): non-finite, or a metric A
+    whose scale has run off (mean eigenvalue outside [1/MAX_SCALE, MAX_SCALE]) so that
+    xᵀAx overflows, underflows or is zero for every pair."""
+    params = np.asarray(params)
+    if not np.isfinite(params).all():
+        return "the parameters became inf/nan"
+    with np.errstate(over="ignore", invalid="ignore"):
+        # trace(MᵀM) = ‖M‖²_F: O(kd) per pass rather than the O(kd²) of forming A.
+        trace = np.sum(params * params) if form.name == "factor" else np.trace(params)
+        scale = float(trace) / params.shape[-1]
+    if not math.isfinite(scale):
+        return "the metric A became inf/nan"
+    if not 1.0 / MAX_SCALE <= scale <= MAX_SCALE:
+        return f"the metric A became degenerate: mean eigenvalue {scale:.3g}"
+    return None
+
+
+class _Guarded:
+    """The objective, behind a check of the parameters before every pass (line-search
+    trials included); ``step`` is the step being taken, for the report."""
+
+    def __init__(self, objective: Objective, config: TrainConfig) -> None:
+        self.objective = objective
+        self.config = config
+        self.step = 0
+
+    def __call__(self, params: np.ndarray, batch: int | None = None):
+        problem = check_parameters(self.objective.parameterisation, params)
+        if problem:
+            raise diverged(self.config, self.step, problem)
+        return self.objective(params, batch)
 
 
 def _record(state, source, loss, grad_norm, step_size, evaluations, seconds, binary, on_step):

@@ -42,3 +42,8 @@ class SchedulerLostError(ClusterError):
 class WorkerLostError(ClusterError):
     """A worker left while a request needed every worker (a broadcast); the request is
     repeated."""
+
+
+class DivergedError(TrainingError):
+    """A solver whose parameters ran off (inf/nan, or a degenerate metric): the step size is
+    too large for the problem, not the data at fault."""

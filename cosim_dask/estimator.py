@@ -172,7 +172,10 @@ class CosineMetricLearner:
         if self.cluster not in CLUSTER_MODES:
             raise CosimError(f"cluster={self.cluster!r} must be one of: "
                              f"{', '.join(CLUSTER_MODES)}")
-        if self.max_iter is None or int(self.max_iter) != self.max_iter:
+        whole = isinstance(self.max_iter, int | np.integer) or (
+            isinstance(self.max_iter, float | np.floating) and np.isfinite(self.max_iter)
+            and int(self.max_iter) == self.max_iter)
+        if not whole or isinstance(self.max_iter, bool):
             raise CosimError(f"max_iter={self.max_iter!r} must be a whole number >= 0")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise CosimError(f"chunk_rows={self.chunk_rows!r} must be >= 1")

@@ -7,6 +7,7 @@ files of the stores, models and inputs involved are hashed before and after).
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from dataclasses import asdict
@@ -283,6 +284,38 @@ CLI_CASES = [
     ("report-over-another-file", ["report", M, "--out", "{w}/x.txt", "--overwrite"],
      ["refusing to replace", "not a report"]),
     ("info-validation-1.5", ["info", S, "--validation", "1.5"], ["1.5"]),
+    # Options checked before any cluster starts (ClusterConfig.check, TrainConfig.check).
+    ("memory-limit-abc", [*TRAIN, "--memory-limit", "abc"], ["memory_limit='abc'", "4GiB"]),
+    ("memory-limit-empty", [*TRAIN, "--memory-limit", ""], ["memory_limit=''"]),
+    ("scheduler-garbage", [*TRAIN, "--scheduler", "garbage"],
+     ["scheduler='garbage'", "tcp://"]),
+    ("scheduler-port-too-big", [*TRAIN, "--scheduler", "tcp://127.0.0.1:70000"],
+     ["port 1-65535"]),
+    ("dashboard-bogus", [*TRAIN, "--dashboard-address", "bogus"],
+     ["dashboard_address='bogus'", "HOST:PORT"]),
+    ("dashboard-port-too-big", [*TRAIN, "--dashboard-address", "127.0.0.1:70000"],
+     ["dashboard_address='127.0.0.1:70000'", "0-65535"]),
+    ("security-with-tcp", [*TRAIN, "--scheduler", "{sched}", "--security", "{w}/tls.yaml"],
+     ["plain tcp://", "--security"]),
+    ("evaluate-memory-limit-abc", ["evaluate", M, S, "--memory-limit", "abc"],
+     ["memory_limit='abc'"]),
+    ("workers-huge", [*TRAIN, "--workers", "100000"], ["workers=100000"]),
+    ("seed-negative", [*TRAIN, "--seed", "-1"], ["seed=-1", "4,294,967,295"]),
+    ("seed-too-big", [*TRAIN, "--seed", str(2**32)], ["seed=4294967296"]),
+    ("info-seed-negative", ["info", S, "--validation", "0.1", "--seed", "-1"], ["'--seed'"]),
+    ("generate-seed-negative", ["generate", "{w}/g.zarr", "--pairs", "10", "--dim", "2",
+                                "--seed", "-1"], ["'--seed'"]),
+    ("lr-inf", [*TRAIN, "--lr", "inf"], ["lr=inf", "finite"]),
+    ("lr-nan", [*TRAIN, "--lr", "nan"], ["lr=nan", "finite"]),
+    ("steps-huge", [*TRAIN, "--steps", "100000000000000000000"], ["steps=", "10,000,000"]),
+    ("regularization-inf", [*TRAIN, "--regularization", "inf"], ["regularization=inf"]),
+    ("generate-dim-huge", ["generate", "{w}/g.zarr", "--pairs", "10", "--dim", "100000000"],
+     ["Unable to allocate"]),
+    # A diverging solver is named as such, with the step size to lower; not blamed on data.
+    ("diverged-gd", [*TRAIN, "--solver", "gd", "--lr", "1e30", "--steps", "3",
+                     "--scheduler", "{sched}"], ["diverged at step 1", "--lr", "1e+30"]),
+    ("diverged-adam", [*TRAIN, "--solver", "adam", "--lr", "1e30", "--steps", "3",
+                       "--scheduler", "{sched}"], ["diverged at step 1", "--lr", "1e+30"]),
 ]
 
 
@@ -435,3 +468,44 @@ def test_fuzz_open_store(base_store, tmp_path, damage):
         assert store.hidden_metric is None or store.hidden_metric.shape == (store.d,) * 2
     finally:
         shutil.rmtree(path)
+
+
+# --- terminal safety: text from files and arguments is printed with controls escaped -----
+
+#: Sets the terminal's title to "pwned" and clears the screen when printed raw.
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J"
+
+
+def test_info_escapes_control_characters(tmp_path):
+    path = tmp_path / "crafted.zarr"
+    generate_store(path, pairs=20, dim=3, rank=2, targets="binary", seed=1, chunk_rows=10)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs.update({"provenance": {f"note{ESCAPES}": ESCAPES}, "created": ESCAPES})
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "created      \\x1b]0;pwned\\x07\\x1b[2J by" in result.output
+    assert "  note\\x1b]0;pwned\\x07\\x1b[2J: " in result.output
+    as_json = runner.invoke(app, ["info", str(path), "--json"])
+    assert "\x1b" not in as_json.output  # json.dumps escapes, and the values survive exactly
+    assert json.loads(as_json.output)["provenance"] == {f"note{ESCAPES}": ESCAPES}
+
+
+def test_paths_are_printed_escaped(world, tmp_path):
+    out = tmp_path / f"out{ESCAPES}.npy"
+    result = runner.invoke(app, ["transform", str(world / "model.zarr"), str(world / "x.npy"),
+                                 str(out)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and f"out{ESCAPES}".encode("unicode_escape").decode() \
+        in result.output
+    again = runner.invoke(app, ["transform", str(world / "model.zarr"), str(world / "x.npy"),
+                                str(out)])
+    assert again.exit_code == 2
+    assert "\x1b" not in again.stderr
+    one_line_error(again.stderr, "already exists")
+
+
+def test_printable_escapes_c0_c1_and_bidi_controls():
+    from cosim_dask.cli import printable
+
+    assert printable("a\x1b[2Jb\tc\nd\x7f\x9b\u202eé") == "a\\x1b[2Jb\\x09c\\x0ad\\x7f\\x9b\\u202eé"

@@ -4,6 +4,7 @@ headless Chromium."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import subprocess
@@ -14,12 +15,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from cosim_dask._dashboard_store import RunStore
+from cosim_dask._dashboard_store import ALLOWED_HOSTS_ENV, RunStore, host_allowed
 from cosim_dask.dashboard import (
     PLUGIN_NAME,
     CosimDashboardPlugin,
@@ -28,7 +30,10 @@ from cosim_dask.dashboard import (
     local_cluster_kwargs,
     new_run_id,
 )
+from cosim_dask.driver import TrainConfig
 from cosim_dask.errors import ClusterError, CosimError
+from cosim_dask.ingest import generate_store
+from cosim_dask.train import train_store
 
 
 def get_json(url: str) -> Any:
@@ -189,6 +194,83 @@ def test_worker_processes_cluster_and_real_tasks():
         body = get_json(pub.json_url)
         assert [s["step"] for s in body["steps"]] == list(range(20))
         assert body["steps"][-1]["loss"] == pytest.approx(14 / 20)
+
+
+# ------------------------------------------- Host header: no answer to a DNS-rebinding page
+
+
+def http_get(url: str, host: str | None = None) -> tuple[int, bytes]:
+    """GET ``url`` with the given ``Host`` header (the URL's own when None)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def routes_of(page_url: str) -> list[str]:
+    """The run's page, its JSON route, the runs listing and the index, from its page URL."""
+    root = page_url.split("cosim/runs/")[0]
+    run_id = page_url.rsplit("/", 1)[1]
+    return [page_url, f"{root}cosim/api/runs/{run_id}", f"{root}cosim/api/runs",
+            f"{root}cosim"]
+
+
+def assert_only_own_host(page_url: str, secret: str) -> None:
+    port = urlsplit(page_url).port
+    for url in routes_of(page_url):
+        status, body = http_get(url)
+        assert status == 200, (url, body)
+        assert http_get(url, f"localhost:{port}")[0] == 200
+        for foreign in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}",
+                        f"127.0.0.1.evil.example:{port}", f"localhost.:{port + 1}"):
+            status, body = http_get(url, foreign)
+            assert status == 403, (url, foreign, status)
+            assert secret.encode() not in body and b"evil" not in body
+
+
+def test_live_page_of_a_training_run_answers_only_for_its_host(client, tmp_path):
+    store = tmp_path / "secret-pairs.zarr"
+    generate_store(store, pairs=600, dim=4, rank=2, targets="binary", seed=3, chunk_rows=300)
+    started: dict[str, Any] = {}
+    train_store(str(store), str(tmp_path / "m.zarr"), TrainConfig(steps=2), client=client,
+                on_start=started.update, run_id="host-check")
+    assert started["live_url"].startswith("http://127.0.0.1:")
+    body = json.loads(http_get(routes_of(started["live_url"])[1])[1])
+    assert body["settings"]["store"] == str(store)  # what a rebinding page was after
+    assert_only_own_host(started["live_url"], "secret-pairs")
+
+
+def test_driver_page_answers_only_for_its_host(client, monkeypatch):
+    with MetricsPublisher(client, "driver-host", serve="driver",
+                          settings={"store": "/data/secret-pairs.zarr"}) as pub:
+        pub.publish(synthetic_step(0))
+        assert_only_own_host(pub.url, "secret-pairs")
+        # A proxy that passes on its own Host is let in by name, on purpose.
+        monkeypatch.setenv(ALLOWED_HOSTS_ENV, "proxy.example")
+        assert http_get(pub.json_url, "proxy.example:443")[0] == 200
+        assert http_get(pub.json_url, "evil.example")[0] == 403
+
+
+def test_host_allowed_rules():
+    loop, lan = ("127.0.0.1", 8787), ("10.1.2.3", 8787)
+    assert host_allowed("127.0.0.1:8787", loop) and host_allowed("LOCALHOST:8787", loop)
+    assert host_allowed("[::1]:8787", ("::1", 8787))
+    assert host_allowed("localhost:8787", ("::ffff:127.0.0.1", 8787))  # dual-stack socket
+    assert not host_allowed("10.1.2.3:8787", loop)  # loopback answers to loopback names
+    assert not host_allowed("localhost", loop)  # port 80 implied, served on 8787
+    assert not host_allowed(None, loop) and not host_allowed("", loop)
+    assert not host_allowed("localhost:8787:1", loop) and not host_allowed("localhost:x", loop)
+    assert host_allowed("10.1.2.3:8787", lan)
+    assert host_allowed("sched.internal:8787", lan, names=["sched.internal"])
+    assert not host_allowed("localhost:8787", lan) and not host_allowed("evil.example:8787", lan)
+    assert host_allowed("evil.example:1", lan, extra="*")
+    assert host_allowed("proxy.example:9", lan, extra="a, proxy.example:9")
+    assert not host_allowed("proxy.example:8", lan, extra="proxy.example:9")
 
 
 # ------------------------------------------------- an external scheduler without cosim_dask

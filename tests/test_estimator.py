@@ -168,10 +168,20 @@ NAN_PAIRS[4, 1, 2] = np.nan
     (GOOD_PAIRS, GOOD_Y, {"cluster": "maybe"}, "cluster='maybe'"),
     (GOOD_PAIRS, GOOD_Y, {"param": "factor", "rank": 9}, "rank=9"),
     (GOOD_PAIRS, GOOD_Y, {"validation": 1.5}, "validation=1.5"),
+    # The numbers TrainConfig.check bounds, the same checks as the CLI's.
+    (GOOD_PAIRS, GOOD_Y, {"lr": float("inf")}, "lr=inf must be a finite number"),
+    (GOOD_PAIRS, GOOD_Y, {"max_iter": float("inf")}, "max_iter=inf"),
+    (GOOD_PAIRS, GOOD_Y, {"max_iter": 10**20}, "10,000,000"),
+    (GOOD_PAIRS, GOOD_Y, {"random_state": -1}, "seed=-1"),
+    (GOOD_PAIRS, GOOD_Y, {"tol": float("nan")}, "tol=nan"),
+    (GOOD_PAIRS, GOOD_Y, {"regularization": float("inf")}, "regularization=inf"),
+    # A diverging solver is reported as such, not as invalid pairs.
+    (GOOD_PAIRS, GOOD_Y, {"solver": "gd", "lr": 1e30}, "diverged at step 1.*lr"),
+    (GOOD_PAIRS, GOOD_Y, {"solver": "adam", "lr": 1e30}, "diverged at step 1.*lr"),
 ])
 def test_bad_input_is_one_line_cosim_error(pairs, y, kwargs, message):
     with pytest.raises(CosimError, match=message) as info:
-        CosineMetricLearner(max_iter=1, **kwargs).fit(pairs, y)
+        CosineMetricLearner(**{"max_iter": 1, **kwargs}).fit(pairs, y)
     assert "\n" not in str(info.value)
 
 
