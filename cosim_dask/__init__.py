@@ -3,9 +3,14 @@ from labelled pairs, out of core on Dask."""
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .errors import CosimError
-from .estimator import CosineMetricLearner
-from .kernel import (
+# First: the modules below read it while the package is being imported.
+try:
+    __version__ = version("cosim-dask")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+from cosim_dask.core.forms import FactorMetric, FullMetric, project_psd
+from cosim_dask.core.kernel import (
     Partial,
     chunk_partial,
     factor_chunk_partial,
@@ -13,14 +18,10 @@ from .kernel import (
     pair_similarity,
     tied_gradient,
 )
-from .losses import get_loss
-from .metric import FactorMetric, FullMetric, project_psd
-from .solvers import get_solver
-
-try:
-    __version__ = version("cosim-dask")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+from cosim_dask.core.losses import get_loss
+from cosim_dask.core.solvers import get_solver
+from cosim_dask.errors import CosimError
+from cosim_dask.estimator import CosineMetricLearner
 
 __all__ = [
     "CosimError",

@@ -1,5 +1,5 @@
 """`python -m cosim_dask` runs the CLI."""
 
-from .cli import app
+from cosim_dask.cli import app
 
 app(prog_name="cosim")

@@ -2,7 +2,7 @@
 
 Small NumPy problems are fitted in this process (no cluster start-up, no per-step scheduling);
 large ones, Dask inputs, or a given ``distributed.Client`` go through the cluster. Both run
-the same chunk task (:func:`cosim_dask.step.chunk_task`) over the same chunks and add the
+the same chunk task (:func:`cosim_dask.dist.passes.chunk_task`) over the same chunks and add the
 partials in the same tree order, so the two give the same metric on the same data.
 
 scikit-learn is not a dependency: ``get_params``/``set_params`` introspect ``__init__`` the way
@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .driver import TrainConfig, TrainState, run_solver
-from .errors import CosimError, ShapeError
-from .kernel import pair_similarity
-from .model import Model, save_model
-from .objective import Objective
-from .scores import calibrated_threshold, roc_auc
-from .step import LocalPairs
-from .validation import _is_dask, check_is_fitted, check_pairs, check_targets
+from cosim_dask.core.checks import is_dask, check_is_fitted, check_pairs, check_targets
+from cosim_dask.core.kernel import pair_similarity
+from cosim_dask.core.objective import Objective
+from cosim_dask.core.stats import calibrated_threshold, roc_auc
+from cosim_dask.dist.passes import LocalPairs
+from cosim_dask.errors import CosimError, ShapeError
+from cosim_dask.fit.loop import TrainConfig, TrainState, run_solver
+from cosim_dask.fit.model import Model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class CosineMetricLearner:
     def _split_every(self) -> int:
         import dask
 
-        from .step import DEFAULT_SPLIT_EVERY
+        from cosim_dask.dist.passes import DEFAULT_SPLIT_EVERY
 
         return self.split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
 
@@ -221,7 +221,7 @@ class CosineMetricLearner:
         params0 = form.initial(d, seed=self.random_state)
         in_process = self.client is None and (
             self.cluster == "never"
-            or (self.cluster == "auto" and not _is_dask(pairs) and not _is_dask(y)
+            or (self.cluster == "auto" and not is_dask(pairs) and not is_dask(y)
                 and pairs.size < IN_PROCESS_MAX_FLOATS)
         )
         if in_process:
@@ -245,9 +245,9 @@ class CosineMetricLearner:
         return state, solver
 
     def _fit_in_process(self, pairs, y, config, form, params0):
-        if _is_dask(pairs):
+        if is_dask(pairs):
             pairs = check_pairs(pairs.compute())
-        y = np.asarray(y.compute() if _is_dask(y) else y, dtype=np.float64)
+        y = np.asarray(y.compute() if is_dask(y) else y, dtype=np.float64)
         x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
         source = LocalPairs(x0, x1, y, form, config.make_loss(),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
@@ -261,7 +261,7 @@ class CosineMetricLearner:
         return state, solver, scores, y
 
     def _fit_on_cluster(self, pairs, y, config, form, params0):
-        from .step import DaskPairs, persisted_pieces
+        from cosim_dask.dist.passes import DaskPairs, persisted_pieces
 
         client, owned = self._client()
         try:
@@ -276,7 +276,7 @@ class CosineMetricLearner:
                                                  form.metric(solver.params))).result()
         finally:
             if owned is not None:
-                from .cluster import close
+                from cosim_dask.dist.cluster import close
 
                 close(*owned)
         return state, solver, scores, targets
@@ -290,7 +290,7 @@ class CosineMetricLearner:
 
             return get_client(), None
         except ValueError:  # no client in this process
-            from .cluster import ClusterConfig, connect
+            from cosim_dask.dist.cluster import ClusterConfig, connect
 
             client, cluster = connect(ClusterConfig())
             return client, (client, cluster)
@@ -330,7 +330,7 @@ class CosineMetricLearner:
         """
         check_is_fitted(self)
         pairs = check_pairs(pairs, self.n_features_in_)
-        if _is_dask(pairs):
+        if is_dask(pairs):
             x0, x1, _ = _dask_columns(pairs, None, self.chunk_rows)
             return _dask_scores(x0, x1, self.metric_)
         return pair_similarity(pairs[:, 0, :], pairs[:, 1, :], self.metric_, on_invalid="nan")
@@ -352,9 +352,9 @@ class CosineMetricLearner:
     def _materialised(self, pairs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         scores = self.pair_score(pairs)
         y, _ = check_targets(y, pairs.shape[0])
-        if _is_dask(scores):
+        if is_dask(scores):
             scores = self._compute(scores)
-        if _is_dask(y):
+        if is_dask(y):
             y = self._compute(y)
         ok = np.isfinite(scores)
         return scores[ok], np.asarray(y, dtype=np.float64)[ok]
@@ -401,7 +401,7 @@ class CosineMetricLearner:
         (n, k) array ``X @ components_.T`` (k = rank for the factor form, else d)
         """
         check_is_fitted(self)
-        if not _is_dask(X):
+        if not is_dask(X):
             X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ShapeError(f"X must have shape (n, {self.n_features_in_}); got "
@@ -427,7 +427,7 @@ class CosineMetricLearner:
         return self.metric_
 
     def to_model(self) -> Model:
-        """The fitted metric as a :class:`~cosim_dask.model.Model` (for ``save_model``)."""
+        """The fitted metric as a :class:`~cosim_dask.fit.model.Model` (for ``save_model``)."""
         check_is_fitted(self)
         M = self.components_ if self.param == "factor" else None
         attrs = {"param": self.param, "rank": self.rank, "loss": self.loss,
@@ -454,7 +454,7 @@ def _dask_columns(pairs, y, chunk_rows: int | None):
     """x, y (n, d) and target (n,) Dask arrays chunked along pairs only (whole rows)."""
     import dask.array as da
 
-    if not _is_dask(pairs):
+    if not is_dask(pairs):
         pairs = da.from_array(pairs, chunks=(chunk_rows or DEFAULT_CHUNK_ROWS, -1, -1))
     elif chunk_rows is not None:
         pairs = pairs.rechunk((chunk_rows, -1, -1))
@@ -464,7 +464,7 @@ def _dask_columns(pairs, y, chunk_rows: int | None):
     if y is None:
         return x0, x1, None
     rows = pairs.chunks[0]
-    t = y.rechunk((rows,)) if _is_dask(y) else da.from_array(np.asarray(y, np.float64),
+    t = y.rechunk((rows,)) if is_dask(y) else da.from_array(np.asarray(y, np.float64),
                                                              chunks=(rows,))
     return x0, x1, t.astype(np.float64)
 

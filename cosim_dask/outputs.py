@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CosimError
+from cosim_dask.errors import CosimError
 
 
 class OutputError(CosimError):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CosimError, ShapeError
-from .model import Model
-from .outputs import NPY_ARRAY, claim_output
+from cosim_dask.errors import CosimError, ShapeError
+from cosim_dask.fit.model import Model
+from cosim_dask.outputs import NPY_ARRAY, claim_output
 
 #: Rows per block: 65,536 × d = 128 float32 is 32 MB in and out; large enough that the GEMM
 #: dominates the Python overhead, small enough to bound memory.
@@ -142,9 +142,9 @@ def transform_store(
     Training on the result with plain cosine (A = I) sees the learned similarities; a
     generated store's hidden metric is not carried over (it describes the old space).
     """
-    from . import __version__
-    from .reader import StoreSlice, read_slice
-    from .store import create_store, open_store
+    from cosim_dask import __version__
+    from cosim_dask.data.reader import StoreSlice, read_slice
+    from cosim_dask.data.store import create_store, open_store
 
     store = open_store(src)
     if store.d != model.d:

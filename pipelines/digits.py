@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask import CosineMetricLearner, pair_similarity
-from cosim_dask.scores import calibrated_threshold, roc_auc
+from cosim_dask.core.stats import calibrated_threshold, roc_auc
 
 
 @dataclass
@@ -176,7 +176,7 @@ def via_store(data) -> Row:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cosim_dask.model import load_model
+    from cosim_dask.fit.model import load_model
 
     (_, y_tr), (_, y_te) = data["train"], data["test"]
     with tempfile.TemporaryDirectory(prefix="cosim-digits-") as tmp:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cosim_dask.cluster import ClusterConfig, WorkerMemorySampler, close, connect
-from cosim_dask.driver import TrainConfig
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import load_model
-from cosim_dask.store import open_store
-from cosim_dask.train import RunOptions, train_store
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import open_store
+from cosim_dask.dist.cluster import ClusterConfig, WorkerMemorySampler, close, connect
+from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.model import load_model
+from cosim_dask.fit.train import RunOptions, train_store
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cosim_dask.cli import app
+from cosim_dask.cli.app import app
 
 
 def cosim(*args: object) -> None:

@@ -5,8 +5,8 @@ For each d, float32 pairs, and each threading mode, timed side by side in one ru
 
 * ``fwd GEMM``  [X; Y] @ A alone (float32, into a preallocated output): the product every
   formulation pays, and the denominator of the ``×GEMM`` ratio;
-* ``partial``   :func:`cosim_dask.kernel.chunk_partial` (MSE loss), the whole partial;
-* ``factor``    :func:`cosim_dask.kernel.factor_chunk_partial` at k = d/4;
+* ``partial``   :func:`cosim_dask.core.kernel.chunk_partial` (MSE loss), the whole partial;
+* ``factor``    :func:`cosim_dask.core.kernel.factor_chunk_partial` at k = d/4;
 * ``torch``     PyTorch CPU autograd of the same summed MSE loss with respect to a symmetric A
   (A enters as (A + Aᵀ)/2), if torch is importable (``pip install torch==2.13.0``);
 * ``loop``      a per-pair Python loop over the seed's per-element formula, on a small b.
@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from cosim_dask.kernel import chunk_partial, combine_partials, factor_chunk_partial  # noqa: E402
+from cosim_dask.core.kernel import chunk_partial, combine_partials, factor_chunk_partial  # noqa: E402
 
 try:  # optional bench extra, never a core dependency
     import torch  # noqa: E402

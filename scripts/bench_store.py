@@ -4,7 +4,7 @@
     python scripts/bench_store.py --quick    # a smoke run in seconds
 
 1. Codecs: the same pairs (float32, d = 128, from the synthetic generator) written with every
-   codec in :data:`cosim_dask.store.CODECS` (plus the default sharded), then read in full chunk
+   codec in :data:`cosim_dask.data.store.CODECS` (plus the default sharded), then read in full chunk
    by chunk, warm (page cache) and cold (the store's pages evicted with posix_fadvise, which
    touches only these files). Figures are ratios to the default measured in the same run: the
    machine is shared, so absolute MB/s are noisy.
@@ -31,15 +31,15 @@ import psutil
 import zarr
 from threadpoolctl import threadpool_limits
 
-from cosim_dask.kernel import chunk_partial
-from cosim_dask.store import (
+from cosim_dask.core.kernel import chunk_partial
+from cosim_dask.data.store import (
     CODECS,
     DEFAULT_CODEC,
     bytes_on_disk,
     create_store,
     default_chunk_rows,
 )
-from cosim_dask.synthetic import hidden_metric, synthetic_chunk
+from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
 
 MB = 1e6
 COSIM = str(Path(sys.executable).with_name("cosim"))

@@ -41,13 +41,15 @@ import psutil
 from distributed import Client, LocalCluster, wait
 from threadpoolctl import threadpool_limits
 
-from cosim_dask.cluster import WorkerMemorySampler
-from cosim_dask.ingest import generate_store
-from cosim_dask.kernel import Partial, chunk_partial
-from cosim_dask.metric import FactorMetric, FullMetric
-from cosim_dask.objective import Objective
-from cosim_dask.solvers import get_solver
-from cosim_dask.step import (
+from cosim_dask.core.forms import FactorMetric, FullMetric
+from cosim_dask.core.kernel import Partial, chunk_partial
+from cosim_dask.core.objective import Objective
+from cosim_dask.core.solvers import get_solver
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import create_store, open_store
+from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist.cluster import WorkerMemorySampler
+from cosim_dask.dist.passes import (
     ChunkResult,
     DaskPairs,
     LocalPairs,
@@ -58,8 +60,6 @@ from cosim_dask.step import (
     store_pieces,
     tree_reduce,
 )
-from cosim_dask.store import create_store, open_store
-from cosim_dask.synthetic import synthetic_pairs
 
 
 def median_time(fn, repeats: int) -> float:

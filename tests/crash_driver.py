@@ -36,7 +36,7 @@ for _name in ("_sync_tree", "_exchange", "_rename", "_remove"):
     setattr(outputs, _name, _counted(getattr(outputs, _name)))
 
 if __name__ == "__main__":
-    from cosim_dask.cli import app
+    from cosim_dask.cli.app import app
 
     sys.argv[0] = "cosim"
     app()

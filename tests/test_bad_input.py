@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import cosim_dask
-from cosim_dask.cli import app
-from cosim_dask.driver import TrainConfig
+from cosim_dask.cli.app import app
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import create_store, open_store
 from cosim_dask.errors import (
     CosimError,
     InvalidPairsError,
@@ -31,9 +32,8 @@ from cosim_dask.errors import (
     StoreError,
     UnknownNameError,
 )
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import Model, save_model
-from cosim_dask.store import create_store, open_store
+from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.model import Model, save_model
 
 runner = CliRunner()
 
@@ -506,6 +506,6 @@ def test_paths_are_printed_escaped(world, tmp_path):
 
 
 def test_printable_escapes_c0_c1_and_bidi_controls():
-    from cosim_dask.cli import printable
+    from cosim_dask.cli.app import printable
 
     assert printable("a\x1b[2Jb\tc\nd\x7f\x9b\u202eé") == "a\\x1b[2Jb\\x09c\\x0ad\\x7f\\x9b\\u202eé"

@@ -3,7 +3,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from cosim_dask import __version__
-from cosim_dask.cli import app
+from cosim_dask.cli.app import app
 
 runner = CliRunner()
 

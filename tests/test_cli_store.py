@@ -9,8 +9,8 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
-from cosim_dask.cli import Codec, app
-from cosim_dask.store import CODECS, open_store
+from cosim_dask.cli.app import Codec, app
+from cosim_dask.data.store import CODECS, open_store
 
 runner = CliRunner()
 

@@ -19,9 +19,9 @@ from distributed import LocalCluster
 from faultkit import leftovers, one_line_error, tree_hash
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import load_model
+from cosim_dask.cli.app import app
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.fit.model import load_model
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 ARGS = ["--steps", "4", "--checkpoint-every", "2", "--tol", "0", "--validation", "0.2"]

@@ -21,8 +21,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from cosim_dask._dashboard_store import ALLOWED_HOSTS_ENV, RunStore, host_allowed
-from cosim_dask.dashboard import (
+from cosim_dask.dashboard.publisher import (
     PLUGIN_NAME,
     CosimDashboardPlugin,
     MetricsPublisher,
@@ -30,10 +29,11 @@ from cosim_dask.dashboard import (
     local_cluster_kwargs,
     new_run_id,
 )
-from cosim_dask.driver import TrainConfig
+from cosim_dask.dashboard.runs import ALLOWED_HOSTS_ENV, RunStore, host_allowed
+from cosim_dask.data.ingest import generate_store
 from cosim_dask.errors import ClusterError, CosimError
-from cosim_dask.ingest import generate_store
-from cosim_dask.train import train_store
+from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.train import train_store
 
 
 def get_json(url: str) -> Any:

@@ -6,9 +6,9 @@ import pytest
 from distributed import Client, LocalCluster
 
 from cosim_dask import CosineMetricLearner, pair_similarity
+from cosim_dask.core.stats import calibrated_threshold, roc_auc
+from cosim_dask.data.synthetic import synthetic_pairs
 from cosim_dask.errors import CosimError
-from cosim_dask.scores import calibrated_threshold, roc_auc
-from cosim_dask.synthetic import synthetic_pairs
 
 
 def pairs_of(n, d, *, targets="binary", seed=0, rank=2, noise=0.05):

@@ -27,11 +27,11 @@ from faultkit import (
 )
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
-from cosim_dask.driver import TrainConfig
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import load_model
-from cosim_dask.train import RunOptions, train_store
+from cosim_dask.cli.app import app
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.model import load_model
+from cosim_dask.fit.train import RunOptions, train_store
 
 runner = CliRunner()
 
@@ -282,7 +282,7 @@ def test_frozen_scheduler_ends_the_run_within_the_bound(small_store, tmp_path):
     """A SIGSTOPped scheduler keeps its connections open, so the client never sees it close:
     the liveness probes end the run within SCHEDULER_DEADLINE (+ a probe period and the
     bounded close), with the lost-scheduler line and an intact, resumable checkpoint."""
-    from cosim_dask.waits import CLOSE_TIMEOUT, SCHEDULER_DEADLINE, WATCH_SECONDS
+    from cosim_dask.dist.waits import CLOSE_TIMEOUT, SCHEDULER_DEADLINE, WATCH_SECONDS
 
     out = tmp_path / "m.zarr"
     args = ["--steps", 400, "--solver", "gd", "--tol", 0, "--checkpoint-every", 1]

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cosim_dask import pair_similarity
+from cosim_dask.data.ingest import ingest_arrays, ingest_pairs
+from cosim_dask.data.store import PairStoreWriter, open_store
 from cosim_dask.errors import CosimError, InvalidPairsError, ShapeError
-from cosim_dask.ingest import ingest_arrays, ingest_pairs
-from cosim_dask.store import PairStoreWriter, open_store
 
 
 def leftovers(folder):

@@ -13,8 +13,8 @@ from cosim_dask import (
     pair_similarity,
     tied_gradient,
 )
+from cosim_dask.core.kernel import Partial, combine_partials
 from cosim_dask.errors import InvalidPairsError, ShapeError
-from cosim_dask.kernel import Partial, combine_partials
 
 
 def seed_dsim_dA(x, y, A):
@@ -51,7 +51,7 @@ def seed_dsim_dM(x, y, M):
 
 def identity_loss_partial(x, y, A):
     """With loss = s (mse of s against t expands; use d loss/ds = 1 via a custom loss)."""
-    from cosim_dask.losses import Loss
+    from cosim_dask.core.losses import Loss
 
     class Linear(Loss):
         name = "linear"
@@ -91,7 +91,7 @@ def test_gradient_matches_seed_per_element_formula(rng, d):
 def test_factor_gradient_matches_seed_M_derivation(rng, k):
     d = 6
     M = rng.standard_normal((k, d))
-    from cosim_dask.losses import Loss
+    from cosim_dask.core.losses import Loss
 
     class Linear(Loss):
         name = "linear"
@@ -328,7 +328,7 @@ def test_chunk_partial_does_not_page_fault_per_call_in_a_dask_worker_env(tmp_pat
     script.write_text(
         "import resource, numpy as np\n"
         "from threadpoolctl import threadpool_limits\n"
-        "from cosim_dask.kernel import chunk_partial, factor_chunk_partial\n"
+        "from cosim_dask.core.kernel import chunk_partial, factor_chunk_partial\n"
         "rng = np.random.default_rng(0); n, d = 32768, 128\n"
         "x = rng.standard_normal((n, d), dtype=np.float32)\n"
         "y = rng.standard_normal((n, d), dtype=np.float32)\n"

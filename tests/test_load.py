@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, wait
 
-from cosim_dask.kernel import chunk_partial
-from cosim_dask.metric import FullMetric
-from cosim_dask.step import (
+from cosim_dask.core.forms import FullMetric
+from cosim_dask.core.kernel import chunk_partial
+from cosim_dask.data.store import create_store, open_store
+from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist.passes import (
     DaskPairs,
     chunks_per_task,
     persisted_pieces,
     persisted_store_pieces,
     store_pieces,
 )
-from cosim_dask.store import create_store, open_store
-from cosim_dask.synthetic import synthetic_pairs
 
 
 @pytest.fixture(scope="module")

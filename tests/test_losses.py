@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from cosim_dask.core.losses import LOSSES, ContrastiveLoss, MSELoss, get_loss
 from cosim_dask.errors import CosimError, UnknownNameError
-from cosim_dask.losses import LOSSES, ContrastiveLoss, MSELoss, get_loss
 
 
 @pytest.mark.parametrize("loss", [MSELoss(), MSELoss(negative_target=0.0), ContrastiveLoss()])

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 from conftest import random_pairs, random_spd
 
-from cosim_dask.errors import CosimError, UnknownNameError
-from cosim_dask.metric import (
+from cosim_dask.core.forms import (
     FactorMetric,
     FullMetric,
     check_metric_matrix,
@@ -11,6 +10,7 @@ from cosim_dask.metric import (
     project_psd,
     regularization,
 )
+from cosim_dask.errors import CosimError, UnknownNameError
 
 
 def test_projection_clips_eigenvalues(rng):

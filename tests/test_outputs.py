@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from faultkit import cosim_cmd, leftovers, one_line_error, tree_hash, wait_for
 
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import open_store
 from cosim_dask.errors import CosimError
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import Model, load_model, save_model
+from cosim_dask.fit.model import Model, load_model, save_model
 from cosim_dask.outputs import MODEL, PAIR_STORE, claim_output, reading
-from cosim_dask.store import open_store
 
 #: A process that claims PATH (or reads it with "read") and says so, then waits to be killed.
 HOLDER = """

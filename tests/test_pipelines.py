@@ -46,7 +46,7 @@ def test_synthetic_pipeline_runs_end_to_end(tmp_path, capsys):
     """`make demo`'s pipeline at a small size: every stage runs, the learned metric wins."""
     import json
 
-    from cosim_dask.model import load_model
+    from cosim_dask.fit.model import load_model
 
     synthetic = load("synthetic")
     synthetic.main(["--out", str(tmp_path), "--pairs", "20000", "--dim", "16", "--rank", "3",

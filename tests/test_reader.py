@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
+from cosim_dask.data.reader import StoreSlice, direct_readable, read_group, read_slice
+from cosim_dask.data.store import create_store
 from cosim_dask.errors import StoreError
-from cosim_dask.reader import StoreSlice, direct_readable, read_group, read_slice
-from cosim_dask.store import create_store
 
 
 def make_store(path, rng, n=53, d=6, chunk_rows=8, **kw):
@@ -87,7 +87,7 @@ def _rchar() -> int:
 
 
 def test_prefetch_reads_a_later_chunks_files_in_the_background(tmp_path, rng):
-    from cosim_dask import reader
+    from cosim_dask.data import reader
 
     path = tmp_path / "s.zarr"
     make_store(path, rng, n=4000, d=64, chunk_rows=1000)
@@ -102,7 +102,7 @@ def test_prefetch_reads_a_later_chunks_files_in_the_background(tmp_path, rng):
 
 
 def test_prefetch_leaves_errors_to_the_real_read(tmp_path, rng):
-    from cosim_dask import reader
+    from cosim_dask.data import reader
 
     path = tmp_path / "s.zarr"
     make_store(path, rng)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cosim_dask import report as report_mod
-from cosim_dask.cli import app
+from cosim_dask.cli.app import app
 from cosim_dask.errors import CosimError, ModelError
-from cosim_dask.model import Model, load_model, save_model
-from cosim_dask.report import PNG_NAMES, effective_rank, write_report
+from cosim_dask.fit.model import Model, load_model, save_model
+from cosim_dask.report import page as report_mod
+from cosim_dask.report.page import PNG_NAMES, effective_rank, write_report
 
 runner = CliRunner()
 TITLES = {

@@ -18,13 +18,13 @@ from distributed import Client
 from faultkit import cosim_cmd, dask_processes, leftovers, one_line_error, wait_for
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
+from cosim_dask.cli.app import app
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.reader import StoreSlice, read_slice
+from cosim_dask.data.store import open_store
 from cosim_dask.errors import CosimError, StoreError
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import load_model
-from cosim_dask.reader import StoreSlice, read_slice
-from cosim_dask.store import open_store
-from cosim_dask.train import make_pieces
+from cosim_dask.fit.model import load_model
+from cosim_dask.fit.train import make_pieces
 
 runner = CliRunner()
 STORE = {"pairs": 4_000, "dim": 8, "rank": 2, "targets": "binary", "chunk_rows": 1_000}

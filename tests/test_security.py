@@ -15,12 +15,12 @@ from distributed import Client
 from faultkit import dask_processes, one_line_error, tree_hash
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
-from cosim_dask.cluster import ClusterConfig, close, connect
+from cosim_dask.cli.app import app
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import open_store
+from cosim_dask.dist.cluster import ClusterConfig, close, connect
 from cosim_dask.errors import ClusterError, ModelError, StoreError
-from cosim_dask.ingest import generate_store
-from cosim_dask.model import load_model
-from cosim_dask.store import open_store
+from cosim_dask.fit.model import load_model
 
 runner = CliRunner()
 
@@ -88,9 +88,9 @@ def store(tmp_path_factory):
 def test_train_through_a_tls_scheduler(tls_files, store, tmp_path):
     with dask_processes(workers=1, tls=tls_files) as (address, _):
         assert address.startswith("tls://")
-        from cosim_dask.cluster import _security
+        from cosim_dask.dist.cluster import load_security
 
-        with Client(address, security=_security(tls_files["config"]), timeout=30) as c:
+        with Client(address, security=load_security(tls_files["config"]), timeout=30) as c:
             c.wait_for_workers(1, timeout=60)
             assert all(w.startswith("tls://") for w in c.scheduler_info()["workers"])
         out = tmp_path / "m.zarr"

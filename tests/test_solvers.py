@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
+from cosim_dask.core.forms import FactorMetric, FullMetric
+from cosim_dask.core.objective import Objective
+from cosim_dask.core.solvers import SOLVERS, get_solver
+from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist.passes import LocalPairs
 from cosim_dask.errors import UnknownNameError
-from cosim_dask.metric import FactorMetric, FullMetric
-from cosim_dask.objective import Objective
-from cosim_dask.solvers import SOLVERS, get_solver
-from cosim_dask.step import LocalPairs
-from cosim_dask.synthetic import synthetic_pairs
 
 
 def problem(form, batch_chunks=None):

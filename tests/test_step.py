@@ -7,13 +7,13 @@ import zarr
 from conftest import random_spd
 from distributed import Client, LocalCluster
 
+from cosim_dask.core.forms import FactorMetric, FullMetric
+from cosim_dask.core.kernel import chunk_partial
+from cosim_dask.core.objective import Objective
+from cosim_dask.data.store import validation_mask
+from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces, tree_depth
 from cosim_dask.errors import InvalidPairsError
-from cosim_dask.kernel import chunk_partial
-from cosim_dask.metric import FactorMetric, FullMetric
-from cosim_dask.objective import Objective
-from cosim_dask.step import DaskPairs, LocalPairs, persisted_pieces, store_pieces, tree_depth
-from cosim_dask.store import validation_mask
-from cosim_dask.synthetic import synthetic_pairs
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_tree_depth(n_leaves, k, depth):
 
 @pytest.mark.parametrize("n_chunks,k", [(17, 2), (17, 4), (30, 8)])
 def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
-    from cosim_dask import step
+    from cosim_dask.dist import passes as step
 
     captured = {}
     original = step.tree_reduce
@@ -184,7 +184,7 @@ def test_objective_matches_in_memory(client, data):
 def test_runs_fold_the_same_tree_as_one_task_per_chunk(n, k):
     """Per-worker runs, folded and stitched, add in exactly tree_reduce's order, for any
     partition of the chunks into consecutive runs (checked on the sum's written form)."""
-    from cosim_dask.step import fold_run, stitch_tree, tree_sum
+    from cosim_dask.dist.passes import fold_run, stitch_tree, tree_sum
 
     def combine(*parts):
         return "(" + "+".join(parts) + ")" if len(parts) > 1 else parts[0]

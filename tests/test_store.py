@@ -7,10 +7,8 @@ import pytest
 import zarr
 
 from cosim_dask import pair_similarity
-from cosim_dask.errors import CosimError, StoreError
-from cosim_dask.ingest import generate_store
-from cosim_dask.outputs import OutputError
-from cosim_dask.store import (
+from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.store import (
     FORMAT,
     FORMAT_VERSION,
     choose_chunk_rows,
@@ -19,6 +17,8 @@ from cosim_dask.store import (
     open_store,
     validation_mask,
 )
+from cosim_dask.errors import CosimError, StoreError
+from cosim_dask.outputs import OutputError
 
 
 def leftovers(folder):
@@ -221,9 +221,9 @@ def test_overwrite_replaces_only_pair_stores(tmp_path, pairs):
 def test_all_zero_chunks_are_written_and_read_back(tmp_path, rng, chunking):
     # zarr skips all-zero chunks by default; the readers' chunk-file check would call them
     # missing. Rows 8:16 of x and 16:24 of the targets are zeros (a whole chunk or shard).
-    from cosim_dask.losses import get_loss
-    from cosim_dask.metric import FullMetric
-    from cosim_dask.step import ChunkSpec, StoreSlice, chunk_task, read_group, tree_sum
+    from cosim_dask.core.forms import FullMetric
+    from cosim_dask.core.losses import get_loss
+    from cosim_dask.dist.passes import ChunkSpec, StoreSlice, chunk_task, read_group, tree_sum
 
     x = rng.standard_normal((24, 4)).astype(np.float32)
     y = rng.standard_normal((24, 4)).astype(np.float32)

@@ -13,9 +13,9 @@ import zarr
 from faultkit import dask_processes, free_port, one_line_error
 from typer.testing import CliRunner
 
-from cosim_dask.cli import app
-from cosim_dask.model import load_model
-from cosim_dask.store import open_store
+from cosim_dask.cli.app import app
+from cosim_dask.data.store import open_store
+from cosim_dask.fit.model import load_model
 
 runner = CliRunner()
 CLUSTER = ["--workers", "2", "--threads-per-worker", "1"]
@@ -71,7 +71,7 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
 
 
 def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
-    from cosim_dask import model as model_module
+    from cosim_dask.fit import model as model_module
 
     reads, original = [], model_module.load_model
 
@@ -115,8 +115,8 @@ def test_factor_form_and_stream_equals_memory(binary_store, tmp_path):
 
 
 def counting_model_reads(monkeypatch) -> list:
-    """Count the model files cosim_dask.train reads (paths, in order)."""
-    from cosim_dask import train
+    """Count the model files cosim_dask.fit.train reads (paths, in order)."""
+    from cosim_dask.fit import train
 
     reads, original = [], train.load_model
 
@@ -146,9 +146,9 @@ def test_checkpoint_rewritten_after_the_checks_is_read_again(trained, binary_sto
                                                             monkeypatch):
     import shutil
 
-    from cosim_dask.driver import TrainConfig
-    from cosim_dask.model import save_model
-    from cosim_dask.train import RunOptions, check_request
+    from cosim_dask.fit.loop import TrainConfig
+    from cosim_dask.fit.model import save_model
+    from cosim_dask.fit.train import RunOptions, check_request
 
     out = tmp_path / "m.zarr"
     shutil.copytree(trained[0], out)
@@ -290,9 +290,9 @@ def test_training_publishes_every_step_to_the_live_dashboard(binary_store, tmp_p
 
     from distributed import Client, LocalCluster
 
-    from cosim_dask.dashboard import dashboard_url
-    from cosim_dask.driver import TrainConfig
-    from cosim_dask.train import train_store
+    from cosim_dask.dashboard.publisher import dashboard_url
+    from cosim_dask.fit.loop import TrainConfig
+    from cosim_dask.fit.train import train_store
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:

@@ -6,9 +6,9 @@ from conftest import random_spd
 from typer.testing import CliRunner
 
 from cosim_dask import pair_similarity
-from cosim_dask.cli import app
+from cosim_dask.cli.app import app
 from cosim_dask.errors import CosimError
-from cosim_dask.model import Model, save_model
+from cosim_dask.fit.model import Model, save_model
 from cosim_dask.transform import transform_file
 
 runner = CliRunner()
@@ -115,8 +115,8 @@ def test_cli_transform_missing_model(tmp_path):
 
 def test_transform_a_pair_store(tmp_path, factor_model):
     """Every pair of a store is mapped; plain cosine on the new store is the learned one."""
-    from cosim_dask.ingest import generate_store
-    from cosim_dask.store import open_store
+    from cosim_dask.data.ingest import generate_store
+    from cosim_dask.data.store import open_store
 
     src, out = tmp_path / "in.zarr", tmp_path / "out.zarr"
     model = factor_model

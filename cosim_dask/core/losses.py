@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import CosimError, UnknownNameError
+from cosim_dask.errors import CosimError, UnknownNameError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The training objective: partial sums over pairs → mean loss + regularisation, and gradient.
 
-Where the partial sums come from (in-process chunks here, Dask tasks in :mod:`cosim_dask.step`)
-is behind one callable, ``partial_sum(params, batch) -> Partial``.
+Where the partial sums come from (in-process chunks, or Dask tasks in
+:mod:`cosim_dask.dist.passes`) is behind one callable, ``partial_sum(params, batch) -> Partial``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InvalidPairsError
-from .kernel import Partial
-from .metric import Parameterisation
+from cosim_dask.core.forms import Parameterisation
+from cosim_dask.core.kernel import Partial
+from cosim_dask.errors import InvalidPairsError
 
 PartialSum = Callable[[np.ndarray, int | None], Partial]
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InvalidPairsError, ShapeError
-from .losses import Loss, get_loss
+from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.errors import InvalidPairsError, ShapeError
 
 #: Rows per block. Measured (d = 32 … 512, float32, one thread): 1,024–4,096 rows are equally
 #: fast (within noise); 512 loses to per-block Python overhead and to SYRK's d × d output per
@@ -295,7 +295,7 @@ def chunk_partial(
     x, y : (b, d) float32 or float64
     target : (b,) targets (binary ±1 or graded in [−1, 1])
     A : (d, d) symmetric metric
-    loss : a loss name or :class:`~cosim_dask.losses.Loss`
+    loss : a loss name or :class:`~cosim_dask.core.losses.Loss`
     on_invalid : ``"raise"`` or ``"skip"`` (skipped pairs are counted in ``skipped``)
     chunk_id : named in the error message for invalid pairs
     include : optional (b,) bool mask of the rows to use (the others, e.g. validation rows,

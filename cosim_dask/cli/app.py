@@ -30,9 +30,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from . import __version__
-from .errors import CosimError
-from .ingest import (
+from cosim_dask import __version__
+from cosim_dask.data.ingest import (
     IngestReport,
     array_rows,
     generate_store,
@@ -40,7 +39,8 @@ from .ingest import (
     ingest_pairs,
     pair_list_rows,
 )
-from .store import store_info
+from cosim_dask.data.store import store_info
+from cosim_dask.errors import CosimError
 
 T = TypeVar("T")
 #: The click typer parses with: recent typer vendors its own copy as ``typer._click``.
@@ -199,8 +199,8 @@ def transform(
     equals the learned similarity."""
 
     def body() -> None:
-        from .model import load_model
-        from .transform import transform_file
+        from cosim_dask.fit.model import load_model
+        from cosim_dask.transform import transform_file
 
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
                                 block_rows=block_rows, inputs=[model])
@@ -211,8 +211,8 @@ def transform(
     run(body)
 
 # ---------------------------------------------------------------------------------------
-# Pair stores: generate, ingest, info (issue 3). Thin: parse, call cosim_dask.ingest /
-# cosim_dask.store inside run(), render.
+# Pair stores: generate, ingest, info (issue 3). Thin: parse, call cosim_dask.data.ingest /
+# cosim_dask.data.store inside run(), render.
 
 
 class TargetKind(StrEnum):
@@ -450,7 +450,7 @@ SecurityOpt = Annotated[Path | None, typer.Option(
 
 def _cluster_config(scheduler, workers, threads, memory_limit, dashboard_address, security):
     """The cluster options, checked (one line and exit 2 if bad) before anything starts."""
-    from .cluster import ClusterConfig
+    from cosim_dask.dist.cluster import ClusterConfig
 
     config = ClusterConfig(scheduler=scheduler, workers=workers, threads_per_worker=threads,
                            memory_limit=memory_limit, dashboard_address=dashboard_address,
@@ -461,7 +461,7 @@ def _cluster_config(scheduler, workers, threads, memory_limit, dashboard_address
 
 @contextmanager
 def _cluster(config):
-    from .cluster import close, connect
+    from cosim_dask.dist.cluster import close, connect
 
     if not _state["debug"]:
         # When the scheduler goes away, distributed's client logs each failed reconnect with
@@ -475,8 +475,8 @@ def _cluster(config):
 
 
 def _dashboard_link(client) -> str:
-    from .dashboard import dashboard_url
-    from .errors import ClusterError
+    from cosim_dask.dashboard.publisher import dashboard_url
+    from cosim_dask.errors import ClusterError
 
     try:
         return dashboard_url(client)
@@ -544,8 +544,8 @@ def train(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .driver import TrainConfig
-    from .train import RunOptions, check_request, finished_message, train_store
+    from cosim_dask.fit.loop import TrainConfig
+    from cosim_dask.fit.train import RunOptions, check_request, finished_message, train_store
 
     config = TrainConfig(
         loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
@@ -651,9 +651,9 @@ def evaluate(
     security: SecurityOpt = None,
 ) -> None:
     """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
-    from .evaluate import evaluate_model
-    from .model import load_model
-    from .store import open_store
+    from cosim_dask.data.store import open_store
+    from cosim_dask.fit.evaluate import evaluate_model
+    from cosim_dask.fit.model import load_model
 
     cluster = _cluster_config(scheduler, workers, threads_per_worker, memory_limit,
                               dashboard_address, security)
@@ -669,7 +669,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------
-# Training report (issue 5, afterwards). Thin: parse, call cosim_dask.report inside run().
+# Training report (issue 5, afterwards). Thin: parse, call cosim_dask.report.page inside run().
 
 
 @app.command(cls=_Command)
@@ -685,7 +685,12 @@ def report(
 ) -> None:
     """Write a self-contained HTML training report (curves, validation ROC, spectrum of A,
     figures, settings) and PNG figures."""
-    from .report import NO_MATPLOTLIB, default_png_dir, matplotlib_available, write_report
+    from cosim_dask.report.page import (
+        NO_MATPLOTLIB,
+        default_png_dir,
+        matplotlib_available,
+        write_report,
+    )
 
     page = run(lambda: write_report(model, out, overwrite=overwrite, png_dir=png_dir))
     _echo(f"report written to {page}")

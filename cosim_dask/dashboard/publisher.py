@@ -38,15 +38,15 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import netutil, web
 from tornado.httpserver import HTTPServer
 
-from ._dashboard_store import (
+from cosim_dask.dashboard.runs import (
     RUN_ID_PATTERN,
     TIME_KEY,
     RunStore,
     is_valid_run_id,
     routes,
 )
-from .errors import ClusterError, CosimError, SchedulerLostError
-from .waits import guarded
+from cosim_dask.dist.waits import guarded
+from cosim_dask.errors import ClusterError, CosimError, SchedulerLostError
 
 logger = logging.getLogger(__name__)
 

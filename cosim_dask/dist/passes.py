@@ -1,7 +1,7 @@
 """One distributed evaluation: a task per chunk on the worker that holds or reads it, then a
 tree reduction of the partials; only the root's sums reach the driver.
 
-Nothing here knows the CLI. The NumPy work is :mod:`cosim_dask.kernel`; this module decides
+Nothing here knows the CLI. The NumPy work is :mod:`cosim_dask.core.kernel`; this module decides
 where it runs and how the results add up.
 """
 
@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 
-from .errors import ClusterError, WorkerLostError
-from .kernel import Partial, as_pair_arrays
-from .losses import Loss, get_loss
-from .metric import Parameterisation
-from .objective import sample_chunks, split_rows
-from .reader import StoreSlice, prefetch, read_group, read_slice
-from .scores import ScoreStats
-from .store import validation_mask
-from .waits import guarded, lost_scheduler_error, scheduler_gone
+from cosim_dask.errors import ClusterError, WorkerLostError
+from cosim_dask.core.kernel import Partial, as_pair_arrays
+from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.forms import Parameterisation
+from cosim_dask.core.objective import sample_chunks, split_rows
+from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
+from cosim_dask.core.stats import ScoreStats
+from cosim_dask.data.store import validation_mask
+from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
     from distributed import Client
@@ -131,7 +131,7 @@ def chunks_per_task(n_chunks: int, chunk_bytes: int, split_every: int) -> int:
 
 
 def score_rows(x, y, t, A, loss: Loss, joint: bool = False) -> ScoreStats:
-    from .kernel import pair_similarity
+    from cosim_dask.core.kernel import pair_similarity
 
     s = pair_similarity(x, y, A, on_invalid="nan")
     ok = np.isfinite(s) & np.isfinite(t)
@@ -248,7 +248,7 @@ class Pieces:
 
 def tree_sum(items: list, split_every: int, combine: Callable = None) -> Any:
     """Add items k at a time, level by level: the same grouping as
-    :func:`cosim_dask.step.tree_reduce`, so in-process sums round like the cluster's."""
+    :func:`cosim_dask.dist.passes.tree_reduce`, so in-process sums round like the cluster's."""
     combine = combine or combine_results
     while len(items) > 1:
         items = [combine(*items[j : j + split_every]) for j in range(0, len(items), split_every)]
@@ -256,7 +256,7 @@ def tree_sum(items: list, split_every: int, combine: Callable = None) -> Any:
 
 
 class LocalPairs:
-    """The in-process twin of :class:`cosim_dask.step.DaskPairs`: the same chunk task on the
+    """The in-process twin of :class:`cosim_dask.dist.passes.DaskPairs`: the same chunk task on the
     same chunks and the same reduction tree, run in this process.
 
     Parameters
@@ -466,7 +466,7 @@ def read_ahead_tasks(client: Client) -> int:
 
 def scheduler_lost(client: Client) -> bool:
     """True once the client has lost its scheduler (reconnecting, closed, or a wait gave up
-    on it: :func:`cosim_dask.waits.guarded`)."""
+    on it: :func:`cosim_dask.dist.waits.guarded`)."""
     return scheduler_gone(client)
 
 
@@ -497,7 +497,7 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
     repeated when a lost worker took them along (scattered data has no lineage) or died
     while they were being sent, and a scheduler that is lost or stops answering becomes a
     :class:`~cosim_dask.errors.SchedulerLostError` instead of a hang
-    (:mod:`cosim_dask.waits` has the bound).
+    (:mod:`cosim_dask.dist.waits` has the bound).
     """
     send = send or (lambda p: broadcast_params(client, p))
     for attempt in range(1, PASS_ATTEMPTS + 1):
@@ -548,10 +548,10 @@ def store_pieces(path: str, slices: Sequence[slice], identity: str | None = None
     A local ``path`` is made absolute here, on the driver: a worker resolves a relative path
     against its own working directory, where another store (or none) may lie. Every piece
     carries the store's fingerprint, ``identity`` (default: the store's now), which each
-    read checks (:func:`cosim_dask.reader.check_identity`); pass the fingerprint of the
+    read checks (:func:`cosim_dask.data.reader.check_identity`); pass the fingerprint of the
     store the run opened and checked, so a store replaced since is caught too.
     """
-    from .reader import store_identity
+    from cosim_dask.data.reader import store_identity
 
     path = str(path) if "://" in str(path) else os.path.abspath(path)
     if identity is None:

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import ClusterError, SchedulerLostError, WorkerLostError
+from cosim_dask.errors import ClusterError, SchedulerLostError, WorkerLostError
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import
     from distributed import Client

@@ -19,22 +19,11 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from . import __version__
-from .cluster import cluster_memory
-from .driver import (
-    StepCallback,
-    TrainConfig,
-    TrainState,
-    run_solver,
-    state_from_attrs,
-    state_to_attrs,
-)
-from .errors import ClusterError, CosimError, ModelError, TrainingError
-from .evaluate import roc_points, score_pieces, summarize
-from .model import Model, load_model, write_model
-from .objective import Objective
-from .outputs import MODEL, check_output, claim_output, reading, recover
-from .step import (
+from cosim_dask import __version__
+from cosim_dask.core.objective import Objective
+from cosim_dask.data.store import PairStore, open_store
+from cosim_dask.dist.cluster import cluster_memory
+from cosim_dask.dist.passes import (
     DEFAULT_SPLIT_EVERY,
     DaskPairs,
     Pieces,
@@ -44,7 +33,18 @@ from .step import (
     scheduler_lost,
     store_pieces,
 )
-from .store import PairStore, open_store
+from cosim_dask.errors import ClusterError, CosimError, ModelError, TrainingError
+from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
+from cosim_dask.fit.loop import (
+    StepCallback,
+    TrainConfig,
+    TrainState,
+    run_solver,
+    state_from_attrs,
+    state_to_attrs,
+)
+from cosim_dask.fit.model import Model, load_model, write_model
+from cosim_dask.outputs import MODEL, check_output, claim_output, reading, recover
 
 CACHE_MODES = ("auto", "memory", "stream")
 #: Persist only when the training data takes at most this share of the cluster's memory.
@@ -203,7 +203,7 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
     }
     publisher = None
     if dashboard:
-        from .dashboard import MetricsPublisher, new_run_id
+        from cosim_dask.dashboard.publisher import MetricsPublisher, new_run_id
 
         publisher = MetricsPublisher(client, run_id or new_run_id(),
                                      settings={**asdict(config), "store": str(store_path),
@@ -359,7 +359,7 @@ def finished_message(checkpoint: Checkpoint | None, config: TrainConfig) -> str 
 def _restore(model: Model, solver, out: str = "") -> TrainState:
     """Put a checked checkpoint's solver state into ``solver``; the loop state to go on from.
 
-    :func:`~cosim_dask.model.load_model` checked the arrays and attributes; a solver state
+    :func:`~cosim_dask.fit.model.load_model` checked the arrays and attributes; a solver state
     that lacks a value its solver needs, or holds one of the wrong type, is a damaged model.
     """
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CosimError
+from cosim_dask.errors import CosimError
 
 SCORE_BINS = 8192
 SPEARMAN_BINS = 512

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError
-from .outputs import MODEL, Output, claim_output, recover
+from cosim_dask.errors import ModelError
+from cosim_dask.outputs import MODEL, Output, claim_output, recover
 
 FORMAT = "cosim-model"
 FORMAT_VERSION = 1
@@ -265,12 +265,12 @@ def _check_attrs(attrs: dict, path: Path) -> None:
 
 
 def _check_settings(settings: dict, path: Path) -> None:
-    """Each known training setting of the type :class:`~cosim_dask.driver.TrainConfig`
+    """Each known training setting of the type :class:`~cosim_dask.fit.loop.TrainConfig`
     gives it (unknown keys are left alone)."""
     import types
     import typing
 
-    from .driver import TrainConfig
+    from cosim_dask.fit.loop import TrainConfig
 
     def fits(value: Any, hint: Any) -> bool:
         if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

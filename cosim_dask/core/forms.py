@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import CosimError, ShapeError, UnknownNameError
-from .kernel import Partial, chunk_partial, factor_chunk_partial
-from .losses import Loss
+from cosim_dask.core.kernel import Partial, chunk_partial, factor_chunk_partial
+from cosim_dask.core.losses import Loss
+from cosim_dask.errors import CosimError, ShapeError, UnknownNameError
 
 
 def project_psd(A: np.ndarray, min_eigenvalue: float = 1e-6) -> np.ndarray:

@@ -225,7 +225,8 @@ class RunStore:
 # HTTP: two HTML pages and two JSON routes, identical on the scheduler and in the driver.
 
 _PAGES = {
-    name: resources.files("cosim_dask").joinpath("assets", f"{name}.html").read_text("utf-8")
+    name: resources.files("cosim_dask.dashboard").joinpath("assets", f"{name}.html")
+    .read_text("utf-8")
     for name in ("live", "index")
 }
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CosimError, InvalidPairsError, ShapeError
-from .store import DEFAULT_CODEC, TARGET_KINDS, choose_chunk_rows, create_store
+from cosim_dask.data.store import DEFAULT_CODEC, TARGET_KINDS, choose_chunk_rows, create_store
+from cosim_dask.errors import CosimError, InvalidPairsError, ShapeError
 
 Progress = Callable[[int], None]
 ArrayLike = np.ndarray | str | os.PathLike
@@ -459,7 +459,7 @@ def generate_store(
 ) -> IngestReport:
     """Write ``pairs`` synthetic pairs from a hidden metric A* (stored as ``hidden_metric``).
 
-    Streams one chunk at a time (:func:`cosim_dask.synthetic.synthetic_chunk`, seeded by
+    Streams one chunk at a time (:func:`cosim_dask.data.synthetic.synthetic_chunk`, seeded by
     ``(seed, chunk)``), so memory stays at a few chunks for any ``pairs``; the same
     ``(seed, chunk_rows)`` always gives the same data.
 
@@ -478,7 +478,7 @@ def generate_store(
     -------
     IngestReport
     """
-    from .synthetic import hidden_metric, synthetic_chunk
+    from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
 
     if pairs < 1:
         raise CosimError(f"pairs={pairs} must be >= 1")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import dask
 from distributed import Client, LocalCluster
 
-from .errors import ClusterError
-from .waits import close_client, close_cluster, guarded, start_local
+from cosim_dask.errors import ClusterError
+from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
 
 #: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -62,7 +62,7 @@ class ClusterConfig:
         if self.dashboard_address is not None:
             check_dashboard_address(self.dashboard_address)
         _check_tls(address, scheme, self.security)
-        _security(self.security)  # a TLS config file is read and checked here, too
+        load_security(self.security)  # a TLS config file is read and checked here, too
 
 
 def scheduler_address(config: ClusterConfig) -> str | None:
@@ -74,12 +74,12 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     """A client, and the LocalCluster it owns (None when it joined an existing cluster).
 
     An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds, a
-    LocalCluster that does not start after :data:`cosim_dask.waits.START_TIMEOUT` seconds.
-    The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.waits.start_local`):
+    LocalCluster that does not start after :data:`cosim_dask.dist.waits.START_TIMEOUT` seconds.
+    The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.dist.waits.start_local`):
     the driver alone handles it and closes them.
     """
     config.check()  # bad settings fail here, before anything starts
-    security = _security(config.security)
+    security = load_security(config.security)
     address = scheduler_address(config)
     if address:
         try:
@@ -240,7 +240,7 @@ def _check_tls(address: str | None, scheme: str | None, security: object | None)
                            "security)")
 
 
-def _security(security: object | None):
+def load_security(security: object | None):
     """A Security from a YAML file in Dask's own layout (the ``distributed.comm.tls`` part of a
     Dask config file, or that mapping alone)::
 
@@ -304,7 +304,7 @@ def cluster_memory(client: Client) -> int:
 
 def close(client: Client, cluster: LocalCluster | None) -> None:
     """Close the client and the LocalCluster it owns, each within
-    :data:`cosim_dask.waits.CLOSE_TIMEOUT` seconds (a frozen scheduler must not hang the end
+    :data:`cosim_dask.dist.waits.CLOSE_TIMEOUT` seconds (a frozen scheduler must not hang the end
     of a command)."""
     close_client(client)
     if cluster is not None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CosimError
-from .kernel import pair_similarity
+from cosim_dask.core.kernel import pair_similarity
+from cosim_dask.errors import CosimError
 
 
 def hidden_metric(dim: int, rank: int | None = None, seed: int = 0) -> np.ndarray:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
+from cosim_dask.errors import StoreError
 
 ARRAYS = ("x", "y", "target")
 
@@ -82,7 +82,7 @@ def store_identity(path: str) -> str | None:
     waiting :data:`MISSING_WAIT_SECONDS` for a replacement to finish): the workers cannot see
     the store.
     """
-    from .store import FORMAT, fingerprint
+    from cosim_dask.data.store import FORMAT, fingerprint
 
     if "://" in path:
         import zarr
@@ -332,7 +332,7 @@ def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
 
 def check_all_chunks(path: str, arrays: dict, n: int, chunk_rows: int) -> None:
     """Raise :class:`StoreError` unless every chunk of every array of the store at ``path``
-    is stored: the check :func:`~cosim_dask.store.open_store` makes once, before any run.
+    is stored: the check :func:`~cosim_dask.data.store.open_store` makes once, before any run.
 
     A local store has each chunk file checked as every read checks it
     (:func:`check_chunk_files`: present, and of its size). A URL store has zarr's count of

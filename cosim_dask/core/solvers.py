@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .errors import CosimError, UnknownNameError
+from cosim_dask.errors import CosimError, UnknownNameError
 
 Evaluate = Callable[[np.ndarray, int | None], tuple[float, np.ndarray]]
 Project = Callable[[np.ndarray], np.ndarray]

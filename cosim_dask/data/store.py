@@ -35,9 +35,9 @@ import numpy as np
 import zarr
 import zarr.codecs
 
-from .errors import CosimError, StoreError
-from .outputs import PAIR_STORE, claim_output, recover
-from .reader import check_all_chunks
+from cosim_dask.data.reader import check_all_chunks
+from cosim_dask.errors import CosimError, StoreError
+from cosim_dask.outputs import PAIR_STORE, claim_output, recover
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -163,7 +163,7 @@ def open_store(path: str | os.PathLike) -> PairStore:
         that is not stored (named with its file; zarr would read it as zeros).
 
     Everything later runs rely on is checked here, once; each read checks its own chunk
-    files and the store's identity again (:mod:`cosim_dask.reader`), since a file can
+    files and the store's identity again (:mod:`cosim_dask.data.reader`), since a file can
     vanish, or the store be replaced, after this.
     """
     import dask.array as da
@@ -464,7 +464,7 @@ def create_store(
     if targets is not None and targets not in TARGET_KINDS:
         raise CosimError(f"targets={targets!r} must be one of {TARGET_KINDS}")
     rows = choose_chunk_rows(d, None, chunk_rows)
-    from . import __version__
+    from cosim_dask import __version__
 
     if provenance is None:
         provenance = {}

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from ._svg import Chart, Series, VMark, placeholder, render
-from .errors import CosimError
-from .model import Model, load_model
-from .outputs import HTML_REPORT, PNG_FIGURE, check_not_input, check_output, claim_output
+from cosim_dask import __version__
+from cosim_dask.errors import CosimError
+from cosim_dask.fit.model import Model, load_model
+from cosim_dask.outputs import HTML_REPORT, PNG_FIGURE, check_not_input, check_output, claim_output
+from cosim_dask.report.svg import Chart, Series, VMark, placeholder, render
 
 PNG_NAMES = ("loss.png", "val_auc.png", "roc.png", "spectrum.png")
 FIGURE_KEYS = ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")

@@ -14,12 +14,19 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
-from .losses import Loss, get_loss
-from .model import Model
-from .reader import StoreSlice, prefetch, read_slice
-from .scores import ScoreStats
-from .step import Pieces, read_ahead_of, read_ahead_tasks, run_pass, score_rows, tree_reduce
-from .store import validation_mask
+from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.stats import ScoreStats
+from cosim_dask.data.reader import StoreSlice, prefetch, read_slice
+from cosim_dask.data.store import validation_mask
+from cosim_dask.dist.passes import (
+    Pieces,
+    read_ahead_of,
+    read_ahead_tasks,
+    run_pass,
+    score_rows,
+    tree_reduce,
+)
+from cosim_dask.fit.model import Model
 
 SPLITS = ("train", "validation", "all")
 
@@ -36,7 +43,7 @@ class EvalSpec:
 def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int,
               ahead: Sequence[StoreSlice] = ()) -> dict[str, ScoreStats]:
     """Scores of one chunk under A and under I, for each asked split (``ahead``: a later
-    task's chunk, read ahead, see :func:`cosim_dask.reader.prefetch`)."""
+    task's chunk, read ahead, see :func:`cosim_dask.data.reader.prefetch`)."""
     prefetch(ahead)
     x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
     x, y, t = np.asarray(x), np.asarray(y), np.asarray(t, dtype=np.float64)
@@ -128,10 +135,10 @@ def evaluate_model(
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
     training rows at training time.
     """
-    from .errors import CosimError, ModelError
-    from .model import load_model
-    from .step import store_pieces
-    from .store import open_store
+    from cosim_dask.data.store import open_store
+    from cosim_dask.dist.passes import store_pieces
+    from cosim_dask.errors import CosimError, ModelError
+    from cosim_dask.fit.model import load_model
 
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     store = open_store(store_path)
@@ -168,7 +175,7 @@ def _model_loss(attrs: dict, binary: bool) -> Loss:
     """The loss the model was trained with, rebuilt from its settings."""
     from dataclasses import fields
 
-    from .driver import TrainConfig
+    from cosim_dask.fit.loop import TrainConfig
 
     settings = attrs.get("settings", {})
     known = {f.name for f in fields(TrainConfig)}

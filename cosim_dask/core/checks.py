@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CosimError, ShapeError
+from cosim_dask.errors import CosimError, ShapeError
 
 
-def _is_dask(a: Any) -> bool:
+def is_dask(a: Any) -> bool:
     return type(a).__module__.startswith("dask.") and hasattr(a, "chunks")
 
 
@@ -23,7 +23,7 @@ def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
     Returns a NumPy float array (float32 kept, else float64) or the Dask array unchanged
     (its values are checked by the chunk tasks, which name the chunk and row of a bad pair).
     """
-    if not _is_dask(pairs):
+    if not is_dask(pairs):
         pairs = np.asarray(pairs)
     shape = tuple(pairs.shape)
     if len(shape) != 3 or shape[1] != 2:
@@ -36,7 +36,7 @@ def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
         )
     if not (np.issubdtype(pairs.dtype, np.floating) or np.issubdtype(pairs.dtype, np.integer)):
         raise ShapeError(f"pairs must hold real numbers; got dtype {pairs.dtype}")
-    if _is_dask(pairs):
+    if is_dask(pairs):
         return pairs
     if pairs.dtype != np.float32:
         pairs = pairs.astype(np.float64, copy=False)
@@ -54,7 +54,7 @@ def check_targets(y: Any, n_pairs: int) -> tuple[Any, bool]:
     and mapped to −1. Any other value in [−1, 1] is a graded target (0: orthogonal).
     Dask targets are checked in one pass of a few scalar reductions.
     """
-    if _is_dask(y):
+    if is_dask(y):
         import dask
 
         y = y.reshape(-1) if y.ndim > 1 and max(y.shape[1:], default=1) == 1 else y

@@ -1,6 +1,6 @@
 """The driver loop: solver steps, stopping rules, validation, checkpoints and resume.
 
-It sees the data only through an :class:`~cosim_dask.objective.Objective` and a
+It sees the data only through an :class:`~cosim_dask.core.objective.Objective` and a
 ``partial_sum`` that may expose ``last_validation`` (ScoreStats of the last full pass) and
 ``last_pairs``; the same loop drives in-process and distributed training.
 """
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CosimError, DivergedError
-from .losses import Loss, get_loss
-from .metric import Parameterisation, get_parameterisation
-from .objective import Objective
-from .solvers import Solver, get_solver
+from cosim_dask.core.forms import Parameterisation, get_parameterisation
+from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.objective import Objective
+from cosim_dask.core.solvers import Solver, get_solver
+from cosim_dask.errors import CosimError, DivergedError
 
 #: mse target for label −1 on binary pairs. Real "different" pairs are mostly unrelated, not
 #: opposite: on digits 0.0 gave test AUC 0.980 vs 0.978 for −1 (full form: 0.930 vs 0.902);
