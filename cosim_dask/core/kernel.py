@@ -1,8 +1,8 @@
 """The math core: similarities and a chunk's partial loss and gradient, in NumPy only.
 
-Notation follows ``shared/seed/cosine-similarity-gradient.md``: for a pair (x, y) and a
-symmetric A, ``n = xᵀAx``, ``m = yᵀAy``, ``l = xᵀAy`` and ``s = l / sqrt(n m)``. The seed's
-per-element derivative is
+Notation: for a pair (x, y) and a symmetric A, ``n = xᵀAx``, ``m = yᵀAy``, ``l = xᵀAy`` and
+``s = l / sqrt(n m)``. Differentiating s element by element (A_ij and A_ji taken as separate
+variables) gives
 
     ∂s/∂A_ij = y_i x_j / sqrt(nm) − (s/2) (x_i x_j / n + y_i y_j / m).
 
@@ -17,7 +17,8 @@ small enough to stay in cache, and each block's d × d result is added in float6
 
 Convention: ``grad`` is the symmetric matrix G with dL = ⟨G, dA⟩_F for every symmetric dA.
 The gradient with respect to the d(d+1)/2 free parameters (the seed's "total gradient" of a
-tied off-diagonal A_ij = A_ji) is G_ii on the diagonal and 2 G_ij off it: see
+tied off-diagonal A_ij = A_ji, whose two elements move together) is G_ii on the diagonal and
+2 G_ij off it: see
 :func:`tied_gradient`.
 """
 
