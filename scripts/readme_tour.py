@@ -1,0 +1,72 @@
+"""The README's five-minute tour, run for real.
+
+Each command runs as a user types it (``python -m cosim_dask ...``) in a fresh folder, and its
+output (stdout and stderr, in order) is printed as a console transcript: the block README.md
+shows between ``<!-- tour -->`` and ``<!-- /tour -->``. ``tests/test_readme.py`` runs it again
+and checks that the README still matches what the commands print.
+
+    python scripts/readme_tour.py            # print the transcript
+    python scripts/readme_tour.py --write    # and put it into README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+COMMANDS = [
+    "cosim generate pairs.zarr --pairs 200000 --dim 64 --rank 8 --noise 0.3 --targets binary",
+    "cosim info pairs.zarr",
+    "cosim train pairs.zarr --out model.zarr --steps 30",
+    "cosim evaluate model.zarr pairs.zarr",
+    "cosim report model.zarr --out report.html",
+    "cosim transform model.zarr pairs.zarr pairs-learned.zarr",
+]
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCK = re.compile(r"(<!-- tour -->\n```console\n)(.*?)(```\n<!-- /tour -->)", re.S)
+
+
+def run_tour(folder: Path, commands: list[str] = COMMANDS) -> str:
+    """The transcript of ``commands`` run one after the other in ``folder``."""
+    env = {**os.environ, "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+    lines = []
+    for command in commands:
+        argv = shlex.split(command)
+        done = subprocess.run([sys.executable, "-m", "cosim_dask", *argv[1:]], cwd=folder,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, timeout=600)
+        if done.returncode:
+            raise SystemExit(f"`{command}` failed ({done.returncode}):\n{done.stdout}")
+        lines.append(f"$ {command}\n{done.stdout}")
+    return "".join(lines)
+
+
+def readme_transcript(text: str) -> str:
+    """The tour block of the README's ``text``."""
+    match = BLOCK.search(text)
+    if match is None:
+        raise SystemExit("README.md has no <!-- tour --> block")
+    return match.group(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="replace the README's block")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        transcript = run_tour(Path(folder))
+    print(transcript, end="")
+    if args.write:
+        text = README.read_text()
+        readme_transcript(text)  # the block must exist
+        README.write_text(BLOCK.sub(lambda m: m.group(1) + transcript + m.group(3), text))
+
+
+if __name__ == "__main__":
+    main()
