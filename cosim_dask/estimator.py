@@ -18,15 +18,17 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from cosim_dask.core.checks import is_dask, check_is_fitted, check_pairs, check_targets
+from cosim_dask.core.checks import check_is_fitted, check_pairs, check_targets, is_dask
 from cosim_dask.core.kernel import pair_similarity
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
-from cosim_dask.dist.passes import LocalPairs
+from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, resolve_split_every
 from cosim_dask.errors import CosimError, ShapeError
-from cosim_dask.fit.loop import TrainConfig, TrainState, run_solver
-from cosim_dask.fit.model import Model, save_model
+from cosim_dask.fit.config import TrainConfig
+from cosim_dask.fit.loop import TrainState, run_solver
+from cosim_dask.fit.model import Model, build_model, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +52,16 @@ class CosineMetricLearner:
 
     Parameters
     ----------
+    Every training default is :class:`~cosim_dask.fit.config.TrainConfig`'s, the same as
+    ``cosim train``'s (whose module says why each was chosen), so this estimator and
+    ``cosim train --validation 0`` learn the same A on the same pairs.
+
     loss : ``"mse"`` (squared error against the targets) or ``"contrastive"``.
     negative_target : mse with binary labels only: the target a label −1 stands for (None:
-        −1). 0.0 asks "different" pairs to be orthogonal rather than opposite, which a PSD
-        metric on non-negative features can reach; it ranks better on digits (pipelines/README.md).
+        0.0, "unrelated": "different" pairs asked to be orthogonal rather than opposite;
+        −1.0: opposite). Ignored for graded targets, which are never remapped.
     param : ``"factor"`` (A = MᵀM, M k × d: PSD by construction, no projection) or ``"full"``
-        (A itself, projected onto A ⪰ εI after each step). The factor form is the default:
-        with the full form L-BFGS stalled on digits after 7 steps, once the PSD projection
-        became active (pipelines/README.md).
+        (A itself, projected onto A ⪰ εI after each step).
     rank : k for ``param="factor"`` (None: k = d).
     solver : ``"lbfgs"``, ``"gd"`` or ``"adam"`` (mini-batches of ``batch_chunks`` chunks).
     lr : the solver's step size (None: its default).
@@ -77,13 +81,14 @@ class CosineMetricLearner:
     blas_threads : BLAS threads for an in-process fit (None: leave BLAS alone). One thread
         by default: the GEMMs of an in-process fit are small (2,048-row blocks), and on a
         shared machine multi-threaded BLAS collapsed (digits fit 3.3 s with 2 threads,
-        0.85 s with 1, measured; scripts/README.md).
+        0.85 s with 1, measured).
     random_state : seed of the validation split, mini-batches and the factor's start.
     verbose : log each step (loss, gradient norm) to the ``cosim_dask.estimator`` logger.
 
     Attributes
     ----------
-    metric_ : (d, d) the learned A.
+    metric_ : (d, d) the learned A, scaled to trace d unless ``regularization`` is set (the
+        scale changes no similarity), as in a model file.
     components_ : (k, d) L with A = LᵀL (M for the factor form, A^½ for the full form):
         plain cosine similarity of ``transform(X)`` rows equals the learned similarity.
     threshold_ : similarity threshold of :meth:`predict`, calibrated on the training pairs.
@@ -97,24 +102,24 @@ class CosineMetricLearner:
 
     def __init__(
         self,
-        loss: str = "mse",
-        negative_target: float | None = 0.0,
-        param: str = "factor",
-        rank: int | None = None,
-        solver: str = "lbfgs",
-        lr: float | None = None,
-        max_iter: int = 50,
-        tol: float = 1e-5,
-        regularization: float = 0.0,
-        validation: float = 0.0,
-        patience: int | None = None,
-        batch_chunks: int | None = None,
+        loss: str = TrainConfig.loss,
+        negative_target: float | None = TrainConfig.negative_target,
+        param: str = TrainConfig.param,
+        rank: int | None = TrainConfig.rank,
+        solver: str = TrainConfig.solver,
+        lr: float | None = TrainConfig.lr,
+        max_iter: int = TrainConfig.steps,
+        tol: float = TrainConfig.tol,
+        regularization: float = TrainConfig.regularization,
+        validation: float = TrainConfig.validation,
+        patience: int | None = TrainConfig.patience,
+        batch_chunks: int | None = TrainConfig.batch_chunks,
         chunk_rows: int | None = None,
         split_every: int | None = None,
         client: Any = None,
         cluster: str = "auto",
         blas_threads: int | None = 1,
-        random_state: int = 0,
+        random_state: int = TrainConfig.seed,
         verbose: bool = False,
     ) -> None:
         self.loss = loss
@@ -194,11 +199,7 @@ class CosineMetricLearner:
         return config
 
     def _split_every(self) -> int:
-        import dask
-
-        from cosim_dask.dist.passes import DEFAULT_SPLIT_EVERY
-
-        return self.split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
+        return resolve_split_every(self.split_every)
 
     def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
         """Learn the metric from labelled pairs.
@@ -230,10 +231,11 @@ class CosineMetricLearner:
         else:
             state, solver, scores, targets = self._fit_on_cluster(pairs, y, config, form,
                                                                   params0)
-        self._set_learned(form, solver.params, state, d, "in-process" if in_process
-                          else "cluster")
-        self.targets_binary_ = binary
         self.threshold_ = calibrated_threshold(scores, targets, "accuracy")
+        self._set_learned(build_model(form, solver.params, config, state,
+                                      targets="binary" if binary else "graded"),
+                          state, d, "in-process" if in_process else "cluster")
+        self.targets_binary_ = binary
         return self
 
     def _run(self, source, config: TrainConfig, form, params0, binary: bool):
@@ -249,40 +251,40 @@ class CosineMetricLearner:
             pairs = check_pairs(pairs.compute())
         y = np.asarray(y.compute() if is_dask(y) else y, dtype=np.float64)
         x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
-        source = LocalPairs(x0, x1, y, form, config.make_loss(),
+        source = LocalPairs(x0, x1, y, form, config.make_loss(_binary(y)),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
                             validation=config.validation, seed=config.seed,
                             batch_chunks=config.batch_chunks, split_every=self._split_every())
-        from threadpoolctl import threadpool_limits
-
         with threadpool_limits(limits=self.blas_threads):
             state, solver = self._run(source, config, form, params0, _binary(y))
         scores = pair_similarity(x0, x1, form.metric(solver.params), on_invalid="nan")
         return state, solver, scores, y
 
     def _fit_on_cluster(self, pairs, y, config, form, params0):
-        from cosim_dask.dist.passes import DaskPairs, persisted_pieces
-
         client, owned = self._client()
         try:
             x0, x1, t = _dask_columns(pairs, y, self.chunk_rows)
             pieces = persisted_pieces(client, x0, x1, t)
-            source = DaskPairs(client, pieces, form, config.make_loss(),
+            targets = client.compute(pieces.held[2]).result()
+            source = DaskPairs(client, pieces, form, config.make_loss(_binary(targets)),
                                validation=config.validation, seed=config.seed,
                                batch_chunks=config.batch_chunks, split_every=self._split_every())
-            targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
                                                  form.metric(solver.params))).result()
         finally:
             if owned is not None:
+                # Deferred, as in _client: importing cosim_dask does not load distributed.
                 from cosim_dask.dist.cluster import close
 
                 close(*owned)
         return state, solver, scores, targets
 
     def _client(self):
-        """(client, owned): the given client, the current one, or a new LocalCluster's."""
+        """(client, owned): the given client, the current one, or a new LocalCluster's.
+
+        distributed is imported here, not at the top: ``import cosim_dask`` and in-process
+        fits stay free of it (a second of start-up)."""
         if self.client is not None:
             return self.client, None
         try:
@@ -295,12 +297,12 @@ class CosineMetricLearner:
             client, cluster = connect(ClusterConfig())
             return client, (client, cluster)
 
-    def _set_learned(self, form, params, state: TrainState, d: int, backend: str) -> None:
-        params = np.array(params, dtype=np.float64)
-        A = form.metric(params)
-        M = params if form.name == "factor" else None
-        self.metric_ = 0.5 * (A + A.T)
-        self.components_ = Model(A=self.metric_, M=M).components()
+    def _set_learned(self, model: Model, state: TrainState, d: int, backend: str) -> None:
+        # The model file's A and M (one builder owns their scale) and its attributes, kept
+        # for to_model.
+        self._model = model
+        self.metric_ = model.A
+        self.components_ = model.components()
         self.n_iter_ = state.step
         self.history_ = state.history
         self.loss_history_ = np.array([r["loss"] for r in state.history])
@@ -427,14 +429,14 @@ class CosineMetricLearner:
         return self.metric_
 
     def to_model(self) -> Model:
-        """The fitted metric as a :class:`~cosim_dask.fit.model.Model` (for ``save_model``)."""
+        """The fitted metric as a :class:`~cosim_dask.fit.model.Model` (for ``save_model``):
+        the same A, M and typed attributes (settings included) as ``cosim train`` writes,
+        with the current ``threshold_``."""
         check_is_fitted(self)
-        M = self.components_ if self.param == "factor" else None
-        attrs = {"param": self.param, "rank": self.rank, "loss": self.loss,
-                 "negative_target": self.negative_target, "solver": self.solver,
-                 "steps": self.n_iter_, "threshold": self.threshold_,
-                 "stop_reason": self.stop_reason_, "history": self.history_}
-        return Model(A=self.metric_.copy(), M=None if M is None else M.copy(), attrs=attrs)
+        model = self._model
+        attrs = {**model.attrs, "threshold": float(self.threshold_)}
+        return Model(A=model.A.copy(), M=None if model.M is None else model.M.copy(),
+                     attrs=attrs)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write the fitted metric as a model file (``cosim evaluate``/``transform`` read it),
@@ -452,7 +454,7 @@ def _binary(y: np.ndarray) -> bool:
 
 def _dask_columns(pairs, y, chunk_rows: int | None):
     """x, y (n, d) and target (n,) Dask arrays chunked along pairs only (whole rows)."""
-    import dask.array as da
+    import dask.array as da  # deferred: only Dask inputs and cluster fits need it
 
     if not is_dask(pairs):
         pairs = da.from_array(pairs, chunks=(chunk_rows or DEFAULT_CHUNK_ROWS, -1, -1))
@@ -471,7 +473,7 @@ def _dask_columns(pairs, y, chunk_rows: int | None):
 
 def _dask_scores(x0, x1, A: np.ndarray):
     """Lazy (n,) learned similarities, one task per row chunk."""
-    import dask.array as da
+    import dask.array as da  # deferred: only Dask inputs need it
 
     def block(xb, yb, A):
         return pair_similarity(xb, yb, A, on_invalid="nan")

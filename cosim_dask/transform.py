@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cosim_dask import __version__
+from cosim_dask.data.reader import StoreSlice, read_slice
+from cosim_dask.data.store import create_store, open_store
 from cosim_dask.errors import CosimError, ShapeError
 from cosim_dask.fit.model import Model
 from cosim_dask.outputs import NPY_ARRAY, claim_output
@@ -142,10 +145,6 @@ def transform_store(
     Training on the result with plain cosine (A = I) sees the learned similarities; a
     generated store's hidden metric is not carried over (it describes the old space).
     """
-    from cosim_dask import __version__
-    from cosim_dask.data.reader import StoreSlice, read_slice
-    from cosim_dask.data.store import create_store, open_store
-
     store = open_store(src)
     if store.d != model.d:
         raise ShapeError(f"the model has d={model.d} but the pair store {str(src)!r} has "

@@ -17,9 +17,9 @@ from pathlib import Path
 from cosim_dask.data.ingest import generate_store
 from cosim_dask.data.store import open_store
 from cosim_dask.dist.cluster import ClusterConfig, WorkerMemorySampler, close, connect
-from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.config import RunOptions, TrainConfig
 from cosim_dask.fit.model import load_model
-from cosim_dask.fit.train import RunOptions, train_store
+from cosim_dask.fit.train import train_store
 
 
 def main(argv: list[str] | None = None) -> dict:

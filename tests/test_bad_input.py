@@ -32,7 +32,7 @@ from cosim_dask.errors import (
     StoreError,
     UnknownNameError,
 )
-from cosim_dask.fit.loop import TrainConfig
+from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
 from cosim_dask.fit.model import Model, save_model
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def _damaged_models(w):
                 attrs={"history": [], "train_state": {"step": 1}})
     _model_with(w / "model-state-none.zarr", solver=solver, attrs={"history": []})
     # A checkpoint that passes every check of a resume but its solver's: no "grad".
-    config = TrainConfig(solver="gd")
+    config = TrainConfig(solver="gd", validation=LIVE_VALIDATION)  # cosim train's defaults
     _model_with(w / "model-solver-lacks.zarr", solver={"params": np.eye(6)}, attrs={
         "history": [], "train_state": {"step": 1, "best_score": None, "since_best": 0,
                                        "stop_reason": None},

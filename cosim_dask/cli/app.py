@@ -515,7 +515,7 @@ def train(
     batch_chunks: Annotated[int | None, typer.Option(
         min=1, help="adam: chunks per mini-batch.")] = None,
     tol: Annotated[float, typer.Option(min=0.0, help="Relative loss-change tolerance.")
-                   ] = 1e-7,
+                   ] = 1e-5,
     seed: Annotated[int, typer.Option(help="Seed for the split, sampling and start.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(
         min=1, help="Write a checkpoint every N steps.")] = 10,

@@ -11,22 +11,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import numpy as np
 from distributed import Client
 
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, prefetch, read_slice
-from cosim_dask.data.store import validation_mask
+from cosim_dask.data.store import open_store, validation_mask
 from cosim_dask.dist.passes import (
     Pieces,
     read_ahead_of,
     read_ahead_tasks,
+    resolve_split_every,
     run_pass,
     score_rows,
+    store_pieces,
     tree_reduce,
 )
-from cosim_dask.fit.model import Model
+from cosim_dask.errors import CosimError, ModelError
+from cosim_dask.fit.config import TrainConfig
+from cosim_dask.fit.model import Model, load_model
 
 SPLITS = ("train", "validation", "all")
 
@@ -75,11 +80,11 @@ def score_pieces(
     seed: int = 0,
     splits: tuple[str, ...] = ("all",),
     joint: bool = False,
-    split_every: int = 8,
+    split_every: int | None = None,
 ) -> dict[str, ScoreStats]:
-    """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"``."""
-    import dask
-
+    """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"`` (``split_every``: the
+    tree's fan-in; None: Dask's ``split_every`` config, or the default)."""
+    split_every = resolve_split_every(split_every)
     spec = EvalSpec(get_loss(loss), validation, seed, splits, joint)
 
     items = pieces.items
@@ -123,10 +128,9 @@ def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float
     return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
 
 
-
 def evaluate_model(
     model_path: str | Model, store_path: str, *, client: Client, split: str = "auto",
-    split_every: int = 8,
+    split_every: int | None = None,
 ) -> dict[str, Any]:
     """Figures of a saved model (a path, or one already loaded) on a store, beside plain
     cosine, computed on the cluster.
@@ -135,11 +139,6 @@ def evaluate_model(
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
     training rows at training time.
     """
-    from cosim_dask.data.store import open_store
-    from cosim_dask.dist.passes import store_pieces
-    from cosim_dask.errors import CosimError, ModelError
-    from cosim_dask.fit.model import load_model
-
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     store = open_store(store_path)
     if store.d != model.d:
@@ -173,11 +172,4 @@ def evaluate_model(
 
 def _model_loss(attrs: dict, binary: bool) -> Loss:
     """The loss the model was trained with, rebuilt from its settings."""
-    from dataclasses import fields
-
-    from cosim_dask.fit.loop import TrainConfig
-
-    settings = attrs.get("settings", {})
-    known = {f.name for f in fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in settings.items() if k in known})
-    return config.make_loss(binary)
+    return TrainConfig.from_settings(attrs.get("settings", {})).make_loss(binary)

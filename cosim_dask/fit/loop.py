@@ -7,135 +7,24 @@ It sees the data only through an :class:`~cosim_dask.core.objective.Objective` a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cosim_dask.core.forms import Parameterisation, get_parameterisation
-from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.objective import Objective
-from cosim_dask.core.solvers import Solver, get_solver
-from cosim_dask.errors import CosimError, DivergedError
+from cosim_dask.core.solvers import Solver
+from cosim_dask.errors import DivergedError
+from cosim_dask.fit.config import TrainConfig
 
-#: mse target for label −1 on binary pairs. Real "different" pairs are mostly unrelated, not
-#: opposite: on digits 0.0 gave test AUC 0.980 vs 0.978 for −1 (full form: 0.930 vs 0.902);
-#: on our synthetic sign-of-hidden-similarity pairs −1 did better (0.966 vs 0.963).
-DEFAULT_NEGATIVE_TARGET = 0.0
-#: Most solver steps a run may ask for: far beyond any real run (each step is at least one
-#: pass over the data), small enough that a typo (1e20) is caught before start-up.
-MAX_STEPS = 10_000_000
-#: Seeds feed NumPy's generators, which take integers in [0, 2**32 - 1] here.
-MAX_SEED = 2**32 - 1
 #: Mean eigenvalue of A (trace / d) outside [1/MAX_SCALE, MAX_SCALE] means the solver has
 #: diverged: the similarity ignores the scale of A and every start has a mean eigenvalue
 #: of at most 1, while float32 products xᵀAx overflow not far beyond it.
 MAX_SCALE = 1e12
-
-
-def _real(value: object, name: str) -> float:
-    """``value`` as a finite float, or a CosimError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise CosimError(f"{name}={value!r} must be a number")
-    if not math.isfinite(value):
-        raise CosimError(f"{name}={value} must be a finite number")
-    return float(value)
-
-
-def _whole(value: object, name: str, low: int, high: int | None) -> int:
-    """``value`` as an int in [low, high], or a CosimError naming it and the range."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise CosimError(f"{name}={value!r} must be a whole number")
-    if value < low or (high is not None and value > high):
-        where = f"between {low:,} and {high:,}" if high is not None else f">= {low}"
-        raise CosimError(f"{name}={value} must be {where}")
-    return int(value)
-
-
-@dataclass
-class TrainConfig:
-    """Every setting that shapes the result of a run (and so must match on resume)."""
-
-    loss: str = "mse"
-    negative_target: float | None = None  # mse on binary labels: target of −1 (default 0)
-    pos_margin: float | None = None  # contrastive
-    neg_margin: float | None = None  # contrastive
-    # L-BFGS on M (A = MᵀM) needs ~5× fewer passes than on A, whose PSD projection bends
-    # its steps where the optimum is low-rank (scripts/bench_train.py, converge).
-    param: str = "factor"
-    rank: int | None = None
-    solver: str = "lbfgs"
-    lr: float | None = None
-    steps: int = 50
-    tol: float = 1e-7  # stop when the relative loss change is below this
-    gtol: float = 1e-7  # stop when the gradient norm is below this
-    regularization: float = 0.0
-    validation: float = 0.1
-    patience: int | None = None  # stop after this many steps without a better validation score
-    batch_chunks: int | None = None  # stochastic solvers: chunks per mini-batch
-    seed: int = 0
-
-    def check(self) -> None:
-        """Every number checked before anything starts: a :class:`CosimError` naming the
-        value and the range it must be in."""
-        _whole(self.steps, "steps", 0, MAX_STEPS)
-        _whole(self.seed, "seed", 0, MAX_SEED)
-        if self.lr is not None:
-            _real(self.lr, "lr")
-            if not self.lr > 0:
-                raise CosimError(f"lr={self.lr} must be > 0")
-        for name in ("tol", "gtol", "regularization"):
-            if not _real(getattr(self, name), name) >= 0:
-                raise CosimError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("negative_target", "pos_margin", "neg_margin"):
-            if getattr(self, name) is not None:
-                _real(getattr(self, name), name)
-        if not 0.0 <= _real(self.validation, "validation") < 1.0:
-            raise CosimError(f"validation={self.validation} must be in [0, 1)")
-        for name in ("rank", "patience", "batch_chunks"):
-            if getattr(self, name) is not None:
-                _whole(getattr(self, name), name, 1, None)
-        if self.patience is not None and self.validation == 0:
-            raise CosimError("patience needs validation rows: pass --validation > 0")
-        self.make_loss()
-        self.make_parameterisation()
-        self.make_solver()
-
-    def make_loss(self, binary: bool = False) -> Loss:
-        """The loss; for mse on binary labels, label −1 means ``negative_target`` (default
-        :data:`DEFAULT_NEGATIVE_TARGET`: "unrelated" rather than "opposite")."""
-        negative_target = self.negative_target
-        if negative_target is None and binary and self.loss == "mse":
-            negative_target = DEFAULT_NEGATIVE_TARGET
-        params = {k: v for k, v in (("negative_target", negative_target),
-                                    ("pos_margin", self.pos_margin),
-                                    ("neg_margin", self.neg_margin)) if v is not None}
-        try:
-            return get_loss(self.loss, **params)
-        except TypeError:
-            raise CosimError(
-                f"loss {self.loss!r} does not take {', '.join(params)}"
-            ) from None
-
-    def make_parameterisation(self) -> Parameterisation:
-        return get_parameterisation(self.param, self.rank)
-
-    def make_solver(self) -> Solver:
-        return get_solver(self.solver, lr=self.lr)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.make_solver().stochastic
-
-    def key(self) -> str:
-        """A digest of the settings that must match for a resume (``steps`` may grow)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("steps", "patience")}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

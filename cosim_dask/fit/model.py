@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import math
 import os
+import types
+import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
+from cosim_dask import __version__
+from cosim_dask.core.forms import Parameterisation
 from cosim_dask.errors import ModelError
+from cosim_dask.fit.config import TrainConfig
+from cosim_dask.fit.loop import TrainState, state_to_attrs
 from cosim_dask.outputs import MODEL, Output, claim_output, recover
 
 FORMAT = "cosim-model"
@@ -84,8 +92,6 @@ def save_model(path: str | os.PathLike, model: Model, *, overwrite: bool = False
 def write_model(target: Output, model: Model) -> None:
     """Write ``model`` as a new version of the claimed output ``target`` (a run that holds
     its output for checkpoints writes each one with this)."""
-    import zarr
-
     with target.staged() as tmp:
         root = zarr.open_group(tmp, mode="w")
         root.attrs.update(_json_safe({**model.attrs, "format": FORMAT,
@@ -126,21 +132,97 @@ PSD_TOL = 1e-8
 TRAIN_STATE_KEYS = {"step": "count", "best_score": "number or null", "since_best": "count",
                     "stop_reason": "text or null"}
 
+
+@dataclass
+class ModelAttrs:
+    """The attributes of a model file, typed: what :func:`build_model` writes and what
+    :func:`load_model` checks (each one present must be of its type; ints are counts, ≥ 0).
+
+    The fields without a default are written by every model; the others only when known
+    (a model fitted by the estimator has no store, a graded one no thresholds).
+    """
+
+    param: str | None
+    rank: int | None
+    loss: str | None
+    solver: str | None
+    settings: dict  # the TrainConfig, as a dict
+    settings_key: str | None  # TrainConfig.key(): what a resume must match
+    steps: int
+    complete: bool
+    train_loss: float | None
+    val_loss: float | None
+    val_auc: float | None
+    stop_reason: str | None
+    history: list  # one step record (a dict of numbers or nulls, with a "step") per step
+    train_state: dict  # the loop state, keys TRAIN_STATE_KEYS
+    cosim_version: str | None
+    saved: str | None  # ISO time of writing
+    targets: str | None = None  # "binary" or "graded"
+    threshold: float | None = None  # of the learned similarity, calibrated on training rows
+    plain_threshold: float | None = None  # the same for plain cosine
+    store_path: str | None = None
+    store_fingerprint: str | None = None
+    # The fan-in fixes the order of the float sums, so the bits of A: a resume must keep it.
+    split_every: int | None = None
+    run_id: str | None = None
+    train_seconds: float | None = None
+    train_figures: dict | None = None
+    validation_figures: dict | None = None
+    roc: dict | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The attributes to store: optional ones only when set."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None or f.default is not None}
+
+
+def _kind(hint: Any) -> str:
+    """The kind :func:`_is_kind` checks for a type hint of :class:`ModelAttrs`."""
+    args = [h for h in typing.get_args(hint) if h is not type(None)]
+    if isinstance(hint, types.UnionType) and len(args) == 1:
+        return _kind(args[0]) + " or null"
+    return {int: "count", float: "number", str: "text", bool: "bool", list: "list",
+            dict: "dict"}[typing.get_origin(hint) or hint]
+
+
 #: Attributes the readers rely on, when present, and the kinds of value the format gives
-#: them ("...or null": null allowed). ``history``, ``settings`` and ``train_state`` are
-#: checked in depth by :func:`_check_attrs`.
-ATTR_KINDS = {
-    "steps": "count", "complete": "bool", "rank": "count or null",
-    "threshold": "number or null", "plain_threshold": "number or null",
-    "train_loss": "number or null", "val_loss": "number or null", "val_auc": "number or null",
-    "train_seconds": "number or null", "param": "text or null", "loss": "text or null",
-    "solver": "text or null", "targets": "text or null", "stop_reason": "text or null",
-    "store_path": "text or null", "store_fingerprint": "text or null",
-    "settings_key": "text or null", "run_id": "text or null",
-    "history": "list", "settings": "dict", "train_state": "dict",
-    "train_figures": "dict or null", "validation_figures": "dict or null",
-    "roc": "dict or null",
-}
+#: them ("...or null": null allowed), from :class:`ModelAttrs`. ``history``, ``settings``
+#: and ``train_state`` are checked in depth by :func:`_check_attrs`.
+ATTR_KINDS = {key: _kind(hint) for key, hint in typing.get_type_hints(ModelAttrs).items()}
+
+
+def build_model(form: Parameterisation, params: np.ndarray, config: TrainConfig,
+                state: TrainState, *, complete: bool = True,
+                solver_state: dict[str, Any] | None = None, **known: Any) -> Model:
+    """The model of a run: the one place A is normalised and the attributes are made.
+
+    ``params`` are the solver's parameters of ``form``; ``known`` the optional attributes
+    of :class:`ModelAttrs` the caller knows (store, thresholds, ...). Without
+    regularization A is scaled to trace d (and M alike): the loss cannot see the scale of
+    A and the solver lets it drift (eigenvalues of 1e4 are common), and the scale changes
+    no similarity. With regularization toward I the scale is part of what was learned and
+    is kept. ``solver_state`` (for a resume) keeps the raw parameters.
+    """
+    params = np.array(params, dtype=np.float64)
+    A = form.metric(params)
+    A = 0.5 * (A + A.T)
+    if not config.regularization:
+        scale = A.shape[0] / np.trace(A)
+        A = A * scale
+        params = params * np.sqrt(scale) if form.name == "factor" else params
+    last = state.history[-1] if state.history else {}
+    attrs = ModelAttrs(
+        param=config.param, rank=config.rank, loss=config.loss, solver=config.solver,
+        settings=asdict(config), settings_key=config.key(), steps=state.step,
+        complete=complete, train_loss=last.get("loss"), val_loss=last.get("val_loss"),
+        val_auc=last.get("val_auc"), stop_reason=state.stop_reason, history=state.history,
+        train_state={k: v for k, v in state_to_attrs(state).items() if k != "history"},
+        cosim_version=__version__, saved=datetime.now(UTC).isoformat(timespec="seconds"),
+        **known,
+    )
+    M = params if form.name == "factor" else None
+    return Model(A=A, M=M, attrs=attrs.to_dict(), solver_state=solver_state)
 
 
 def _is_kind(value: Any, kind: str) -> bool:
@@ -172,8 +254,6 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
     settings, ``train_state`` a dict with :data:`TRAIN_STATE_KEYS`). Any mismatch raises one
     line, "model PATH is damaged: ...; retrain it or restore a copy".
     """
-    import zarr
-
     recover(path)  # a swap a killed writer left half done
     path = Path(path)
     if not path.exists():
@@ -264,27 +344,24 @@ def _check_attrs(attrs: dict, path: Path) -> None:
             raise _damaged(path, f"{key}.{bad[0]} is {parts[bad[0]]!r:.60}, expected a dict")
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint of :class:`~cosim_dask.fit.config.TrainConfig`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def _check_settings(settings: dict, path: Path) -> None:
     """Each known training setting of the type :class:`~cosim_dask.fit.loop.TrainConfig`
     gives it (unknown keys are left alone)."""
-    import types
-    import typing
-
-    from cosim_dask.fit.loop import TrainConfig
-
-    def fits(value: Any, hint: Any) -> bool:
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            return any(fits(value, h) for h in typing.get_args(hint))
-        if hint is type(None):
-            return value is None
-        if isinstance(value, bool):
-            return hint is bool
-        if hint is float:
-            return isinstance(value, int | float)
-        return isinstance(value, hint) if isinstance(hint, type) else True
-
     for key, hint in typing.get_type_hints(TrainConfig).items():
-        if key in settings and not fits(settings[key], hint):
+        if key in settings and not _fits(settings[key], hint):
             raise _damaged(path, f"settings.{key} is {settings[key]!r:.60}, expected "
                                  f"{getattr(hint, '__name__', hint)}")
 

@@ -12,15 +12,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from distributed import Client
 
-from cosim_dask import __version__
 from cosim_dask.core.objective import Objective
+from cosim_dask.dashboard.publisher import MetricsPublisher, new_run_id
 from cosim_dask.data.store import PairStore, open_store
 from cosim_dask.dist.cluster import cluster_memory
 from cosim_dask.dist.passes import (
@@ -34,42 +32,14 @@ from cosim_dask.dist.passes import (
     store_pieces,
 )
 from cosim_dask.errors import ClusterError, CosimError, ModelError, TrainingError
+from cosim_dask.fit.config import RunOptions, TrainConfig
 from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
-from cosim_dask.fit.loop import (
-    StepCallback,
-    TrainConfig,
-    TrainState,
-    run_solver,
-    state_from_attrs,
-    state_to_attrs,
-)
-from cosim_dask.fit.model import Model, load_model, write_model
+from cosim_dask.fit.loop import StepCallback, TrainState, run_solver, state_from_attrs
+from cosim_dask.fit.model import Model, build_model, load_model, write_model
 from cosim_dask.outputs import MODEL, check_output, claim_output, reading, recover
 
-CACHE_MODES = ("auto", "memory", "stream")
 #: Persist only when the training data takes at most this share of the cluster's memory.
 MEMORY_SHARE = 0.5
-
-
-@dataclass
-class RunOptions:
-    """Settings that change how a run executes but not its result."""
-
-    cache: str = "auto"
-    split_every: int | None = None
-    checkpoint_every: int | None = 10
-    on_invalid: str = "raise"
-
-    def check(self) -> None:
-        if self.cache not in CACHE_MODES:
-            raise CosimError(f"cache={self.cache!r} must be one of {', '.join(CACHE_MODES)}")
-        if self.split_every is not None and self.split_every < 2:
-            raise CosimError(f"split_every={self.split_every} must be at least 2")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise CosimError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
-        if self.on_invalid not in ("raise", "skip"):
-            raise CosimError(f"on_invalid={self.on_invalid!r} must be 'raise' or 'skip'")
-
 
 @dataclass
 class TrainResult:
@@ -95,7 +65,7 @@ def store_bytes(store: PairStore) -> int:
 def make_pieces(client: Client, store: PairStore, cache: str,
                 split_every: int | None = None) -> Pieces:
     if cache == "memory":
-        # Tiny chunks are persisted in groups, one key per task of a pass (step.py).
+        # Tiny chunks are persisted in groups, one key per task of a pass.
         group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
                                 resolve_split_every(split_every))
         return persisted_store_pieces(client, store.path, store.chunk_slices(), group,
@@ -193,22 +163,14 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
         split_every=options.split_every, on_invalid=options.on_invalid,
     )
     objective = Objective(form, pairs, config.regularization)
-    base_attrs = {
-        "param": config.param, "rank": config.rank, "loss": config.loss,
-        "solver": config.solver, "settings": asdict(config), "settings_key": config.key(),
-        "store_fingerprint": store.fingerprint, "store_path": str(store_path),
-        "targets": store.targets, "cosim_version": __version__,
-        # The fan-in fixes the order of the float sums, so the bits of A: a resume must keep it.
-        "split_every": split_every,
-    }
+    known = {"store_fingerprint": store.fingerprint, "store_path": str(store_path),
+             "targets": store.targets, "split_every": split_every}
     publisher = None
     if dashboard:
-        from cosim_dask.dashboard.publisher import MetricsPublisher, new_run_id
-
         publisher = MetricsPublisher(client, run_id or new_run_id(),
                                      settings={**asdict(config), "store": str(store_path),
                                                "out": str(out), "cache": cache})
-        base_attrs["run_id"] = publisher.run_id
+        known["run_id"] = publisher.run_id
     if on_start:
         on_start({"store": store, "cache": cache, "chunks": len(pieces.items),
                   "resumed_at": state.step if state else None,
@@ -226,7 +188,8 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
             on_step(record)
 
     def checkpoint(solver_, state_: TrainState) -> None:
-        write_model(target, _model(form, solver_, state_, base_attrs, complete=False))
+        write_model(target, build_model(form, solver_.params, config, state_, complete=False,
+                                        solver_state=solver_.state(), **known))
         progress["checkpoint"] = state_.step
 
     started = time.perf_counter()
@@ -237,7 +200,8 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
             checkpoint_every=options.checkpoint_every, targets_binary=binary,
         )
         seconds = time.perf_counter() - started
-        model = _model(form, solver, state, base_attrs, complete=True)
+        model = build_model(form, solver.params, config, state, complete=True,
+                            solver_state=solver.state(), **known)
         model.attrs.update(_final_figures(client, pieces, model.A, config, binary, split_every))
     except Exception as exc:
         if isinstance(exc, ClusterError | OSError | CancelledError) and scheduler_lost(client):
@@ -369,33 +333,6 @@ def _restore(model: Model, solver, out: str = "") -> TrainState:
                          f"cannot be restored ({type(exc).__name__}: {exc}); retrain it or "
                          "restore a copy") from None
     return state_from_attrs({**model.attrs["train_state"], "history": model.attrs["history"]})
-
-
-def _model(form, solver, state: TrainState, base_attrs: dict, *, complete: bool) -> Model:
-    params = np.array(solver.params, dtype=np.float64)
-    A = form.metric(params)
-    if not base_attrs["settings"].get("regularization"):
-        # The loss cannot see the scale of A, and the solver lets it drift (eigenvalues of
-        # 1e4 are common); the model file carries A scaled to trace d, which changes no
-        # similarity. The solver state keeps the raw parameters for an exact resume.
-        scale = A.shape[0] / np.trace(A)
-        A = A * scale
-        params = params * np.sqrt(scale) if form.name == "factor" else params
-    last = state.history[-1] if state.history else {}
-    attrs = {
-        **base_attrs,
-        "steps": state.step,
-        "complete": complete,
-        "train_loss": last.get("loss"),
-        "val_loss": last.get("val_loss"),
-        "val_auc": last.get("val_auc"),
-        "stop_reason": state.stop_reason,
-        "history": state.history,
-        "train_state": {k: v for k, v in state_to_attrs(state).items() if k != "history"},
-        "saved": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    M = params if form.name == "factor" else None
-    return Model(A=A, M=M, attrs=attrs, solver_state=solver.state())
 
 
 def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, split_every: int
