@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import dask
 from distributed import Client, LocalCluster
 
-from cosim_dask.errors import ClusterError
+from cosim_dask.errors import ANY, ClusterError
 from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
 
 #: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
@@ -89,14 +89,13 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
                 raise
             raise ClusterError(
                 f"the scheduler at {address!r} speaks TLS but no certificates were given: pass "
-                "--security CONFIG.yaml (see README, Training on a cluster)"
-            ) from None
+                "{security} (see README, Training on a cluster)",
+                params={"security": "CONFIG.yaml"}) from None
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address!r} within {config.timeout:g} s "
-                f"({type(exc).__name__}); check the address, or omit --scheduler to start a "
-                f"local cluster"
-            ) from None
+                f"({type(exc).__name__}); check the address, or omit {{scheduler}} to start "
+                "a local cluster", params={"scheduler": ANY}) from None
         return client, None
     if config.workers < 1 or config.threads_per_worker < 1:
         raise ClusterError(
@@ -232,12 +231,12 @@ def _check_tls(address: str | None, scheme: str | None, security: object | None)
     if scheme in ("tcp", "ws") and _tls_given(security):
         raise ClusterError(f"a TLS config (security) was given but the scheduler {address!r} "
                            f"speaks plain {scheme}://; use its tls:// address, or drop the "
-                           "TLS config (--security)")
+                           "TLS config ({security})", params={"security": ANY})
     if (scheme in ("tls", "wss") and not _tls_given(security)
             and not dask.config.get("distributed.comm.tls.ca-file", None)):
         raise ClusterError(f"the scheduler {address!r} speaks TLS but no certificates were "
-                           "given: pass --security CONFIG.yaml (see README, Reliability and "
-                           "security)")
+                           "given: pass {security} (see README, Reliability and security)",
+                           params={"security": "CONFIG.yaml"})
 
 
 def load_security(security: object | None):

@@ -21,7 +21,7 @@ from cosim_dask.core.forms import Parameterisation, get_parameterisation
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.solvers import Solver, get_solver
-from cosim_dask.errors import CosimError, DivergedError
+from cosim_dask.errors import ANY, CosimError, DivergedError
 
 #: mse target for label −1 on binary pairs. Real "different" pairs are mostly unrelated, not
 #: opposite: on digits 0.0 gave test AUC 0.980 vs 0.978 for −1 (full form: 0.930 vs 0.902);
@@ -101,7 +101,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _whole(getattr(self, name), name, 1, None)
         if self.patience is not None and self.validation == 0:
-            raise CosimError("patience needs validation rows: pass --validation > 0")
+            raise CosimError("patience needs validation rows: pass {validation} > 0",
+                             params={"validation": ANY})
         self.make_loss()
         self.make_parameterisation()
         self.make_solver()
@@ -215,9 +216,9 @@ def diverged(config: TrainConfig, step: int, what: str) -> DivergedError:
     lr = config.lr if config.lr is not None else getattr(config.make_solver(), "lr", None)
     now = f"now {lr:g}" if lr is not None else "now the solver's default"
     return DivergedError(
-        f"the solver diverged at step {step} ({what}); lower the step size (lr, --lr; {now}), "
-        "add regularization (--regularization), or use the lbfgs solver"
-    )
+        f"the solver diverged at step {step} ({what}); lower the step size ({{lr}}; {now}), "
+        "add regularization ({regularization}), or use the lbfgs solver",
+        params={"lr": ANY, "regularization": ANY})
 
 
 def check_parameters(form: Parameterisation, params: np.ndarray) -> str | None:
