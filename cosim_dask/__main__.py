@@ -1,5 +1,5 @@
 """`python -m cosim_dask` runs the CLI."""
 
-from cosim_dask.cli import app
+from cosim_dask.cli import main
 
-app(prog_name="cosim")
+main()

@@ -11,8 +11,8 @@ What a claim guarantees, in order:
    training run is reading, see :func:`reading`) gets a one-line error naming the holder. The
    lock dies with its process: a SIGKILLed run leaves nothing that blocks the next one.
 3. **Never an input.** An output that is, contains or lies inside one of the command's inputs is
-   refused, even with ``--overwrite``.
-4. **Only its own kind.** With ``--overwrite`` an existing path is replaced only when it is the
+   refused, even with ``overwrite``.
+4. **Only its own kind.** With ``overwrite`` an existing path is replaced only when it is the
    command's kind of artifact (:class:`Kind`): a pair store only by a pair store, a model only by
    a model, a ``.npy`` only by a ``.npy``, a report only by a report; an empty folder may be
    replaced by a store or model; a folder holding anything else never is.
@@ -163,8 +163,8 @@ def check_output(
     check_not_input(path, inputs, shown=shown)
     if real.exists() or real.is_symlink():
         if not overwrite:
-            raise OutputError(f"{kind.name} {shown!r} already exists; pass --overwrite to "
-                              "replace it")
+            raise OutputError(f"{kind.name} {shown!r} already exists; pass {{overwrite}} to "
+                              "replace it", params={"overwrite": True})
         why = kind.mismatch(real) if real.exists() else "it is a broken link"
         if why:
             raise OutputError(f"refusing to replace {shown!r}: {why}; a {kind.name} replaces "

@@ -99,3 +99,28 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.1):
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def cosim_main(*args, env: dict | None = None):
+    """Run the ``cosim`` console entry point in-process on ``args``, as the user's shell
+    does (usage errors as one line), and return a CliRunner result."""
+    from typer.testing import CliRunner, Result
+
+    from cosim_dask.cli import main
+
+    runner = CliRunner()
+    with runner.isolation(env=env) as (out, err, both):
+        code, exception = 0, None
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            exception = exc if code else None
+        except Exception as exc:  # --debug raises; the test reads it from the result
+            code, exception = 1, exc
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        return Result(runner=runner, stdout_bytes=out.getvalue(), stderr_bytes=err.getvalue(),
+                      output_bytes=both.getvalue(), return_value=None, exit_code=code,
+                      exception=exception)

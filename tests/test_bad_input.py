@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zarr
 from distributed import LocalCluster
-from faultkit import one_line_error, tree_hash
+from faultkit import cosim_main, one_line_error, tree_hash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -324,7 +324,7 @@ CLI_CASES = [
 def test_cli_bad_input(world, scheduler, argv, fragments):
     args = [a.format(w=world, sched=scheduler) for a in argv]
     before = tree_hash(world)
-    result = runner.invoke(app, args)
+    result = cosim_main(*args)
     assert result.exit_code == 2, (result.output, result.exception)
     one_line_error(result.stderr, *fragments)
     assert tree_hash(world) == before  # nothing that existed changed, nothing was added
@@ -506,6 +506,6 @@ def test_paths_are_printed_escaped(world, tmp_path):
 
 
 def test_printable_escapes_c0_c1_and_bidi_controls():
-    from cosim_dask.cli.app import printable
+    from cosim_dask.cli.output import printable
 
     assert printable("a\x1b[2Jb\tc\nd\x7f\x9b\u202eé") == "a\\x1b[2Jb\\x09c\\x0ad\\x7f\\x9b\\u202eé"

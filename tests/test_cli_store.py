@@ -7,16 +7,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 import zarr
-from typer.testing import CliRunner
+from faultkit import cosim_main
 
-from cosim_dask.cli.app import Codec, app
+from cosim_dask.cli.options import Codec
 from cosim_dask.data.store import CODECS, open_store
-
-runner = CliRunner()
 
 
 def cosim(*args):
-    return runner.invoke(app, [str(a) for a in args])
+    return cosim_main(*args)
 
 
 def leftovers(folder):

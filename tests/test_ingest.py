@@ -179,7 +179,7 @@ def test_invalid_rows(tmp_path, rng, corrupt, reason):
     with pytest.raises(InvalidPairsError, match=f"1 invalid pairs in input chunk 2 .*{reason}"
                        ) as info:
         ingest_arrays(tmp_path / "s.zarr", x, y, t, chunk_rows=16)
-    assert "--drop-invalid" in str(info.value) and "\n" not in str(info.value)
+    assert "drop_invalid=True" in str(info.value) and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
     report = ingest_arrays(tmp_path / "s.zarr", x, y, t, chunk_rows=16, drop_invalid=True)
     assert report.n == 49 and report.n_dropped == 1
@@ -195,9 +195,9 @@ def test_invalid_rows(tmp_path, rng, corrupt, reason):
 def test_zero_one_labels(tmp_path, rng):
     x, y = rng.standard_normal((12, 3)), rng.standard_normal((12, 3))
     t = np.array([0, 1] * 6)
-    with pytest.raises(CosimError, match="targets are all 0 or 1: pass --zero-is-negative"):
+    with pytest.raises(CosimError, match="targets are all 0 or 1: pass zero_is_negative=True"):
         ingest_arrays(tmp_path / "s.zarr", x, y, t)
-    with pytest.raises(InvalidPairsError, match="for 0/1 labels pass --zero-is-negative"):
+    with pytest.raises(InvalidPairsError, match="for 0/1 labels pass zero_is_negative=True"):
         ingest_arrays(tmp_path / "s.zarr", x, y, t, targets="binary")
     assert list(tmp_path.iterdir()) == []
     ingest_arrays(tmp_path / "s.zarr", x, y, t, zero_is_negative=True)
@@ -261,7 +261,7 @@ def test_existing_store_needs_overwrite(tmp_path, aligned):
     x, y, t, p = aligned
     ingest_arrays(tmp_path / "s.zarr", x, y, t)
     before = open_store(tmp_path / "s.zarr").fingerprint
-    with pytest.raises(CosimError, match="already exists; pass --overwrite"):
+    with pytest.raises(CosimError, match="already exists; pass overwrite=True"):
         ingest_arrays(tmp_path / "s.zarr", y, x, t)
     assert open_store(tmp_path / "s.zarr").fingerprint == before
 

@@ -179,7 +179,7 @@ def test_graded_or_unvalidated_models_say_why_there_is_no_roc(trained, tmp_path)
     plain = derived_model(trained, tmp_path / "noval", settings=settings, roc=None,
                           validation_figures=None)
     text = write_report(plain, tmp_path / "noval.html").read_text(encoding="utf-8")
-    assert "held out no validation rows (--validation 0)" in text
+    assert "held out no validation rows (validation=0)" in text
     assert "No figures on the validation rows." in text
 
 

@@ -71,7 +71,7 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
 
 
 def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
-    from cosim_dask.fit import model as model_module
+    from cosim_dask.cli import train as model_module  # the CLI's reference to load_model
 
     reads, original = [], model_module.load_model
 

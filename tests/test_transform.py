@@ -71,7 +71,7 @@ def test_bad_inputs(tmp_path, rng, full_model):
         ("five.npy", "out2.npy", "the model has d=6 but input .* has 5 features"),
         ("ints.npy", "out3.npy", "dtype int64"),
         ("nan.npy", "out4.npy", r"NaN or Inf values \(first at row 13\)"),
-        ("in.npy", "exists.npy", "already exists; pass --overwrite"),
+        ("in.npy", "exists.npy", "already exists; pass overwrite=True"),
     ]
     for src, out, message in cases:
         with pytest.raises(CosimError, match=message) as info:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cosim_dask.core.losses import Loss, get_loss
-from cosim_dask.errors import InvalidPairsError, ShapeError
+from cosim_dask.errors import InvalidPairsError, Message, ShapeError
 
 #: Rows per block. Measured (d = 32 … 512, float32, one thread): 1,024–4,096 rows are equally
 #: fast (within noise); 512 loses to per-block Python overhead and to SYRK's d × d output per
@@ -135,14 +135,13 @@ def _check_metric(A: np.ndarray, d: int) -> np.ndarray:
     return A
 
 
-def _invalid_message(n_bad: int, first: int, chunk_id: object) -> str:
+def _invalid_message(n_bad: int, first: int, chunk_id: object) -> Message:
     where = f" in chunk {chunk_id}" if chunk_id is not None else ""
-    return (
+    return Message(
         f"{n_bad} pair(s){where} have a zero, NaN/Inf or non-positive xᵀAx / yᵀAy vector, "
         f"or a non-finite target (first at row {first}); clean the data (e.g. "
-        f"`cosim ingest --drop-invalid`) or skip them (on_invalid='skip'; "
-        f"`cosim train --skip-invalid`)"
-    )
+        "{drop_invalid} when ingesting) or skip them ({on_invalid})",
+        {"drop_invalid": True, "on_invalid": "skip"})
 
 
 def _similarity_terms(

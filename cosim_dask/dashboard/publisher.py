@@ -57,7 +57,7 @@ TOPIC = "cosim-dashboard"
 PLUGIN_NAME = "cosim-dashboard"
 #: Version of the event messages, so a newer driver can tell an older plugin apart later.
 PROTOCOL = 1
-#: Loopback unless the user opens the dashboard wider on purpose (``--dashboard-address``).
+#: Loopback unless the user opens the dashboard wider on purpose (``dashboard_address``).
 DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 #: Where the driver serves the fallback page: loopback, any free port.
 DEFAULT_FALLBACK_ADDRESS = "127.0.0.1:0"

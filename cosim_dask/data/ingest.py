@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask.data.store import DEFAULT_CODEC, TARGET_KINDS, choose_chunk_rows, create_store
-from cosim_dask.errors import CosimError, InvalidPairsError, ShapeError
+from cosim_dask.errors import ANY, CosimError, InvalidPairsError, ShapeError
 
 Progress = Callable[[int], None]
 ArrayLike = np.ndarray | str | os.PathLike
@@ -161,11 +161,12 @@ def clean_block(
         detail = ", ".join(f"{k} {v}" for k, v in dropped.items())
         hint = ""
         if "target not ±1" in dropped and not zero_is_negative and np.any(t == 0):
-            hint = " (for 0/1 labels pass --zero-is-negative)"
+            hint = " (for 0/1 labels pass {zero_is_negative})"
         raise InvalidPairsError(
             f"{int(bad.sum())} invalid pairs in input chunk {chunk} (rows {row0}-"
             f"{row0 + len(t) - 1}), the first chunk with any: {detail}; first at row "
-            f"{first}{hint}; fix the input or pass --drop-invalid to skip them")
+            f"{first}{hint}; fix the input or pass {{drop_invalid}} to skip them",
+            params={"zero_is_negative": True, "drop_invalid": True})
     if dropped:
         keep = ~bad
         x, y, t = x[keep], y[keep], t[keep]
@@ -185,8 +186,9 @@ def _write(
     if targets is not None and targets not in TARGET_KINDS:
         raise CosimError(f"targets={targets!r} must be one of {TARGET_KINDS}")
     if zero_is_negative and targets == "graded":
-        raise CosimError("--zero-is-negative reads 0/1 labels as binary; it cannot be "
-                         "combined with --targets graded")
+        raise CosimError("{zero_is_negative} reads 0/1 labels as binary; it cannot be "
+                         "combined with {targets}",
+                         params={"zero_is_negative": True, "targets": "graded"})
     kind = "binary" if zero_is_negative else targets
     started = time.perf_counter()
     dropped: dict[str, int] = {}
@@ -354,7 +356,8 @@ def _check_columns(path: str, names: list[str], wanted: list[str]) -> None:
     missing = [c for c in wanted if c not in names]
     if missing:
         raise CosimError(f"pair list {path!r} has no column(s) {missing}; it has {names} "
-                         "(choose with --i-column/--j-column/--target-column)")
+                         "(choose with {i_column}/{j_column}/{target_column})",
+                         params={"i_column": ANY, "j_column": ANY, "target_column": ANY})
 
 
 def _index_column(batch: Any, name: str, path: str) -> np.ndarray:

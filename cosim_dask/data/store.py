@@ -412,8 +412,9 @@ class PairStoreWriter:
             elif s.neg == 0 and s.zero > 0 and s.other == s.zero:
                 # every target is 0 or 1: almost surely 0/1 labels, and reading 0 as a
                 # graded "unrelated" would silently train the wrong thing.
-                raise CosimError("targets are all 0 or 1: pass --zero-is-negative to read "
-                                 "them as binary (0 -> -1), or --targets graded to keep them")
+                raise CosimError("targets are all 0 or 1: pass {zero_is_negative} to read "
+                                 "them as binary (0 -> -1), or {targets} to keep them",
+                                 params={"zero_is_negative": True, "targets": "graded"})
             else:
                 targets = "graded"
         full = {
@@ -486,8 +487,8 @@ def create_store(
         try:
             group = zarr.open_group(spath, mode="w" if overwrite else "w-")
         except FileExistsError as exc:
-            raise StoreError(f"pair store {spath!r} already exists; pass --overwrite to "
-                             "replace it") from exc
+            raise StoreError(f"pair store {spath!r} already exists; pass {{overwrite}} to "
+                             "replace it", params={"overwrite": True}) from exc
         except (ImportError, ValueError, OSError) as exc:
             raise StoreError(f"cannot create {spath!r}: {str(exc).splitlines()[0]} (is the "
                              "fsspec filesystem package for this URL installed?)") from exc

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import dask
 from distributed import Client, LocalCluster
 
-from cosim_dask.errors import ClusterError
 from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
+from cosim_dask.errors import ANY, ClusterError
 
 #: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -75,8 +75,8 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
 
     An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds, a
     LocalCluster that does not start after :data:`cosim_dask.dist.waits.START_TIMEOUT` seconds.
-    The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.dist.waits.start_local`):
-    the driver alone handles it and closes them.
+    The LocalCluster's workers ignore the terminal's Ctrl-C
+    (:func:`~cosim_dask.dist.waits.start_local`): the driver alone handles it and closes them.
     """
     config.check()  # bad settings fail here, before anything starts
     security = load_security(config.security)
@@ -89,14 +89,13 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
                 raise
             raise ClusterError(
                 f"the scheduler at {address!r} speaks TLS but no certificates were given: pass "
-                "--security CONFIG.yaml (see README, Training on a cluster)"
-            ) from None
+                "{security} (see README, Training on a cluster)",
+                params={"security": "CONFIG.yaml"}) from None
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address!r} within {config.timeout:g} s "
-                f"({type(exc).__name__}); check the address, or omit --scheduler to start a "
-                f"local cluster"
-            ) from None
+                f"({type(exc).__name__}); check the address, or omit {{scheduler}} to start "
+                "a local cluster", params={"scheduler": ANY}) from None
         return client, None
     if config.workers < 1 or config.threads_per_worker < 1:
         raise ClusterError(
@@ -232,12 +231,12 @@ def _check_tls(address: str | None, scheme: str | None, security: object | None)
     if scheme in ("tcp", "ws") and _tls_given(security):
         raise ClusterError(f"a TLS config (security) was given but the scheduler {address!r} "
                            f"speaks plain {scheme}://; use its tls:// address, or drop the "
-                           "TLS config (--security)")
+                           "TLS config ({security})", params={"security": ANY})
     if (scheme in ("tls", "wss") and not _tls_given(security)
             and not dask.config.get("distributed.comm.tls.ca-file", None)):
         raise ClusterError(f"the scheduler {address!r} speaks TLS but no certificates were "
-                           "given: pass --security CONFIG.yaml (see README, Reliability and "
-                           "security)")
+                           "given: pass {security} (see README, Reliability and security)",
+                           params={"security": "CONFIG.yaml"})
 
 
 def load_security(security: object | None):

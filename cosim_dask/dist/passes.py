@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 import dask
 import numpy as np
 
-from cosim_dask.errors import ClusterError, WorkerLostError
+from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays
 from cosim_dask.core.losses import Loss, get_loss
-from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.objective import sample_chunks, split_rows
-from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
 from cosim_dask.core.stats import ScoreStats
+from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
 from cosim_dask.data.store import validation_mask
 from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone
+from cosim_dask.errors import ANY, ClusterError, WorkerLostError
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
     from distributed import Client
@@ -526,7 +526,8 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
                 raise ClusterError(
                     f"workers died again and again running a chunk task "
                     f"({str(exc).splitlines()[0]}); they may be running out of memory: "
-                    "use smaller chunks or a larger --memory-limit") from None
+                    "use smaller chunks or a larger {memory_limit}",
+                    params={"memory_limit": ANY}) from None
             raise
         finally:
             if not scheduler_lost(client):

@@ -26,7 +26,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cosim_dask.errors import ClusterError, SchedulerLostError, WorkerLostError
+from cosim_dask.errors import ANY, ClusterError, SchedulerLostError, WorkerLostError
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import
     from distributed import Client
@@ -164,7 +164,8 @@ def start_local(make: Callable[[], T], what: str = "starting a local Dask cluste
         done, outcome = _in_thread(make, what)
         if not done.wait(timeout):
             raise ClusterError(f"{what} took more than {timeout:g} s; check the machine's "
-                               "load and memory, or pass --scheduler to use a running cluster")
+                               "load and memory, or pass {scheduler} to use a running cluster",
+                               params={"scheduler": ANY})
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)

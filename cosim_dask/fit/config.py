@@ -44,7 +44,7 @@ import numpy as np
 from cosim_dask.core.forms import Parameterisation, get_parameterisation
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.solvers import Solver, get_solver
-from cosim_dask.errors import CosimError
+from cosim_dask.errors import ANY, CosimError
 
 #: mse target for label −1 on binary pairs when ``negative_target`` is None (see above).
 DEFAULT_NEGATIVE_TARGET = 0.0
@@ -127,7 +127,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _whole(getattr(self, name), name, 1, None)
         if self.patience is not None and self.validation == 0:
-            raise CosimError("patience needs validation rows: pass --validation > 0")
+            raise CosimError("patience needs validation rows: pass {validation} > 0",
+                             params={"validation": ANY})
         self.make_loss()
         self.make_parameterisation()
         self.make_solver()

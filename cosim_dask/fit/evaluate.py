@@ -154,10 +154,11 @@ def evaluate_model(
         raise CosimError(f"split={split!r} must be one of auto, {', '.join(SPLITS)}")
     if split in ("train", "validation") and not same_store:
         raise CosimError(
-            f"split={split!r} applies only to the model's training store; use --split all"
-        )
+            f"split={split!r} applies only to the model's training store; use {{split}}",
+            params={"split": "all"})
     if split == "validation" and fraction == 0:
-        raise CosimError("the model was trained without validation rows; use --split all")
+        raise CosimError("the model was trained without validation rows; use {split}",
+                         params={"split": "all"})
     binary = store.targets == "binary"
     loss = _model_loss(model.attrs, binary)
     pieces = store_pieces(store.path, store.chunk_slices(), identity=store.fingerprint)

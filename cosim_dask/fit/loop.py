@@ -18,7 +18,7 @@ import numpy as np
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.solvers import Solver
-from cosim_dask.errors import DivergedError
+from cosim_dask.errors import ANY, DivergedError
 from cosim_dask.fit.config import TrainConfig
 
 #: Mean eigenvalue of A (trace / d) outside [1/MAX_SCALE, MAX_SCALE] means the solver has
@@ -104,9 +104,9 @@ def diverged(config: TrainConfig, step: int, what: str) -> DivergedError:
     lr = config.lr if config.lr is not None else getattr(config.make_solver(), "lr", None)
     now = f"now {lr:g}" if lr is not None else "now the solver's default"
     return DivergedError(
-        f"the solver diverged at step {step} ({what}); lower the step size (lr, --lr; {now}), "
-        "add regularization (--regularization), or use the lbfgs solver"
-    )
+        f"the solver diverged at step {step} ({what}); lower the step size ({{lr}}; {now}), "
+        "add regularization ({regularization}), or use the lbfgs solver",
+        params={"lr": ANY, "regularization": ANY})
 
 
 def check_parameters(form: Parameterisation, params: np.ndarray) -> str | None:

@@ -31,7 +31,7 @@ from cosim_dask.dist.passes import (
     scheduler_lost,
     store_pieces,
 )
-from cosim_dask.errors import ClusterError, CosimError, ModelError, TrainingError
+from cosim_dask.errors import ANY, ClusterError, CosimError, Message, ModelError, TrainingError
 from cosim_dask.fit.config import RunOptions, TrainConfig
 from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
 from cosim_dask.fit.loop import StepCallback, TrainState, run_solver, state_from_attrs
@@ -47,7 +47,7 @@ class TrainResult:
     state: TrainState
     cache: str
     seconds: float
-    #: ``--resume`` of a model that was already complete: nothing was trained or written.
+    #: ``resume`` of a model that was already complete: nothing was trained or written.
     resumed_complete: bool = False
 
 
@@ -221,14 +221,20 @@ def _scheduler_lost(exc, store_path, out, progress, overwrite) -> TrainingError:
     reached = "before step 0" if step is None else f"after step {step}"
     if saved is not None:
         kept = (f"the last checkpoint (step {saved}) in {str(out)!r} is intact; resume with "
-                f"`cosim train {store_path} --out {out} --resume` and the same options"
-                + (" (without --overwrite)" if overwrite else ""))
+                "{train_store} and the same options" + (" (without {overwrite})" if overwrite
+                                                         else ""))
     else:
         kept = (f"no checkpoint was written yet; {str(out)!r} is "
                 + ("unchanged" if Path(out).exists() else "not written")
                 + "; run the same command again")
-    detail = str(exc) if isinstance(exc, ClusterError) else f"{type(exc).__name__}: {exc}"
-    return TrainingError(f"training stopped {reached}: {detail.splitlines()[0]}; {kept}")
+    if isinstance(exc, ClusterError):  # its own parameters too, for the CLI to name
+        detail, params = exc.message.template, exc.message.params
+    else:
+        detail, params = f"{type(exc).__name__}: {exc}", {}
+    return TrainingError(
+        f"training stopped {reached}: {detail.splitlines()[0]}; {kept}",
+        params={**params, "overwrite": True,
+                "train_store": {"store": store_path, "out": str(out), "resume": True}})
 
 
 def check_request(
@@ -250,11 +256,13 @@ def check_request(
     config.check()
     options.check()
     if resume and overwrite:
-        raise CosimError("--resume and --overwrite contradict each other; pass one")
+        raise CosimError("{resume} and {overwrite} contradict each other; pass one",
+                         params={"resume": True, "overwrite": True})
     if resume:
         recover(out)  # a swap a killed run left half done
         if not Path(out).exists():
-            raise TrainingError(f"nothing to resume: {out!r} does not exist; drop --resume")
+            raise TrainingError(f"nothing to resume: {out!r} does not exist; drop {{resume}}",
+                                params={"resume": True})
     check_output(out, MODEL, overwrite=overwrite or resume, inputs=[store_path])
     store = open_store(store_path)
     if config.rank is not None and config.rank > store.d:
@@ -263,8 +271,8 @@ def check_request(
         # MSELoss maps every target of exactly −1 to it: on graded targets that would
         # silently move the pairs clipped at −1.
         raise CosimError(
-            f"--negative-target applies to binary targets; {store_path!r} has graded targets"
-        )
+            f"{{negative_target}} applies to binary targets; {store_path!r} has graded "
+            "targets", params={"negative_target": ANY})
     if not resume:
         return store, None
     if checkpoint is None or not checkpoint.is_current(out):
@@ -285,22 +293,21 @@ def _check_checkpoint(model: Model, out: str, config: TrainConfig, store: PairSt
         raise TrainingError(
             f"cannot resume {out!r}: it was trained with different settings "
             f"({', '.join(f'{k}={saved.get(k)!r} now {now[k]!r}' for k in diff) or 'unknown'})"
-            "; use the same options, or start afresh with --overwrite"
-        )
+            "; use the same options, or start afresh with {overwrite}",
+            params={"overwrite": True})
     if model.attrs.get("store_fingerprint") != store.fingerprint:
         raise TrainingError(
             f"cannot resume {out!r}: it was trained on another store "
-            f"({model.attrs.get('store_path')!r}); use that store or --overwrite"
-        )
+            f"({model.attrs.get('store_path')!r}); use that store or {{overwrite}}",
+            params={"overwrite": True})
     # Models written before the fan-in was recorded used the default.
     saved = model.attrs.get("split_every", DEFAULT_SPLIT_EVERY)
     now = resolve_split_every(options.split_every)
     if saved != now:
         raise TrainingError(
-            f"cannot resume {out!r}: it was trained with --split-every {saved}, now {now}; "
-            "the fan-in fixes the order of the sums and so the result: pass --split-every "
-            f"{saved}, or start afresh with --overwrite"
-        )
+            f"cannot resume {out!r}: it was trained with {{split_every}}, now {now}; the "
+            "fan-in fixes the order of the sums and so the result: pass {split_every}, or "
+            "start afresh with {overwrite}", params={"split_every": saved, "overwrite": True})
 
 
 def finished_message(checkpoint: Checkpoint | None, config: TrainConfig) -> str | None:
@@ -315,9 +322,10 @@ def finished_message(checkpoint: Checkpoint | None, config: TrainConfig) -> str 
     steps, reason = attrs.get("steps"), attrs.get("stop_reason")
     if reason == "max steps" and config.steps > steps:
         return None
-    hint = ("; raise --steps to train further" if reason == "max steps"
+    hint = ("; raise {steps} to train further" if reason == "max steps"
             else "; it stopped by itself, so more steps would change nothing")
-    return f"{checkpoint.path!r} is already complete ({steps} steps, stopped: {reason}){hint}"
+    return Message(f"{checkpoint.path!r} is already complete ({steps} steps, stopped: "
+                   f"{reason}){hint}", {"steps": ANY})
 
 
 def _restore(model: Model, solver, out: str = "") -> TrainState:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask import __version__
-from cosim_dask.errors import CosimError
+from cosim_dask.errors import ANY, CosimError
 from cosim_dask.fit.model import Model, load_model
 from cosim_dask.outputs import HTML_REPORT, PNG_FIGURE, check_not_input, check_output, claim_output
 from cosim_dask.report.svg import Chart, Series, VMark, placeholder, render
@@ -62,7 +62,7 @@ def report_data(model: Model) -> dict[str, Any]:
         roc_missing = (f"No ROC curve: the model was trained on {attrs.get('targets', 'unknown')}"
                        " targets; a ROC curve needs binary (±1) targets.")
     elif not (attrs.get("settings") or {}).get("validation"):
-        roc_missing = "No ROC curve: training held out no validation rows (--validation 0)."
+        roc_missing = "No ROC curve: training held out no validation rows (validation=0)."
     else:
         roc_missing = "No ROC curve: the model holds no ROC points (a checkpoint, not finished)."
     return {
@@ -106,7 +106,7 @@ def write_report(
         check_not_input(png_path, inputs)
         if png_path.exists() and not png_path.is_dir():
             raise CosimError(f"the figures folder {str(png_path)!r} is a file; choose another "
-                             "--png-dir")
+                             "{png_dir}", params={"png_dir": ANY})
         for name in PNG_NAMES if png_path.is_dir() else ():
             check_output(png_path / name, PNG_FIGURE, overwrite=overwrite, inputs=inputs)
     model = load_model(model_path)

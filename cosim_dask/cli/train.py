@@ -1,0 +1,213 @@
+"""`cosim train` and `cosim evaluate`: learn a metric from a pair store on a Dask cluster,
+and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from distributed import Client
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from cosim_dask.cli.options import (
+    CLUSTER,
+    CacheMode,
+    DashboardAddress,
+    Json,
+    Loss,
+    MemoryLimit,
+    Model,
+    Parameterisation,
+    Scheduler,
+    Security,
+    Solver,
+    Split,
+    Threads,
+    Workers,
+    cluster_config,
+    connected,
+    overwrite_option,
+)
+from cosim_dask.cli.output import cli_text, echo, fmt, run, say
+from cosim_dask.dashboard.publisher import dashboard_url
+from cosim_dask.data.store import open_store
+from cosim_dask.errors import ClusterError
+from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
+from cosim_dask.fit.evaluate import evaluate_model
+from cosim_dask.fit.model import load_model
+from cosim_dask.fit.train import RunOptions, check_request, finished_message, train_store
+
+#: The defaults of `cosim train` are the library's own (one truth for the CLI and the API).
+DEFAULTS = TrainConfig()
+RUN_DEFAULTS = RunOptions()
+OverwriteModel = overwrite_option("an existing --out")
+
+
+def _dashboard_link(client: Client) -> str:
+    try:
+        return dashboard_url(client)
+    except ClusterError as exc:
+        return f"none ({cli_text(exc)})"
+
+
+def train(
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="The pair store to learn from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
+    loss: Annotated[Loss, typer.Option(help="Loss on the similarities.")] = Loss(DEFAULTS.loss),
+    negative_target: Annotated[float | None, typer.Option(
+        help="mse on binary labels: the target for label −1 (default 0: unrelated; "
+             "−1: opposite).")] = None,
+    param: Annotated[Parameterisation, typer.Option(
+        help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
+             "the PSD cone after each step.")] = Parameterisation(DEFAULTS.param),
+    rank: Annotated[int | None, typer.Option(
+        min=1, help="Rank k of M (factor form; default d, full rank).")] = None,
+    solver: Annotated[Solver, typer.Option(help="Optimiser.")] = Solver(DEFAULTS.solver),
+    steps: Annotated[int, typer.Option(min=0, help="Maximum solver steps.")] = DEFAULTS.steps,
+    lr: Annotated[float | None, typer.Option(help="Step size (solver default if omitted).")
+                  ] = None,
+    regularization: Annotated[float, typer.Option(
+        min=0.0, help="λ of λ‖A − I‖²_F.")] = DEFAULTS.regularization,
+    validation: Annotated[float, typer.Option(
+        min=0.0, max=0.99, help="Share of rows held out for the live validation curves "
+        "(0: every pair trains, as the estimator does).")] = LIVE_VALIDATION,
+    patience: Annotated[int | None, typer.Option(
+        min=1, help="Stop after this many steps without a better validation score.")] = None,
+    batch_chunks: Annotated[int | None, typer.Option(
+        min=1, help="adam: chunks per mini-batch.")] = None,
+    tol: Annotated[float, typer.Option(min=0.0, help="Relative loss-change tolerance.")
+                   ] = DEFAULTS.tol,
+    seed: Annotated[int, typer.Option(
+        help="Seed for the split, sampling and start.")] = DEFAULTS.seed,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=1, help="Write a checkpoint every N steps.")] = RUN_DEFAULTS.checkpoint_every,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run checkpointed in --out.")] = False,
+    overwrite: OverwriteModel = False,
+    split_every: Annotated[int | None, typer.Option(
+        min=2, help="Fan-in of the tree reduction.")] = None,
+    cache: Annotated[CacheMode, typer.Option(
+        help="memory: keep the data in cluster memory; stream: read it each step; auto: "
+             "memory when it fits in half the cluster.")] = CacheMode(RUN_DEFAULTS.cache),
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid",
+        help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
+    run_id: Annotated[str | None, typer.Option(
+        help="Name of this run on the live dashboard (default: date-time-random).")] = None,
+    scheduler: Scheduler = None,
+    workers: Workers = CLUSTER.workers,
+    threads_per_worker: Threads = CLUSTER.threads_per_worker,
+    memory_limit: MemoryLimit = CLUSTER.memory_limit,
+    dashboard_address: DashboardAddress = CLUSTER.dashboard_address,
+    security: Security = None,
+) -> None:
+    """Learn a cosine metric from a pair store on a Dask cluster."""
+    config = TrainConfig(
+        loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
+        solver=solver.value, lr=lr, steps=steps, tol=tol, regularization=regularization,
+        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed)
+    options = RunOptions(cache=cache.value, split_every=split_every,
+                         checkpoint_every=checkpoint_every,
+                         on_invalid="skip" if skip_invalid else "raise")
+    cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
+    _, checkpoint = run(lambda: check_request(store, str(out), config, options,
+                                              overwrite=overwrite, resume=resume))
+    done = finished_message(checkpoint, config) if resume else None
+    if done:
+        echo(f"nothing to resume: {cli_text(done)}")
+        return
+    console = Console(stderr=True)
+    with connected(cluster) as client:
+        say(console, f"Dask dashboard: {_dashboard_link(client)}")
+        progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[status]}"), console=console,
+                            transient=False)
+        task = progress.add_task("train", total=steps, status="")
+
+        def on_start(info) -> None:
+            if info.get("live_url"):
+                say(console, f"Live training page: {info['live_url']}")
+            if info.get("live_hint"):
+                say(console, info["live_hint"])
+            s = info["store"]
+            resumed = info["resumed_at"]
+            say(
+                console,
+                f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
+                f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
+                + (f"; resuming at step {resumed}" if resumed is not None else ""))
+            if resumed:
+                progress.update(task, completed=resumed)
+
+        def on_step(r) -> None:
+            status = (f"loss {fmt(r['loss'])}  |grad| {fmt(r['grad_norm'], '.2e')}  "
+                      f"{fmt(r['pairs_per_s'], ',.0f')} pairs/s")
+            if r.get("val_auc") is not None:
+                status += f"  val AUC {r['val_auc']:.4f}"
+            elif r.get("val_loss") is not None:
+                status += f"  val loss {fmt(r['val_loss'])}"
+            progress.update(task, completed=r["step"], status=status)
+
+        with progress:
+            result = run(lambda: train_store(
+                store, str(out), config, client=client, options=options, overwrite=overwrite,
+                resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
+                run_id=run_id))
+    if result.resumed_complete:
+        echo(f"nothing to resume: {cli_text(finished_message(checkpoint, config))}")
+        return
+    attrs = result.model.attrs
+    say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
+                  f"{result.seconds:.1f} s")
+    _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+    echo(f"model written to {out}")
+
+
+def _print_figures(figures: dict | None) -> None:
+    if not figures:
+        return
+    table = Table(title="held-out pairs" if figures else None)
+    table.add_column("metric")
+    keys = [k for k in ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")
+            if k in figures["learned"]]
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, label in (("plain", "plain cosine"), ("learned", "learned A")):
+        row = figures[name]
+        table.add_row(label, *(f"{row[k]:,}" if k == "pairs" else fmt(row[k], ".4f")
+                               for k in keys))
+    Console().print(table)
+
+
+def evaluate(
+    model: Model,
+    store: Annotated[str, typer.Argument(metavar="STORE", help="A pair store to evaluate on.")],
+    split: Annotated[Split, typer.Option(
+        help="Rows to use: auto = the validation rows when STORE is the training store, "
+             "else all rows.")] = Split("auto"),
+    as_json: Json = False,
+    scheduler: Scheduler = None,
+    workers: Workers = CLUSTER.workers,
+    threads_per_worker: Threads = CLUSTER.threads_per_worker,
+    memory_limit: MemoryLimit = CLUSTER.memory_limit,
+    dashboard_address: DashboardAddress = CLUSTER.dashboard_address,
+    security: Security = None,
+) -> None:
+    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
+    cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
+                              dashboard_address, security)
+    # Bad paths fail before start-up; the model is read once.
+    loaded, _ = run(lambda: (load_model(model), open_store(store)))
+    with connected(cluster) as client:
+        report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
+    _print_figures(report)
