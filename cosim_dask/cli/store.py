@@ -121,7 +121,21 @@ def ingest(
     overwrite: OverwriteStore = False,
 ) -> None:
     """Convert aligned .npy arrays (--x/--y/--target) or an embedding table plus a pair list
-    (--embeddings/--pairs) into a pair store, streaming in bounded memory."""
+    (--embeddings/--pairs) into a pair store, streaming in bounded memory.
+
+    Input rules. Vectors must be floating point (stored as float32): integer or bool
+    vectors are an error, they nearly always mean the wrong file (ids, counts).
+
+    Targets may be integer, bool or float; --targets says how to read them (default: binary
+    when all are ±1, else graded in [-1, 1]); 0/1 labels are read as binary (0 -> -1) only
+    with --zero-is-negative.
+
+    Invalid pairs (a NaN/Inf or all-zero vector; a target that is NaN/Inf, outside [-1, 1],
+    or not ±1 for binary) are an error naming the count, the reasons and the first row;
+    --drop-invalid skips them and reports the count by reason. Pair indices outside the
+    embedding table are an error even with --drop-invalid. --normalize divides every vector
+    by its L2 norm (no similarity changes).
+    """
     aligned, table = (x, y, target), (embeddings, pairs)
     options = {"targets": None if targets is None else targets.value,
                "zero_is_negative": zero_is_negative, "drop_invalid": drop_invalid,
