@@ -112,7 +112,6 @@ MODEL = Kind("model", True, "cosim-model", frozenset({"zarr.json", "A", "M", "so
 NPY_ARRAY = Kind(".npy array", False, magic=b"\x93NUMPY")
 HTML_REPORT = Kind("report", False, magic=b"<!DOCTYPE html>",
                    marker=b'<meta name="generator" content="cosim-dask')
-PNG_FIGURE = Kind("PNG figure", False, magic=b"\x89PNG\r\n\x1a\n")
 
 _TOKEN = r"[0-9a-f]{16}"
 

@@ -1,13 +1,11 @@
-"""`cosim report`: the self-contained HTML training report and its PNG figures, drawn from a
+"""`cosim report`: the self-contained HTML training report (inline SVG charts), drawn from a
 real trained model, checked as HTML, against the model's numbers, and in a real Chromium."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from cosim_dask.cli.app import app
 from cosim_dask.errors import CosimError, ModelError
 from cosim_dask.fit.model import Model, load_model, save_model
 from cosim_dask.report import page as report_mod
-from cosim_dask.report.page import PNG_NAMES, effective_rank, write_report
+from cosim_dask.report.page import effective_rank, write_report
 
 runner = CliRunner()
 TITLES = {
@@ -228,7 +226,7 @@ def test_existing_out_needs_overwrite_and_is_untouched(trained, tmp_path):
 
 def test_failure_while_writing_leaves_the_old_page(trained, tmp_path, monkeypatch):
     out = tmp_path / "report.html"
-    write_report(trained, out, png_dir=tmp_path / "png")
+    write_report(trained, out)
     old = out.read_bytes()
 
     def boom(*args, **kwargs):
@@ -236,12 +234,12 @@ def test_failure_while_writing_leaves_the_old_page(trained, tmp_path, monkeypatc
 
     monkeypatch.setattr(report_mod, "render_page", boom)
     with pytest.raises(CosimError, match="drawing failed"):
-        write_report(trained, out, overwrite=True, png_dir=tmp_path / "png")
+        write_report(trained, out, overwrite=True)
     assert out.read_bytes() == old
     assert not [p for p in tmp_path.rglob(".*tmp-*")]
 
 
-# ----------------------------------------------------------------------------- PNG figures
+# ----------------------------------------------------------------------------- in a browser
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -251,38 +249,6 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_png_figures_are_valid_pngs(trained, tmp_path):
-    pytest.importorskip("matplotlib")
-    result = cosim("report", trained, "--out", tmp_path / "r.html", "--png-dir",
-                   tmp_path / "figs")
-    assert f"PNG figures in {tmp_path / 'figs'}" in result.output
-    for name in PNG_NAMES:
-        w, h = png_size(tmp_path / "figs" / name)
-        assert w >= 300 and h >= 300, (name, w, h)
-    assert sorted(os.listdir(tmp_path / "figs")) == sorted(PNG_NAMES)  # no temporary files
-    # The default folder sits beside the page; an existing figure needs --overwrite too.
-    cosim("report", trained, "--out", tmp_path / "a.html")
-    assert sorted(os.listdir(tmp_path / "a-figures")) == sorted(PNG_NAMES)
-    result = cosim("report", trained, "--out", tmp_path / "b.html", "--png-dir",
-                   tmp_path / "figs", expect=2)
-    assert "already exists; pass --overwrite" in result.output
-    assert not (tmp_path / "b.html").exists()
-
-
-def test_without_matplotlib_the_page_says_so(trained, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
-    result = cosim("report", trained, "--out", tmp_path / "r.html")
-    assert "no PNG figures: matplotlib is not installed" in result.output
-    assert "no PNG figures: matplotlib is not installed" in (tmp_path / "r.html").read_text()
-    assert sorted(os.listdir(tmp_path)) == ["r.html"]
-
-
-# ------------------------------------------------------------------------ in a real browser
-
-
-
-
-@pytest.mark.slow
 def test_report_renders_in_chromium(browser, trained, page, tmp_path):
     tab = browser.new_page(viewport={"width": 1250, "height": 900})
     problems: list[str] = []

@@ -11,16 +11,11 @@ import typer
 from cosim_dask.cli.options import Model, overwrite_option
 from cosim_dask.cli.output import echo, run
 from cosim_dask.fit.model import load_model
-from cosim_dask.report.page import (
-    NO_MATPLOTLIB,
-    default_png_dir,
-    matplotlib_available,
-    write_report,
-)
+from cosim_dask.report.page import write_report
 from cosim_dask.transform import DEFAULT_BLOCK_ROWS, transform_file
 
 OverwriteOut = overwrite_option("OUT if it exists")
-OverwriteReport = overwrite_option("an existing --out (and PNG figures)")
+OverwriteReport = overwrite_option("an existing --out report")
 
 
 def transform(
@@ -53,15 +48,8 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML page to write.")
                    ] = Path("report.html"),
     overwrite: OverwriteReport = False,
-    png_dir: Annotated[Path | None, typer.Option(
-        "--png-dir", help="Folder for the PNG figures (default: <out stem>-figures beside "
-                          "--out); needs matplotlib.")] = None,
 ) -> None:
-    """Write a self-contained HTML training report (curves, validation ROC, spectrum of A,
-    figures, settings) and PNG figures."""
-    page = run(lambda: write_report(model, out, overwrite=overwrite, png_dir=png_dir))
+    """Write a self-contained HTML training report: curves, validation ROC, spectrum of A,
+    figures and settings, drawn as inline SVG (a browser saves any chart as an image)."""
+    page = run(lambda: write_report(model, out, overwrite=overwrite))
     echo(f"report written to {page}")
-    if matplotlib_available():
-        echo(f"PNG figures in {png_dir or default_png_dir(out)}")
-    else:
-        typer.echo(NO_MATPLOTLIB)

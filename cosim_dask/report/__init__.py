@@ -1,2 +1,2 @@
-"""The training report drawn from a model file: one HTML page with inline SVG charts (page, svg)
-and PNG figures."""
+"""The training report drawn from a model file: one self-contained HTML page whose charts are
+inline SVG (page, svg)."""

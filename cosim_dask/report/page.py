@@ -1,9 +1,9 @@
-"""The training report: one self-contained HTML page (and PNG figures) drawn from a model file.
+"""The training report: one self-contained HTML page drawn from a model file.
 
 Everything comes from the model: the per-step ``history``, the final figures, the validation
 ROC points, the settings and A itself. The page has no script and loads nothing: styles and
-charts (SVG drawn here) are inline, so it can be mailed or archived as one file. PNG figures
-are drawn with matplotlib when it is installed (``pip install 'cosim-dask[report]'``).
+charts (SVG drawn here, the one renderer) are inline, so it can be mailed or archived as one
+file; a browser saves any chart as an image.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 
 from cosim_dask import __version__
-from cosim_dask.errors import ANY, CosimError
 from cosim_dask.fit.model import Model, load_model
-from cosim_dask.outputs import HTML_REPORT, PNG_FIGURE, check_not_input, check_output, claim_output
+from cosim_dask.outputs import HTML_REPORT, check_output, claim_output
 from cosim_dask.report.svg import Chart, Series, VMark, placeholder, render
 
-PNG_NAMES = ("loss.png", "val_auc.png", "roc.png", "spectrum.png")
 FIGURE_KEYS = ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")
-NO_MATPLOTLIB = "no PNG figures: matplotlib is not installed (pip install 'cosim-dask[report]')"
 
 
 def effective_rank(eigenvalues: np.ndarray) -> float:
@@ -85,56 +82,21 @@ def write_report(
     out_html: str | os.PathLike,
     *,
     overwrite: bool = False,
-    png_dir: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the training report of the model at ``model_path`` to ``out_html``.
+    """Write the training report of the model at ``model_path`` to ``out_html`` through the
+    output policy (never over the model, only over a report, old or new at every instant).
 
-    PNG figures (:data:`PNG_NAMES`) go to ``png_dir`` (default: ``<out stem>-figures`` beside
-    the page) when matplotlib is installed; otherwise the page says so. Every file is written
-    under a temporary name, then renamed; an existing file is replaced only with ``overwrite``.
     Raises :class:`~cosim_dask.errors.CosimError` (one line) for an existing output or a path
     that is not a model. Returns the page's path.
     """
-    # Every output checked before anything is drawn: none may be the model, and each replaces
-    # only its own kind (a report page, a PNG figure).
     inputs = [model_path]
-    check_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs)
-    out = Path(out_html)
-    png_path = Path(png_dir) if png_dir is not None else default_png_dir(out)
-    have_mpl = matplotlib_available()
-    if have_mpl:
-        check_not_input(png_path, inputs)
-        if png_path.exists() and not png_path.is_dir():
-            raise CosimError(f"the figures folder {str(png_path)!r} is a file; choose another "
-                             "{png_dir}", params={"png_dir": ANY})
-        for name in PNG_NAMES if png_path.is_dir() else ():
-            check_output(png_path / name, PNG_FIGURE, overwrite=overwrite, inputs=inputs)
+    check_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs)  # before drawing
     model = load_model(model_path)
-    data = report_data(model)
-    with claim_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs) as page_out:
-        pngs: list[Path] = []
-        if have_mpl:
-            png_path.mkdir(parents=True, exist_ok=True)
-            pngs = write_pngs(data, png_path, overwrite=overwrite, inputs=inputs)
-        page = render_page(model, data, model_path=str(model_path),
-                           png_note=NO_MATPLOTLIB if not have_mpl else
-                           f"PNG figures: {', '.join(str(p) for p in pngs)}")
-        with page_out.staged() as tmp:
-            tmp.write_text(page, encoding="utf-8")
-    return out
-
-
-def default_png_dir(out_html: str | os.PathLike) -> Path:
-    out = Path(out_html)
-    return out.with_name(f"{out.stem}-figures")
-
-
-def matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    page = render_page(model, report_data(model), model_path=str(model_path))
+    with claim_output(out_html, HTML_REPORT, overwrite=overwrite, inputs=inputs) as target, \
+            target.staged() as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return Path(out_html)
 
 
 # ----------------------------------------------------------------------------- the charts
@@ -192,67 +154,6 @@ def _roc_labels(data: dict[str, Any]) -> dict[str, str]:
         auc = (figures.get(name) or {}).get("auc")
         labels[name] = label if auc is None else f"{label} (AUC {auc:.4f})"
     return labels
-
-
-def write_pngs(data: dict[str, Any], folder: Path, *, overwrite: bool = False,
-               inputs: list | tuple = ()) -> list[Path]:
-    """The same four charts as PNG files drawn with matplotlib (no pyplot, no global state),
-    each written through the output policy."""
-    from matplotlib.figure import Figure
-
-    def save(fig: Figure, name: str) -> Path:
-        path = folder / name
-        with claim_output(path, PNG_FIGURE, overwrite=overwrite, inputs=inputs) as target, \
-                target.staged() as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        return path
-
-    paths = []
-    fig = Figure(figsize=(6.4, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(*data["loss"], label="training loss")
-    if data["val_loss"][0]:
-        ax.plot(*data["val_loss"], label="validation loss", marker=".")
-    ax.set(title="Loss per step", xlabel="step", ylabel="loss")
-    ax.legend()
-    paths.append(save(fig, "loss.png"))
-
-    fig = Figure(figsize=(6.4, 4), layout="constrained")
-    ax = fig.add_subplot()
-    if data["val_auc"][0]:
-        ax.plot(*data["val_auc"], color="C1", marker=".", label="learned metric")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no validation AUC", ha="center", transform=ax.transAxes)
-    ax.set(title="Validation ROC AUC per step", xlabel="step", ylabel="ROC AUC")
-    paths.append(save(fig, "val_auc.png"))
-
-    fig = Figure(figsize=(5, 5), layout="constrained")
-    ax = fig.add_subplot()
-    if data["roc"]:
-        labels = _roc_labels(data)
-        for name, color in (("learned", "C0"), ("plain", "C2")):
-            ax.plot(data["roc"][name]["fpr"], data["roc"][name]["tpr"], color=color,
-                    label=labels[name])
-        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
-        ax.legend(loc="lower right")
-    else:
-        ax.text(0.5, 0.5, "no ROC curve", ha="center", transform=ax.transAxes)
-    ax.set(title="ROC on the validation split", xlabel="false positive rate",
-           ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
-    paths.append(save(fig, "roc.png"))
-
-    fig = Figure(figsize=(6.4, 4), layout="constrained")
-    ax = fig.add_subplot()
-    eig = data["eigenvalues_plotted"]
-    ax.semilogy(range(1, len(eig) + 1), eig, marker="o", label="eigenvalues of A")
-    ax.axvline(data["effective_rank"], color="C3", linestyle="--",
-               label=f"effective rank {data['effective_rank']:.2f}")
-    ax.set(title="Eigenvalue spectrum of A", xlabel="index (largest first)",
-           ylabel="eigenvalue (log scale)")
-    ax.legend()
-    paths.append(save(fig, "spectrum.png"))
-    return paths
 
 
 # ------------------------------------------------------------------------------- the page
@@ -323,7 +224,7 @@ def _settings_table(model: Model, model_path: str) -> str:
     return f'<table id="settings">{body}</table>'
 
 
-def render_page(model: Model, data: dict[str, Any], *, model_path: str, png_note: str) -> str:
+def render_page(model: Model, data: dict[str, Any], *, model_path: str) -> str:
     """The whole HTML page as a string."""
     svg = charts(data)
     attrs = model.attrs
@@ -376,7 +277,6 @@ validation rows.</figcaption>{roc_note}</figure>
 {_figures_table("training rows", data["figures"]["training rows"])}
 <h2>Settings</h2>
 {_settings_table(model, model_path)}
-<p class="sub" id="png-note">{escape(png_note)}</p>
 </body>
 </html>
 """
