@@ -19,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from cosim_dask.core.checks import is_dask, check_is_fitted, check_pairs, check_targets
+from cosim_dask.core.checks import check_is_fitted, check_pairs, check_targets, is_dask
 from cosim_dask.core.kernel import pair_similarity
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
 from cosim_dask.dist.passes import LocalPairs
+from cosim_dask.dist.tree import resolve_split_every
 from cosim_dask.errors import CosimError, ShapeError
 from cosim_dask.fit.loop import TrainConfig, TrainState, run_solver
 from cosim_dask.fit.model import Model, save_model
@@ -179,8 +180,7 @@ class CosineMetricLearner:
             raise CosimError(f"max_iter={self.max_iter!r} must be a whole number >= 0")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise CosimError(f"chunk_rows={self.chunk_rows!r} must be >= 1")
-        if self.split_every is not None and self.split_every < 2:
-            raise CosimError(f"split_every={self.split_every!r} must be >= 2")
+        resolve_split_every(self.split_every)
         # Graded targets mean what they say: only binary labels −1 are remapped (a graded
         # target clipped to exactly −1 must stay −1).
         negative = self.negative_target if self.loss == "mse" and binary else None
@@ -192,13 +192,6 @@ class CosineMetricLearner:
         )
         config.check()
         return config
-
-    def _split_every(self) -> int:
-        import dask
-
-        from cosim_dask.dist.passes import DEFAULT_SPLIT_EVERY
-
-        return self.split_every or dask.config.get("split_every", None) or DEFAULT_SPLIT_EVERY
 
     def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
         """Learn the metric from labelled pairs.
@@ -252,7 +245,7 @@ class CosineMetricLearner:
         source = LocalPairs(x0, x1, y, form, config.make_loss(),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
                             validation=config.validation, seed=config.seed,
-                            batch_chunks=config.batch_chunks, split_every=self._split_every())
+                            batch_chunks=config.batch_chunks, split_every=self.split_every)
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(limits=self.blas_threads):
@@ -269,7 +262,7 @@ class CosineMetricLearner:
             pieces = persisted_pieces(client, x0, x1, t)
             source = DaskPairs(client, pieces, form, config.make_loss(),
                                validation=config.validation, seed=config.seed,
-                               batch_chunks=config.batch_chunks, split_every=self._split_every())
+                               batch_chunks=config.batch_chunks, split_every=self.split_every)
             targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],

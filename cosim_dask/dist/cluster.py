@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import dask
 from distributed import Client, LocalCluster
 
-from cosim_dask.errors import ClusterError
 from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
+from cosim_dask.errors import ClusterError
 
 #: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -75,8 +75,8 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
 
     An unreachable scheduler raises :class:`ClusterError` after ``config.timeout`` seconds, a
     LocalCluster that does not start after :data:`cosim_dask.dist.waits.START_TIMEOUT` seconds.
-    The LocalCluster's workers ignore the terminal's Ctrl-C (:func:`~cosim_dask.dist.waits.start_local`):
-    the driver alone handles it and closes them.
+    The LocalCluster's workers ignore the terminal's Ctrl-C
+    (:func:`~cosim_dask.dist.waits.start_local`): the driver alone handles it and closes them.
     """
     config.check()  # bad settings fail here, before anything starts
     security = load_security(config.security)

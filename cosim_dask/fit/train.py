@@ -24,15 +24,14 @@ from cosim_dask.core.objective import Objective
 from cosim_dask.data.store import PairStore, open_store
 from cosim_dask.dist.cluster import cluster_memory
 from cosim_dask.dist.passes import (
-    DEFAULT_SPLIT_EVERY,
     DaskPairs,
     Pieces,
-    chunks_per_task,
     persisted_store_pieces,
-    resolve_split_every,
     scheduler_lost,
     store_pieces,
 )
+from cosim_dask.dist.tasks import chunks_per_task
+from cosim_dask.dist.tree import DEFAULT_SPLIT_EVERY, resolve_split_every
 from cosim_dask.errors import ClusterError, CosimError, ModelError, TrainingError
 from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
 from cosim_dask.fit.loop import (
@@ -63,8 +62,7 @@ class RunOptions:
     def check(self) -> None:
         if self.cache not in CACHE_MODES:
             raise CosimError(f"cache={self.cache!r} must be one of {', '.join(CACHE_MODES)}")
-        if self.split_every is not None and self.split_every < 2:
-            raise CosimError(f"split_every={self.split_every} must be at least 2")
+        resolve_split_every(self.split_every)
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise CosimError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.on_invalid not in ("raise", "skip"):
@@ -95,7 +93,7 @@ def store_bytes(store: PairStore) -> int:
 def make_pieces(client: Client, store: PairStore, cache: str,
                 split_every: int | None = None) -> Pieces:
     if cache == "memory":
-        # Tiny chunks are persisted in groups, one key per task of a pass (step.py).
+        # Tiny chunks are persisted in groups, one key per task of a pass.
         group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
                                 resolve_split_every(split_every))
         return persisted_store_pieces(client, store.path, store.chunk_slices(), group,
