@@ -2,7 +2,7 @@
 
 Small NumPy problems are fitted in this process (no cluster start-up, no per-step scheduling);
 large ones, Dask inputs, or a given ``distributed.Client`` go through the cluster. Both run
-the same chunk task (:func:`cosim_dask.dist.passes.chunk_task`) over the same chunks and add the
+the same chunk work (:func:`cosim_dask.dist.tasks.chunk_result`) over the same chunks and add the
 partials in the same tree order, so the two give the same metric on the same data.
 
 scikit-learn is not a dependency: ``get_params``/``set_params`` introspect ``__init__`` the way

@@ -415,7 +415,7 @@ def persist_spread(client: Client, items: list[list]) -> tuple[list[list], list[
 
     Left to itself the scheduler put 24 of 60 equal chunks on one worker and 36 on the
     other, and every step then waited ~35% longer for the busier one. Consecutive runs keep
-    the first levels of the reduction tree on one worker (:func:`run_task`). The placement
+    the first levels of the reduction tree on one worker (:meth:`DaskPairs.tasks`). The placement
     is a preference (``allow_other_workers``): a lost worker's chunks are recomputed anywhere.
     """
     workers = sorted(guarded(client, lambda: client.scheduler_info(n_workers=-1),
