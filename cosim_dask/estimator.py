@@ -2,7 +2,7 @@
 
 Small NumPy problems are fitted in this process (no cluster start-up, no per-step scheduling);
 large ones, Dask inputs, or a given ``distributed.Client`` go through the cluster. Both run
-the same chunk task (:func:`cosim_dask.dist.passes.chunk_task`) over the same chunks and add the
+the same chunk work (:func:`cosim_dask.dist.tasks.chunk_result`) over the same chunks and add the
 partials in the same tree order, so the two give the same metric on the same data.
 
 scikit-learn is not a dependency: ``get_params``/``set_params`` introspect ``__init__`` the way
@@ -24,7 +24,8 @@ from cosim_dask.core.checks import check_is_fitted, check_pairs, check_targets, 
 from cosim_dask.core.kernel import pair_similarity
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
-from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, resolve_split_every
+from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces
+from cosim_dask.dist.tree import resolve_split_every
 from cosim_dask.errors import CosimError, ShapeError
 from cosim_dask.fit.config import TrainConfig
 from cosim_dask.fit.loop import TrainState, run_solver
@@ -184,8 +185,7 @@ class CosineMetricLearner:
             raise CosimError(f"max_iter={self.max_iter!r} must be a whole number >= 0")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise CosimError(f"chunk_rows={self.chunk_rows!r} must be >= 1")
-        if self.split_every is not None and self.split_every < 2:
-            raise CosimError(f"split_every={self.split_every!r} must be >= 2")
+        resolve_split_every(self.split_every)
         # Graded targets mean what they say: only binary labels −1 are remapped (a graded
         # target clipped to exactly −1 must stay −1).
         negative = self.negative_target if self.loss == "mse" and binary else None
@@ -197,9 +197,6 @@ class CosineMetricLearner:
         )
         config.check()
         return config
-
-    def _split_every(self) -> int:
-        return resolve_split_every(self.split_every)
 
     def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
         """Learn the metric from labelled pairs.
@@ -254,7 +251,8 @@ class CosineMetricLearner:
         source = LocalPairs(x0, x1, y, form, config.make_loss(_binary(y)),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
                             validation=config.validation, seed=config.seed,
-                            batch_chunks=config.batch_chunks, split_every=self._split_every())
+                            batch_chunks=config.batch_chunks, split_every=self.split_every)
+
         with threadpool_limits(limits=self.blas_threads):
             state, solver = self._run(source, config, form, params0, _binary(y))
         scores = pair_similarity(x0, x1, form.metric(solver.params), on_invalid="nan")
@@ -268,7 +266,8 @@ class CosineMetricLearner:
             targets = client.compute(pieces.held[2]).result()
             source = DaskPairs(client, pieces, form, config.make_loss(_binary(targets)),
                                validation=config.validation, seed=config.seed,
-                               batch_chunks=config.batch_chunks, split_every=self._split_every())
+                               batch_chunks=config.batch_chunks, split_every=self.split_every)
+            targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
                                                  form.metric(solver.params))).result()

@@ -125,6 +125,7 @@ def real_path(path: str | os.PathLike) -> Path:
 
 
 def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (``memory://...``, ``s3://...``), which are written in place."""
     return "://" in os.fspath(path)
 
 

@@ -57,11 +57,13 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from functools import reduce  # noqa: E402
+from operator import add  # noqa: E402
 
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from cosim_dask.core.kernel import chunk_partial, combine_partials, factor_chunk_partial  # noqa: E402
+from cosim_dask.core.kernel import chunk_partial, factor_chunk_partial  # noqa: E402
 
 try:  # optional bench extra, never a core dependency
     import torch  # noqa: E402
@@ -154,11 +156,11 @@ class Case:
                     f.result() for f in
                     [ps.submit(np.matmul, zs[i], self.A32, out=outs[i]) for i in range(2)]
                 ],
-                "partial": lambda: combine_partials(
-                    split(lambda h: chunk_partial(x[h], y[h], t[h], A))()
+                "partial": lambda: reduce(
+                    add, split(lambda h: chunk_partial(x[h], y[h], t[h], A))()
                 ),
-                "factor": lambda: combine_partials(
-                    split(lambda h: factor_chunk_partial(x[h], y[h], t[h], self.M))()
+                "factor": lambda: reduce(
+                    add, split(lambda h: factor_chunk_partial(x[h], y[h], t[h], self.M))()
                 ),
             }
             if torch:

@@ -46,20 +46,19 @@ from cosim_dask.core.kernel import Partial, chunk_partial
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.solvers import get_solver
 from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.reader import read_slice
 from cosim_dask.data.store import create_store, open_store
 from cosim_dask.data.synthetic import synthetic_pairs
 from cosim_dask.dist.cluster import WorkerMemorySampler
 from cosim_dask.dist.passes import (
-    ChunkResult,
     DaskPairs,
     LocalPairs,
-    chunks_per_task,
     persisted_pieces,
     persisted_store_pieces,
-    read_slice,
     store_pieces,
-    tree_reduce,
 )
+from cosim_dask.dist.tasks import ChunkResult, chunks_per_task
+from cosim_dask.dist.tree import tree_reduce
 
 
 def median_time(fn, repeats: int) -> float:

@@ -26,7 +26,6 @@ from cosim_dask.dashboard.publisher import (
     CosimDashboardPlugin,
     MetricsPublisher,
     dashboard_url,
-    local_cluster_kwargs,
     new_run_id,
 )
 from cosim_dask.dashboard.runs import ALLOWED_HOSTS_ENV, RunStore, host_allowed
@@ -63,7 +62,7 @@ def client():
             n_workers=1,
             threads_per_worker=1,
             processes=False,
-            **local_cluster_kwargs("127.0.0.1:0"),
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as c,
     ):
@@ -182,7 +181,7 @@ def test_worker_processes_cluster_and_real_tasks():
             n_workers=2,
             threads_per_worker=1,
             processes=True,
-            **local_cluster_kwargs("127.0.0.1:0"),
+            dashboard_address="127.0.0.1:0",
         ) as cluster,
         Client(cluster) as c,
         MetricsPublisher(c, "procs", settings={"workers": 2}) as pub,

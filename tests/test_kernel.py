@@ -13,7 +13,7 @@ from cosim_dask import (
     pair_similarity,
     tied_gradient,
 )
-from cosim_dask.core.kernel import Partial, combine_partials
+from cosim_dask.core.kernel import Partial
 from cosim_dask.errors import InvalidPairsError, ShapeError
 
 
@@ -187,7 +187,7 @@ def test_invariants(b, d, seed, loss, cut):
     k = int(round(cut * b))
     left = chunk_partial(x[:k], y[:k], t[:k], A, loss)
     right = chunk_partial(x[k:], y[k:], t[k:], A, loss)
-    total = combine_partials([left, right])
+    total = left + right
     assert total.count == p.count == b
     assert total.loss == pytest.approx(p.loss, rel=1e-12, abs=1e-12)
     np.testing.assert_allclose(total.grad, p.grad, rtol=1e-10, atol=1e-12)

@@ -14,11 +14,11 @@ from cosim_dask.data.store import create_store, open_store
 from cosim_dask.data.synthetic import synthetic_pairs
 from cosim_dask.dist.passes import (
     DaskPairs,
-    chunks_per_task,
     persisted_pieces,
     persisted_store_pieces,
     store_pieces,
 )
+from cosim_dask.dist.tasks import chunks_per_task
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from conftest import random_pairs, random_spd
 from cosim_dask.core.forms import (
     FactorMetric,
     FullMetric,
-    check_metric_matrix,
     get_parameterisation,
     project_psd,
     regularization,
@@ -75,5 +74,3 @@ def test_registry_and_validation():
         get_parameterisation("diag")
     with pytest.raises(CosimError, match="rank applies to the factor form"):
         get_parameterisation("full", 3)
-    with pytest.raises(CosimError, match="symmetric"):
-        check_metric_matrix(np.array([[1.0, 2.0], [0.0, 1.0]]))

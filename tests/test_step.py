@@ -10,9 +10,10 @@ from distributed import Client, LocalCluster
 from cosim_dask.core.forms import FactorMetric, FullMetric
 from cosim_dask.core.kernel import chunk_partial
 from cosim_dask.core.objective import Objective
-from cosim_dask.data.store import validation_mask
+from cosim_dask.data.split import validation_mask
 from cosim_dask.data.synthetic import synthetic_pairs
-from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces, tree_depth
+from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
+from cosim_dask.dist.tree import Tree
 from cosim_dask.errors import InvalidPairsError
 
 
@@ -71,34 +72,24 @@ def test_factor_form_distributed(client, data):
 @pytest.mark.parametrize("n_leaves,k,depth", [(1, 2, 0), (2, 2, 1), (8, 2, 3), (9, 2, 4),
                                                (64, 8, 2), (65, 8, 3), (10000, 32, 3)])
 def test_tree_depth(n_leaves, k, depth):
-    assert tree_depth(n_leaves, k) == depth
+    assert Tree(n_leaves, k).depth == depth
 
 
 @pytest.mark.parametrize("n_chunks,k", [(17, 2), (17, 4), (30, 8)])
 def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
-    from cosim_dask.dist import passes as step
-
-    captured = {}
-    original = step.tree_reduce
-
-    def spy(leaves, split_every, token):
-        root = original(leaves, split_every, token)
-        captured["graph"] = dict(root.__dask_graph__())
-        return root
-
-    step.tree_reduce = spy
-    try:
-        # One task per chunk (full passes over persisted chunks otherwise take one task per
-        # worker's run: test_runs_fold_the_same_tree_as_one_task_per_chunk).
-        dask_pairs(client, data, -(-5000 // n_chunks), k, worker_runs=False)(np.eye(12))
-    finally:
-        step.tree_reduce = original
-    combine = [key for key in captured["graph"] if str(key).startswith("cosim-combine-")]
+    # One task per chunk (full passes over persisted chunks otherwise take one task per
+    # worker's run: test_runs_fold_the_same_tree_as_one_task_per_chunk).
+    pairs = dask_pairs(client, data, -(-5000 // n_chunks), k, worker_runs=False)
+    params, chunks = np.eye(12), list(range(pairs.n_chunks))
+    assert pairs(params).count == 5000  # the graph below is the one a pass computes
+    root = pairs.graph(params, pairs.spec, chunks, "t", pairs.tasks(params, chunks))
+    graph = dict(root.__dask_graph__())
+    combine = [key for key in graph if str(key).startswith("cosim-combine-")]
     levels = {int(str(key).split("-")[3]) for key in combine}
-    assert max(levels) == tree_depth(n_chunks, k)
+    assert max(levels) == Tree(n_chunks, k).depth
     # No combine task takes more than k inputs: a tree, not one fan-in of everything.
     for key in combine:
-        task = captured["graph"][key]
+        task = graph[key]
         assert len(task.dependencies) <= k
 
 
@@ -180,25 +171,34 @@ def test_objective_matches_in_memory(client, data):
     np.testing.assert_allclose(gl, gr, rtol=1e-10, atol=1e-14)
 
 
+def level_by_level(items, k, combine):
+    """The reduction tree as its definition reads: items added k at a time, level by level."""
+    while len(items) > 1:
+        items = [combine(*items[j : j + k]) for j in range(0, len(items), k)]
+    return items[0]
+
+
 @pytest.mark.parametrize("n, k", [(1, 2), (7, 2), (62, 8), (64, 8), (65, 8), (100, 3)])
 def test_runs_fold_the_same_tree_as_one_task_per_chunk(n, k):
-    """Per-worker runs, folded and stitched, add in exactly tree_reduce's order, for any
-    partition of the chunks into consecutive runs (checked on the sum's written form)."""
-    from cosim_dask.dist.passes import fold_run, stitch_tree, tree_sum
+    """Per-worker runs, folded and built into the tree, add in exactly the level-by-level
+    order (k at a time), for any partition of the chunks into consecutive runs (checked on
+    the sum's written form)."""
 
     def combine(*parts):
         return "(" + "+".join(parts) + ")" if len(parts) > 1 else parts[0]
 
     leaves = [f"c{i}" for i in range(n)]
-    want = tree_sum(leaves, k, combine)
+    want = level_by_level(leaves, k, combine)
+    tree = Tree(n, k)
+    assert tree.sum(leaves, combine) == want
     rng = np.random.default_rng(n * 31 + k)
     for _ in range(20):
         cuts = sorted(set(rng.integers(1, n, size=rng.integers(0, 5)).tolist())) if n > 1 else []
         bounds = [0, *cuts, n]
         nodes = {}
         for a, b in zip(bounds, bounds[1:], strict=False):
-            nodes.update(fold_run(leaves[a:b], a, b, k, n, combine))
-        got = stitch_tree(nodes, k, n, lambda level, j, children: combine(*children))
+            nodes.update(tree.fold(leaves[a:b], a, b, combine))
+        got = tree.build(nodes, lambda node, children: combine(*children))
         assert got == want, (bounds, got, want)
 
 
@@ -213,3 +213,81 @@ def test_worker_runs_equal_one_task_per_chunk_bitwise(client, data, chunk_rows, 
     assert a.loss == b.loss and a.count == b.count
     np.testing.assert_array_equal(a.grad, b.grad)
     assert by_runs.last_validation.auc() == per_chunk.last_validation.auc()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_way_of_cutting_a_pass_gives_the_same_bits(client, tmp_path, seed):
+    """In-process, one task per chunk (the delayed tree), grouped tasks (persisted and
+    streamed from a store), and worker runs: the same training partial, validation
+    statistics and evaluation statistics, bitwise, for a random fan-in and chunk count."""
+    from cosim_dask.data.store import create_store, open_store
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 6))
+    n_chunks = int(rng.integers(k + 2, 25))
+    rows = 37
+    x, y, t, _ = synthetic_pairs(n_chunks * rows - int(rng.integers(0, rows)), 6, rank=2,
+                                 seed=seed, targets="binary")
+    path = tmp_path / "s.zarr"
+    with create_store(path, d=6, chunk_rows=rows) as writer:
+        writer.append(x, y, t)
+    store = open_store(path)
+    assert store.n_chunks == n_chunks
+    group = k ** int(rng.integers(1, 3))
+    kw = dict(validation=0.3, seed=seed, split_every=k)
+    held = persisted_pieces(client, da.from_array(x, chunks=(rows, -1)),
+                            da.from_array(y, chunks=(rows, -1)), da.from_array(t, chunks=rows))
+    streamed = store_pieces(store.path, store.chunk_slices())
+    ways = {
+        "in-process": LocalPairs(x, y, t, FullMetric(), "mse", chunk_rows=rows, **kw),
+        "per chunk": DaskPairs(client, held, FullMetric(), "mse", worker_runs=False,
+                               chunks_per_task=1, **kw),
+        "grouped": DaskPairs(client, held, FullMetric(), "mse", worker_runs=False,
+                             chunks_per_task=group, **kw),
+        "streamed, grouped": DaskPairs(client, streamed, FullMetric(), "mse",
+                                       chunks_per_task=group, **kw),
+        "worker runs": DaskPairs(client, held, FullMetric(), "mse", **kw),
+    }
+    assert held.runs is not None and len(held.runs) == 2
+    A = random_spd(rng, 6)
+    results = {}
+    for name, pairs in ways.items():
+        train = pairs(A)
+        scores = pairs.score(A, ("train", "validation"))
+        results[name] = (train, pairs.last_validation, scores)
+    want_train, want_val, want_scores = results.pop("in-process")
+    for name, (train, val, scores) in results.items():
+        assert (train.loss, train.count) == (want_train.loss, want_train.count), name
+        np.testing.assert_array_equal(train.grad, want_train.grad, err_msg=name)
+        assert (val.count, val.loss, val.auc()) == \
+            (want_val.count, want_val.loss, want_val.auc()), name
+        for key, want in want_scores.items():
+            got = scores[key]
+            assert (got.count, got.loss, got.sq_error) == \
+                (want.count, want.loss, want.sq_error), (name, key)
+            np.testing.assert_array_equal(got.pos_hist, want.pos_hist)
+            np.testing.assert_array_equal(got.neg_hist, want.neg_hist)
+
+
+def test_split_every_is_resolved_and_checked_in_one_place():
+    """The option, else Dask's config, else 8; anything under 2 is refused wherever it came
+    from (a config of 1 used to reach the task grouping, which never ended)."""
+    import dask
+
+    from cosim_dask.dist.tree import resolve_split_every
+    from cosim_dask.errors import CosimError
+    from cosim_dask.fit.train import RunOptions
+
+    x, y, t = np.ones((10, 3)), np.ones((10, 3)), np.ones(10)
+    assert resolve_split_every(None) == 8
+    assert resolve_split_every(3) == 3
+    with dask.config.set(split_every=5):
+        assert resolve_split_every(None) == 5
+        assert LocalPairs(x, y, t, FullMetric(), "mse").split_every == 5
+        assert resolve_split_every(4) == 4
+    with dask.config.set(split_every=1), \
+            pytest.raises(CosimError, match="Dask's config split_every=1"):
+        RunOptions().check()
+    for bad in (0, 1, 2.5, True):
+        with pytest.raises(CosimError, match=f"split_every={bad!r}"):
+            resolve_split_every(bad)

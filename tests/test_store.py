@@ -8,6 +8,7 @@ import zarr
 
 from cosim_dask import pair_similarity
 from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.split import validation_mask
 from cosim_dask.data.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -15,7 +16,6 @@ from cosim_dask.data.store import (
     create_store,
     default_chunk_rows,
     open_store,
-    validation_mask,
 )
 from cosim_dask.errors import CosimError, StoreError
 from cosim_dask.outputs import OutputError
@@ -223,7 +223,9 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path, rng, chunking):
     # missing. Rows 8:16 of x and 16:24 of the targets are zeros (a whole chunk or shard).
     from cosim_dask.core.forms import FullMetric
     from cosim_dask.core.losses import get_loss
-    from cosim_dask.dist.passes import ChunkSpec, StoreSlice, chunk_task, read_group, tree_sum
+    from cosim_dask.data.reader import StoreSlice, read_group, read_slice
+    from cosim_dask.dist.tasks import ChunkSpec, chunk_result
+    from cosim_dask.dist.tree import Tree
 
     x = rng.standard_normal((24, 4)).astype(np.float32)
     y = rng.standard_normal((24, 4)).astype(np.float32)
@@ -243,9 +245,10 @@ def test_all_zero_chunks_are_written_and_read_back(tmp_path, rng, chunking):
     # the same pass over the arrays in memory (the zero x rows are invalid pairs: skipped)
     A = np.eye(4) + 0.1
     spec = ChunkSpec(FullMetric(), get_loss("mse"), on_invalid="skip")
-    streamed = tree_sum([chunk_task(p, A, spec, p.index) for p in pieces], 2).train
-    in_memory = tree_sum([chunk_task((x[s], y[s], t[s]), A, spec, i)
-                          for i, s in enumerate(store.chunk_slices())], 2).train
+    tree = Tree(len(pieces), 2)
+    streamed = tree.sum([chunk_result(*read_slice(p), A, spec, p.index) for p in pieces]).train
+    in_memory = tree.sum([chunk_result(x[s], y[s], t[s], A, spec, i)
+                          for i, s in enumerate(store.chunk_slices())]).train
     assert (streamed.count, streamed.skipped) == (in_memory.count, in_memory.skipped) == (16, 8)
     assert streamed.loss == in_memory.loss
     np.testing.assert_array_equal(streamed.grad, in_memory.grad)

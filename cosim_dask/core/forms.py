@@ -14,7 +14,7 @@ import numpy as np
 
 from cosim_dask.core.kernel import Partial, chunk_partial, factor_chunk_partial
 from cosim_dask.core.losses import Loss
-from cosim_dask.errors import CosimError, ShapeError, UnknownNameError
+from cosim_dask.errors import CosimError, UnknownNameError
 
 
 def project_psd(A: np.ndarray, min_eigenvalue: float = 1e-6) -> np.ndarray:
@@ -143,15 +143,3 @@ def get_parameterisation(name: str, rank: int | None = None) -> Parameterisation
     raise UnknownNameError(
         f"unknown parameterisation {name!r}; choose one of: {', '.join(PARAMETERISATIONS)}"
     )
-
-
-def check_metric_matrix(A: np.ndarray) -> np.ndarray:
-    """Validate a user-given metric: square, finite, symmetric."""
-    A = np.asarray(A, dtype=np.float64)
-    if A.ndim != 2 or A.shape[0] != A.shape[1]:
-        raise ShapeError(f"a metric must be a square matrix; got shape {A.shape}")
-    if not np.isfinite(A).all():
-        raise CosimError("the metric has NaN or Inf entries")
-    if not np.allclose(A, A.T, rtol=1e-10, atol=1e-12 * max(1.0, np.abs(A).max())):
-        raise CosimError("the metric must be symmetric")
-    return A

@@ -78,16 +78,6 @@ class Partial:
         )
 
 
-def combine_partials(partials: list[Partial]) -> Partial:
-    """Sum a list of partials (one level of a tree reduction)."""
-    if not partials:
-        raise ValueError("combine_partials needs at least one partial")
-    total = partials[0]
-    for p in partials[1:]:
-        total = total + p
-    return total
-
-
 def as_pair_arrays(
     x: np.ndarray, y: np.ndarray, target: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -44,15 +44,3 @@ class Objective:
         loss = partial.loss / partial.count + reg_value
         grad = partial.grad / partial.count + reg_grad
         return loss, grad
-
-
-def split_rows(n: int, chunk_rows: int) -> list[slice]:
-    """Row slices of at most ``chunk_rows`` covering ``range(n)``."""
-    return [slice(lo, min(lo + chunk_rows, n)) for lo in range(0, n, chunk_rows)]
-
-
-def sample_chunks(n_chunks: int, batch_chunks: int, seed: int, batch: int) -> list[int]:
-    """The chunks of mini-batch number ``batch``: seeded, so a resumed run draws the same."""
-    rng = np.random.default_rng([seed, batch])
-    k = min(batch_chunks, n_chunks)
-    return sorted(rng.choice(n_chunks, size=k, replace=False).tolist())

@@ -57,8 +57,6 @@ TOPIC = "cosim-dashboard"
 PLUGIN_NAME = "cosim-dashboard"
 #: Version of the event messages, so a newer driver can tell an older plugin apart later.
 PROTOCOL = 1
-#: Loopback unless the user opens the dashboard wider on purpose (``dashboard_address``).
-DEFAULT_DASHBOARD_ADDRESS = "127.0.0.1:8787"
 #: Where the driver serves the fallback page: loopback, any free port.
 DEFAULT_FALLBACK_ADDRESS = "127.0.0.1:0"
 #: The metrics the page draws; others are accepted and get a chart of their own.
@@ -77,26 +75,6 @@ _INSTALL_HINT = (
     "install cosim-dask in the scheduler's environment (pip install cosim-dask) and restart "
     "the scheduler to get this page on the Dask dashboard"
 )
-
-
-def local_cluster_kwargs(dashboard_address: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``LocalCluster`` that keep its dashboard on loopback.
-
-    ``LocalCluster``'s own default, ``":8787"``, listens on every interface; a training run
-    should not publish its cluster to the network unless asked.
-
-    Parameters
-    ----------
-    dashboard_address : str or None
-        ``host:port`` to bind, e.g. ``"0.0.0.0:8787"`` to open it on purpose; None means
-        :data:`DEFAULT_DASHBOARD_ADDRESS` (``127.0.0.1:8787``, or a free port if taken).
-
-    Returns
-    -------
-    dict
-        ``{"dashboard_address": ...}``, to pass as ``LocalCluster(**kwargs, ...)``.
-    """
-    return {"dashboard_address": dashboard_address or DEFAULT_DASHBOARD_ADDRESS}
 
 
 def dashboard_url(client: distributed.Client) -> str:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cosim_dask.data.split import chunk_slices
 from cosim_dask.errors import StoreError
+from cosim_dask.outputs import is_url
 
 ARRAYS = ("x", "y", "target")
 
@@ -84,7 +86,7 @@ def store_identity(path: str) -> str | None:
     """
     from cosim_dask.data.store import FORMAT, fingerprint
 
-    if "://" in path:
+    if is_url(path):
         import zarr
 
         try:
@@ -182,7 +184,7 @@ def direct_readable(path: str, array) -> bool:
     """True when ``array``'s chunk files hold exactly their values' bytes in C order, in
     this machine's byte order: a local zarr v3 array, unsharded, with no filters and no
     compressors."""
-    if "://" in path or not hasattr(array.metadata, "encode_chunk_key"):
+    if is_url(path) or not hasattr(array.metadata, "encode_chunk_key"):
         return False
     if array.shards or array.compressors or array.filters:
         return False
@@ -240,7 +242,7 @@ def prefetch(pieces: Sequence[StoreSlice]) -> None:
     files are read for real, with ``sendfile`` to /dev/null (no copy into this process).
     Errors are left for the real read to report.
     """
-    if not pieces or "://" in pieces[0].path:
+    if not pieces or is_url(pieces[0].path):
         return
     global _prefetcher
     with _prefetcher_lock:
@@ -300,7 +302,7 @@ def check_chunk_files(piece: StoreSlice, name: str, array) -> None:
     Stores given as URLs are not checked. Flipped bits inside a compressed chunk are not
     detectable without checksums.
     """
-    if "://" in piece.path or not hasattr(array.metadata, "encode_chunk_key"):
+    if is_url(piece.path) or not hasattr(array.metadata, "encode_chunk_key"):
         return
     whole = not array.shards and not array.compressors and not array.filters
     size = int(np.prod(array.chunks)) * array.dtype.itemsize
@@ -338,9 +340,9 @@ def check_all_chunks(path: str, arrays: dict, n: int, chunk_rows: int) -> None:
     (:func:`check_chunk_files`: present, and of its size). A URL store has zarr's count of
     stored chunks compared with the chunk grid, and the first missing chunk named.
     """
-    if "://" not in path:
-        for index, lo in enumerate(range(0, n, chunk_rows)):
-            piece = StoreSlice(path, index, lo, min(lo + chunk_rows, n))
+    if not is_url(path):
+        for index, rows in enumerate(chunk_slices(n, chunk_rows)):
+            piece = StoreSlice(path, index, rows.start, rows.stop)
             for name, array in arrays.items():
                 check_chunk_files(piece, name, array)
         return

@@ -14,8 +14,8 @@ a creation uuid and provenance. The format attributes are written last, when eve
 place, so a store whose writing stopped half-way is never mistaken for a complete one; local
 stores are moreover written under a temporary name and swapped in (:mod:`cosim_dask.outputs`).
 
-The train/validation split needs no second copy of the data: :func:`validation_mask` draws a
-seeded per-row mask for each chunk from ``(seed, chunk_index)`` alone.
+The train/validation split needs no second copy of the data: it is drawn per chunk by
+:func:`cosim_dask.data.split.validation_mask`.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ import zarr
 import zarr.codecs
 
 from cosim_dask.data.reader import check_all_chunks
+from cosim_dask.data.split import chunk_slices, validation_mask
 from cosim_dask.errors import CosimError, StoreError
-from cosim_dask.outputs import PAIR_STORE, claim_output, recover
+from cosim_dask.outputs import PAIR_STORE, claim_output, is_url, recover
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array
@@ -99,11 +100,6 @@ def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
     return rows
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """True for fsspec URLs (``memory://...``, ``s3://...``), which are written in place."""
-    return "://" in os.fspath(path)
-
-
 @dataclass(frozen=True)
 class PairStore:
     """An opened pair store: metadata plus lazily read Dask arrays in the store's chunks."""
@@ -127,8 +123,7 @@ class PairStore:
 
     def chunk_slices(self) -> list[slice]:
         """The row range of each chunk, in order: ``[slice(0, c), slice(c, 2c), ...]``."""
-        return [slice(lo, min(lo + self.chunk_rows, self.n))
-                for lo in range(0, self.n, self.chunk_rows)]
+        return chunk_slices(self.n, self.chunk_rows)
 
 
 def fingerprint(attrs: dict) -> str:
@@ -277,36 +272,6 @@ def _check_target_stats(spath: str, stats: Any, kind: str, n: int) -> None:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def validation_mask(chunk_index: int, rows: int, fraction: float, seed: int) -> np.ndarray:
-    """The validation rows of one chunk: a seeded Bernoulli(``fraction``) mask.
-
-    Parameters
-    ----------
-    chunk_index : int
-        Which chunk of the store (0-based).
-    rows : int
-        Rows in that chunk; a shorter last chunk gets a prefix of the full-length mask.
-    fraction : float
-        Expected share of validation rows, in [0, 1).
-    seed : int
-        Split seed; the mask depends on ``(seed, chunk_index)`` and nothing else.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(rows,)`` bool, True for validation rows; all False when ``fraction`` is 0.
-    """
-    fraction = float(fraction)
-    if not 0.0 <= fraction < 1.0:  # also rejects NaN
-        raise CosimError(f"validation fraction={fraction!r} must be in [0, 1)")
-    if fraction == 0.0:
-        return np.zeros(rows, dtype=bool)
-    # A constant stream tag keeps this generator independent of the synthetic data's,
-    # which seeds with [seed, 0xC, chunk].
-    rng = np.random.default_rng([int(seed), 0x5A11, int(chunk_index)])
-    return rng.random(rows) < fraction
 
 
 @dataclass
@@ -512,7 +477,8 @@ def store_info(path: str | os.PathLike, *, validation: float | None = None,
                seed: int = 0) -> dict:
     """Everything `cosim info` shows, as a JSON-ready dict (reads attributes, not data).
 
-    With ``validation`` set, also the sizes of the split :func:`validation_mask` gives for
+    With ``validation`` set, also the sizes of the split
+    :func:`~cosim_dask.data.split.validation_mask` gives for
     that fraction and ``seed`` (random draws only, about 1 s per 100 million pairs).
     """
     store = open_store(path)

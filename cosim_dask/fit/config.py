@@ -44,6 +44,7 @@ import numpy as np
 from cosim_dask.core.forms import Parameterisation, get_parameterisation
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.solvers import Solver, get_solver
+from cosim_dask.dist.tree import resolve_split_every
 from cosim_dask.errors import ANY, CosimError
 
 #: mse target for label −1 on binary pairs when ``negative_target`` is None (see above).
@@ -177,8 +178,7 @@ class RunOptions:
     def check(self) -> None:
         if self.cache not in CACHE_MODES:
             raise CosimError(f"cache={self.cache!r} must be one of {', '.join(CACHE_MODES)}")
-        if self.split_every is not None and self.split_every < 2:
-            raise CosimError(f"split_every={self.split_every} must be at least 2")
+        resolve_split_every(self.split_every)
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise CosimError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.on_invalid not in ("raise", "skip"):

@@ -7,67 +7,20 @@ identity and returns histogram statistics per split; the tree reduction adds the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import dask
 import numpy as np
 from distributed import Client
 
-from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.forms import FullMetric
+from cosim_dask.core.losses import Loss
 from cosim_dask.core.stats import ScoreStats
-from cosim_dask.data.reader import StoreSlice, prefetch, read_slice
-from cosim_dask.data.store import open_store, validation_mask
-from cosim_dask.dist.passes import (
-    Pieces,
-    read_ahead_of,
-    read_ahead_tasks,
-    resolve_split_every,
-    run_pass,
-    score_rows,
-    store_pieces,
-    tree_reduce,
-)
+from cosim_dask.data.store import open_store
+from cosim_dask.dist.passes import DaskPairs, Pieces, store_pieces
+from cosim_dask.dist.tasks import SPLITS
 from cosim_dask.errors import CosimError, ModelError
 from cosim_dask.fit.config import TrainConfig
 from cosim_dask.fit.model import Model, load_model
-
-SPLITS = ("train", "validation", "all")
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    loss: Loss
-    validation: float
-    seed: int
-    splits: tuple[str, ...]
-    joint: bool
-
-
-def eval_task(data, A: np.ndarray, spec: EvalSpec, index: int,
-              ahead: Sequence[StoreSlice] = ()) -> dict[str, ScoreStats]:
-    """Scores of one chunk under A and under I, for each asked split (``ahead``: a later
-    task's chunk, read ahead, see :func:`cosim_dask.data.reader.prefetch`)."""
-    prefetch(ahead)
-    x, y, t = read_slice(data, reuse=True) if isinstance(data, StoreSlice) else data
-    x, y, t = np.asarray(x), np.asarray(y), np.asarray(t, dtype=np.float64)
-    val = validation_mask(index, len(x), spec.validation, spec.seed)
-    out = {}
-    for split in spec.splits:
-        rows = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}[split]
-        for name, metric in (("learned", A), ("plain", None)):
-            out[f"{name}/{split}"] = score_rows(x[rows], y[rows], t[rows], metric, spec.loss,
-                                                spec.joint)
-    return out
-
-
-def _add_dicts(*parts: dict[str, ScoreStats]) -> dict[str, ScoreStats]:
-    total = dict(parts[0])
-    for p in parts[1:]:
-        for k, v in p.items():
-            total[k] = total[k] + v
-    return total
 
 
 def score_pieces(
@@ -82,24 +35,11 @@ def score_pieces(
     joint: bool = False,
     split_every: int | None = None,
 ) -> dict[str, ScoreStats]:
-    """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"`` (``split_every``: the
-    tree's fan-in; None: Dask's ``split_every`` config, or the default)."""
-    split_every = resolve_split_every(split_every)
-    spec = EvalSpec(get_loss(loss), validation, seed, splits, joint)
-
-    items = pieces.items
-    read_ahead = read_ahead_tasks(client) if pieces.streaming else 0
-
-    def root(ref, token: str):
-        leaves = []
-        for i, p in enumerate(items):
-            with dask.annotate(priority=len(items) - i):  # in order, as in training passes
-                leaves.append(dask.delayed(eval_task)(
-                    p, ref, spec, i, read_ahead_of(items, i, read_ahead),
-                    dask_key_name=f"cosim-eval-{token}-{i}"))
-        return tree_reduce(leaves, split_every, token, combine=_add_dicts)
-
-    return run_pass(client, np.asarray(A, dtype=np.float64), root)
+    """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"``: one evaluation pass
+    (:meth:`cosim_dask.dist.passes.Pairs.score`)."""
+    pairs = DaskPairs(client, pieces, FullMetric(), loss, validation=validation, seed=seed,
+                      split_every=split_every)
+    return pairs.score(A, splits, joint=joint)
 
 
 def summarize(stats: dict[str, ScoreStats], split: str, *, binary: bool,

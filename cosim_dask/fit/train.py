@@ -22,15 +22,14 @@ from cosim_dask.dashboard.publisher import MetricsPublisher, new_run_id
 from cosim_dask.data.store import PairStore, open_store
 from cosim_dask.dist.cluster import cluster_memory
 from cosim_dask.dist.passes import (
-    DEFAULT_SPLIT_EVERY,
     DaskPairs,
     Pieces,
-    chunks_per_task,
     persisted_store_pieces,
-    resolve_split_every,
     scheduler_lost,
     store_pieces,
 )
+from cosim_dask.dist.tasks import chunks_per_task
+from cosim_dask.dist.tree import DEFAULT_SPLIT_EVERY, resolve_split_every
 from cosim_dask.errors import ANY, ClusterError, CosimError, Message, ModelError, TrainingError
 from cosim_dask.fit.config import RunOptions, TrainConfig
 from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize

@@ -1,0 +1,162 @@
+"""The work of a pass's tasks: what one chunk computes, and how a task over several
+consecutive chunks adds them up.
+
+One :class:`ChunkSpec` says what every chunk of a pass computes: the training partial on
+its training rows, the score statistics of its validation rows, and (evaluation) the
+statistics of the learned metric and of plain cosine on the rows of each asked split. A
+task reads its chunks (if they are not in memory), computes each, and folds the results
+into the nodes of the pass's reduction tree (:class:`cosim_dask.dist.tree.Tree`) that its
+chunks alone cover, so the sums do not depend on how the chunks were cut into tasks.
+
+Nothing here knows Dask or the CLI: these functions run inside a worker, or in this
+process for in-process training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cosim_dask.core.forms import Parameterisation
+from cosim_dask.core.kernel import Partial, as_pair_arrays, pair_similarity
+from cosim_dask.core.losses import Loss
+from cosim_dask.core.stats import ScoreStats
+from cosim_dask.data.reader import StoreSlice, prefetch, read_group
+from cosim_dask.data.split import validation_mask
+from cosim_dask.dist.tree import Node, Tree
+
+#: Grouping of small chunks into one task: a group holds at most this many bytes of pairs
+#: (x, y and target) and the pass keeps at least MIN_TASKS tasks. measured: ~2-5 ms overhead per
+#: task, so a store of 10,000 tiny chunks must not become 10,000 tasks per pass.
+GROUP_BYTES = 16 * 2**20
+MIN_TASKS = 64
+
+#: The rows each evaluation split scores.
+SPLITS = ("train", "validation", "all")
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What a chunk task computes, the same for every chunk of a pass.
+
+    ``with_train``: the loss partial (and gradient) on the training rows.
+    ``with_validation``: score statistics of the validation rows (of every row when
+    ``validation`` is 0) under the metric of the parameters.
+    ``splits``: evaluation, with the parameters being the metric A itself: statistics of A
+    and of plain cosine (A = I) on the rows of each split (:data:`SPLITS`), keyed
+    ``"learned/<split>"`` and ``"plain/<split>"``.
+    ``joint``: keep the joint histogram of scores and targets (for Spearman's rho).
+    """
+
+    parameterisation: Parameterisation
+    loss: Loss
+    validation: float = 0.0
+    seed: int = 0
+    on_invalid: str = "raise"
+    with_train: bool = True
+    with_validation: bool = False
+    joint: bool = False
+    splits: tuple[str, ...] = ()
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk computed (:class:`ChunkSpec`); adds like its parts."""
+
+    train: Partial | None
+    validation: ScoreStats | None
+    scores: dict[str, ScoreStats] | None = None
+
+    def __add__(self, other: ChunkResult) -> ChunkResult:
+        return ChunkResult(_add(self.train, other.train),
+                           _add(self.validation, other.validation),
+                           _add(self.scores, other.scores))
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, dict):
+        return {key: a[key] + b[key] for key in a}
+    return a + b
+
+
+def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray,
+                 spec: ChunkSpec, index: int) -> ChunkResult:
+    """The work of chunk ``index`` (its rows in memory): split, then what ``spec`` asks."""
+    x, y, t = as_pair_arrays(x, y, t)  # aligned, contiguous: arrays off the wire may not be
+    val = validation_mask(index, len(x), spec.validation, spec.seed)
+    train = validation = scores = None
+    if spec.with_train:
+        # A mask rather than x[~val]: no copy of the chunk (16 MiB and more) every step.
+        train = spec.parameterisation.chunk_partial(
+            x, y, t, params, spec.loss, on_invalid=spec.on_invalid, chunk_id=index,
+            include=~val if val.any() else None,
+        )
+    if spec.with_validation or spec.splits:
+        A = spec.parameterisation.metric(params)
+    if spec.with_validation:
+        rows = val if spec.validation > 0 else np.ones(len(x), bool)
+        validation = score_rows(x[rows], y[rows], t[rows], A, spec.loss, spec.joint)
+    if spec.splits:
+        scores = {}
+        for split in spec.splits:
+            rows = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}[split]
+            for name, metric in (("learned", A), ("plain", None)):
+                scores[f"{name}/{split}"] = score_rows(x[rows], y[rows], t[rows], metric,
+                                                       spec.loss, spec.joint)
+    return ChunkResult(train, validation, scores)
+
+
+def score_rows(x: np.ndarray, y: np.ndarray, t: np.ndarray, A: np.ndarray | None, loss: Loss,
+               joint: bool = False) -> ScoreStats:
+    """Score statistics of the pairs under ``A`` (None: plain cosine); invalid pairs and
+    targets are left out."""
+    s = pair_similarity(x, y, A, on_invalid="nan")
+    ok = np.isfinite(s) & np.isfinite(t)
+    s, t = s[ok], t[ok]
+    values, _ = loss.pointwise(s, t)
+    return ScoreStats.of(s, t, values, joint=joint)
+
+
+def fold_task(data: list, params: np.ndarray, spec: ChunkSpec, tree: Tree, start: int,
+              indices: Sequence[int], ahead: Sequence[StoreSlice] = ()
+              ) -> dict[Node, ChunkResult]:
+    """Consecutive leaves ``start ..`` of ``tree`` (chunks ``indices`` of the store, given
+    as ``data``: store slices to read, or (x, y, target) tuples in memory), folded into the
+    largest tree nodes they alone cover (:meth:`Tree.fold`): the very sums a task per chunk
+    and the combine tasks above would make.
+
+    ``ahead``: the chunks of a later task, whose reading starts now (:func:`prefetch`).
+    """
+    prefetch(ahead)
+    if data and all(isinstance(p, StoreSlice) for p in data):
+        # One read per array for the whole run, into this thread's reused buffers: the
+        # chunks are done with when the task returns (nothing in a result points into them).
+        data = read_group(data, reuse=True)
+    results = (chunk_result(*chunk, params, spec, i)
+               for chunk, i in zip(data, indices, strict=True))
+    return tree.fold(results, start, start + len(indices))
+
+
+def node_task(data: list, params: np.ndarray, spec: ChunkSpec, tree: Tree, start: int,
+              indices: Sequence[int], ahead: Sequence[StoreSlice] = ()) -> Any:
+    """:func:`fold_task` for a run that makes one tree node (one chunk, or an aligned group of
+    a power of the fan-in): that node's value."""
+    (value,) = fold_task(data, params, spec, tree, start, indices, ahead).values()
+    return value
+
+
+def chunks_per_task(n_chunks: int, chunk_bytes: int, split_every: int) -> int:
+    """Chunks per task: the largest power of ``split_every`` whose group holds at most
+    GROUP_BYTES and leaves at least MIN_TASKS tasks (1 for stores of ordinary chunks)."""
+    group = 1
+    while (group * split_every * chunk_bytes <= GROUP_BYTES
+           and n_chunks / (group * split_every) >= MIN_TASKS):
+        group *= split_every
+    return group
