@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask.data.store import DEFAULT_CODEC, TARGET_KINDS, choose_chunk_rows, create_store
+from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
 from cosim_dask.errors import ANY, CosimError, InvalidPairsError, ShapeError
 
 Progress = Callable[[int], None]
@@ -481,8 +482,6 @@ def generate_store(
     -------
     IngestReport
     """
-    from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
-
     if pairs < 1:
         raise CosimError(f"pairs={pairs} must be >= 1")
     if dim < 1:

@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from cosim_dask import __version__
 from cosim_dask.data.reader import check_all_chunks
 from cosim_dask.data.split import chunk_slices, validation_mask
 from cosim_dask.errors import CosimError, StoreError
@@ -430,8 +431,6 @@ def create_store(
     if targets is not None and targets not in TARGET_KINDS:
         raise CosimError(f"targets={targets!r} must be one of {TARGET_KINDS}")
     rows = choose_chunk_rows(d, None, chunk_rows)
-    from cosim_dask import __version__
-
     if provenance is None:
         provenance = {}
     attrs = {"cosim_version": __version__, "provenance": provenance}

@@ -12,7 +12,12 @@ import time
 from dataclasses import dataclass
 
 import dask
+import psutil
+import yaml
+from dask.utils import parse_bytes
 from distributed import Client, LocalCluster
+from distributed.comm.registry import backends
+from distributed.security import Security
 
 from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
 from cosim_dask.errors import ANY, ClusterError
@@ -127,8 +132,6 @@ def max_local_processes() -> int:
 
 
 def _schemes() -> list[str]:
-    from distributed.comm.registry import backends
-
     return sorted(backends)
 
 
@@ -185,8 +188,6 @@ def check_memory_limit(limit: object) -> None:
         return
     if not isinstance(limit, str) or not limit.strip():
         raise bad
-    from dask.utils import parse_bytes
-
     try:
         size = parse_bytes(limit)
     except (ValueError, TypeError):
@@ -253,13 +254,9 @@ def load_security(security: object | None):
     """
     if security is None or not isinstance(security, str | os.PathLike):
         return security
-    from distributed.security import Security
-
     path = os.fspath(security)
     if not os.path.exists(path):
         raise ClusterError(f"the security config {path!r} does not exist")
-    import yaml
-
     try:
         with open(path) as f:
             settings = yaml.safe_load(f) or {}
@@ -318,8 +315,6 @@ class WorkerMemorySampler:
     """
 
     def __init__(self, client: Client, interval: float = 0.05) -> None:
-        import psutil
-
         pids = guarded(client, lambda: client.run(os.getpid), "asking the workers' pids")
         self.procs = [psutil.Process(pid) for pid in pids.values()]
         self.interval = interval
@@ -328,8 +323,6 @@ class WorkerMemorySampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        import psutil
-
         while not self._done.is_set():
             for p in self.procs:
                 with contextlib.suppress(psutil.Error):  # a worker being restarted
