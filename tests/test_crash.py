@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import LocalCluster
 from faultkit import leftovers, one_line_error, tree_hash
 from typer.testing import CliRunner
 
@@ -29,14 +28,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, cluster_address):
     folder = tmp_path_factory.mktemp("crash")
     store = folder / "s.zarr"
     generate_store(store, pairs=3_000, dim=8, rank=3, targets="binary", seed=2,
                    chunk_rows=1_000)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster:
-        yield store, cluster.scheduler_address
+    return store, cluster_address  # the driver is killed, never the shared cluster
 
 
 def train(store, out, address, kill_at: int, swap: str = "exchange", args=ARGS
