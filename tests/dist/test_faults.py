@@ -1,5 +1,5 @@
 """Faults on real clusters: a worker, the scheduler or the driver dying, damaged stores,
-concurrent runs and a full disk. (Driver SIGKILL then --resume: tests/test_train.py,
+concurrent runs and a full disk. (Driver SIGKILL then --resume: tests/fit/test_train.py,
 test_resume_after_sigkill_equals_uninterrupted.)"""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from faultkit import (
+from helpers import (
     cosim_cmd,
     dask_processes,
     leftovers,

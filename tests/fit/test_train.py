@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from faultkit import dask_processes, free_port, one_line_error
+from helpers import dask_processes, free_port, one_line_error
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app

@@ -5,7 +5,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from conftest import random_spd
+from helpers import random_spd
 
 from cosim_dask.core.forms import FactorMetric, FullMetric
 from cosim_dask.core.kernel import chunk_partial

@@ -1,5 +1,5 @@
 """Crash consistency of model writes: the driver is SIGKILLed just before each file-system
-operation of every checkpoint write and of the final write, in turn (tests/crash_driver.py
+operation of every checkpoint write and of the final write, in turn (tests/fit/crash_driver.py
 counts them). After every kill the model path opens as a complete model (the old version or
 the new one, never a part and never nothing once one was written), and ``--resume`` reaches
 the bitwise-same A as the uninterrupted run. Both ways of swapping folders are covered: the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faultkit import leftovers, one_line_error, tree_hash
+from helpers import leftovers, one_line_error, tree_hash
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import zarr
-from faultkit import one_line_error, tree_hash
+from helpers import one_line_error, tree_hash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
