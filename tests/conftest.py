@@ -1,8 +1,13 @@
+"""Fixtures shared by the whole suite: a seeded generator, one LocalCluster for the session,
+a headless browser. Shared helper functions live in helpers.py (importable from every test
+folder: ``pythonpath`` in pyproject.toml), not here."""
+
 import os
 import shutil
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 
 @pytest.fixture
@@ -10,17 +15,35 @@ def rng():
     return np.random.default_rng(12345)
 
 
-def random_spd(rng, d, cond=10.0):
-    """A random symmetric positive-definite matrix with eigenvalues in [1, cond]."""
-    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    return (q * np.linspace(1.0, cond, d)) @ q.T
+# --- one cluster for the session ----------------------------------------------------------
 
 
-def random_pairs(rng, b, d, dtype=np.float64):
-    x = rng.standard_normal((b, d)).astype(dtype)
-    y = rng.standard_normal((b, d)).astype(dtype)
-    t = rng.uniform(-1, 1, b)
-    return x, y, t
+@pytest.fixture(scope="session")
+def shared_cluster():
+    """One real LocalCluster for every test that only needs a cluster: 2 worker processes
+    x 1 thread on loopback, as `cosim train` starts by default.
+
+    Starting one costs seconds on a small machine, so tests share it. A test that kills
+    workers, needs another shape of cluster, or is about starting a LocalCluster starts its
+    own. Worker processes import this checkout through PYTHONPATH, as the CLI's do.
+    """
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def cluster_address(shared_cluster) -> str:
+    """The shared cluster's scheduler, for `--scheduler ADDRESS` or ``Client(address)``."""
+    return shared_cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def client(shared_cluster):
+    """A client of the shared cluster. Not Dask's default client, so that a test asking
+    whether a cluster was started behind the user's back (``get_client()``) sees none."""
+    with Client(shared_cluster, set_as_default=False) as c:
+        yield c
 
 
 # --- a real headless browser (Debian's Chromium driven by Playwright) -----------------

@@ -3,7 +3,6 @@
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 
 from cosim_dask import CosineMetricLearner, pair_similarity
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
@@ -98,21 +97,19 @@ def test_validation_and_patience_in_process(binary):
 
 
 @pytest.mark.parametrize("param,rank", [("full", None), ("factor", 3)])
-def test_in_process_and_cluster_fits_agree(binary, param, rank):
+def test_in_process_and_cluster_fits_agree(binary, client, param, rank):
     pairs, y, _ = binary
     settings = dict(param=param, rank=rank, max_iter=8, chunk_rows=700, split_every=2,
                     validation=0.1)
     local = CosineMetricLearner(cluster="never", **settings).fit(pairs, y)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        remote = CosineMetricLearner(client=client, **settings).fit(pairs, y)
-        lazy = da.from_array(pairs, chunks=(700, 2, 6))
-        from_dask = CosineMetricLearner(client=client, **{**settings, "chunk_rows": None})
-        from_dask.fit(lazy, da.from_array(y, chunks=700))
-        lazy_scores = from_dask.pair_score(lazy)
-        assert isinstance(lazy_scores, da.Array)
-        np.testing.assert_allclose(lazy_scores.compute(), from_dask.pair_score(pairs))
+    remote = CosineMetricLearner(client=client, **settings).fit(pairs, y)
+    lazy = da.from_array(pairs, chunks=(700, 2, 6))
+    from_dask = CosineMetricLearner(client=client, **{**settings, "chunk_rows": None})
+    from_dask.fit(lazy, da.from_array(y, chunks=700))
+    lazy_scores = from_dask.pair_score(lazy)
+    assert isinstance(lazy_scores, da.Array)
+    np.testing.assert_allclose(client.compute(lazy_scores).result(),
+                               from_dask.pair_score(pairs))
     assert local.fit_backend_ == "in-process" and remote.fit_backend_ == "cluster"
     assert local.n_iter_ == remote.n_iter_ == from_dask.n_iter_
     np.testing.assert_allclose(remote.metric_, local.metric_, rtol=1e-10, atol=1e-12)

@@ -1,7 +1,7 @@
 """The output policy (cosim_dask.outputs) with real processes: locks that die with their
 holder, two writers at once, signals in the middle of a write, a full disk, symlinked outputs.
-(Refusals of inputs and of other kinds of artifact: tests/test_bad_input.py. Kills at every
-file-system operation of a model write: tests/test_crash.py.)"""
+(Refusals of inputs and of other kinds of artifact: tests/cli/test_bad_input.py. Kills at every
+file-system operation of a model write: tests/fit/test_crash.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faultkit import cosim_cmd, leftovers, one_line_error, tree_hash, wait_for
+from helpers import cosim_cmd, leftovers, one_line_error, tree_hash, wait_for
 
 from cosim_dask.data.ingest import generate_store
 from cosim_dask.data.store import open_store

@@ -72,10 +72,13 @@ def test_out_of_core_pipeline_streams_under_the_memory_limit(tmp_path):
     assert 0 < summary["peak_worker_rss"] < summary["limit"]
 
 
-@pytest.mark.slow  # 10-12 s idle: three cosim subprocesses, two start a LocalCluster
-def test_digits_quick_via_store_matches_the_estimator():
+@pytest.mark.slow  # three cosim subprocesses
+def test_digits_quick_via_store_matches_the_estimator(cluster_address, monkeypatch):
     """The learned row through cosim ingest/train/evaluate beats plain cosine and agrees
     with the in-memory estimator on the same pairs."""
+    # train and evaluate join the shared cluster (Dask's own variable) instead of starting
+    # a LocalCluster each; the same 2 workers x 1 thread, so the same sums.
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster_address)
     digits = load("digits")
     data = digits.digits_pairs(digits.QUICK)
     plain, in_memory = digits.plain_cosine(data), digits.learned(data)[0]

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import random_spd
+from helpers import random_spd
 from typer.testing import CliRunner
 
 from cosim_dask import pair_similarity

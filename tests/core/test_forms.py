@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import random_pairs, random_spd
+from helpers import random_pairs, random_spd
 
 from cosim_dask.core.forms import (
     FactorMetric,

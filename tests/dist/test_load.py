@@ -6,7 +6,7 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, wait
+from distributed import wait
 
 from cosim_dask.core.forms import FullMetric
 from cosim_dask.core.kernel import chunk_partial
@@ -19,13 +19,6 @@ from cosim_dask.dist.passes import (
     store_pieces,
 )
 from cosim_dask.dist.tasks import chunks_per_task
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,8 @@ def test_ten_thousand_chunks_one_step_equals_numpy(client, tiny_chunks):
     np.testing.assert_allclose(got.grad, expected.grad, rtol=1e-5)
     # In cluster memory: one persisted key per group; the same sums, bitwise.
     pieces = persisted_store_pieces(client, store.path, store.chunk_slices(), group=64)
-    wait(list(pieces.held))
+    with client.as_current():  # the shared client is not Dask's default one
+        wait(list(pieces.held))
     assert len(pieces.groups) == 157
     held = DaskPairs(client, pieces, FullMetric(), "mse")(A)
     assert held.loss == got.loss

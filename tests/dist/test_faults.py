@@ -1,5 +1,5 @@
 """Faults on real clusters: a worker, the scheduler or the driver dying, damaged stores,
-concurrent runs and a full disk. (Driver SIGKILL then --resume: tests/test_train.py,
+concurrent runs and a full disk. (Driver SIGKILL then --resume: tests/fit/test_train.py,
 test_resume_after_sigkill_equals_uninterrupted.)"""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-from faultkit import (
+from helpers import (
     cosim_cmd,
     dask_processes,
     leftovers,
@@ -50,14 +50,6 @@ def small_store(tmp_path_factory):
     generate_store(path, pairs=4_000, dim=8, rank=2, targets="graded", seed=4,
                    chunk_rows=1_000)
     return path
-
-
-@pytest.fixture(scope="module")
-def cluster_address():
-    """One LocalCluster the CLI joins with --scheduler (saves a start-up per command)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster:
-        yield cluster.scheduler_address
 
 
 # --- 1. a worker SIGKILLed in the middle of a step --------------------------------------
@@ -125,7 +117,7 @@ def test_worker_sigkill_mid_step_gives_the_undisturbed_result(store, tmp_path, w
 
 
 @pytest.mark.slow
-def test_scheduler_lost_stops_with_resume_instructions(small_store, tmp_path):
+def test_scheduler_lost_stops_with_resume_instructions(small_store, tmp_path, cluster_address):
     out = tmp_path / "m.zarr"
     args = ["--steps", 400, "--solver", "gd", "--tol", 0, "--checkpoint-every", 1]
     with dask_processes(workers=2) as (address, procs):
@@ -152,10 +144,10 @@ def test_scheduler_lost_stops_with_resume_instructions(small_store, tmp_path):
     model = load_model(out, with_solver=True)  # loadable, and the step the message names
     assert model.attrs["steps"] == saved and not model.attrs["complete"]
     assert leftovers(tmp_path) == []
-    # The command it prints works (on a new cluster).
+    # The command it prints works (on another cluster: the shared one).
     result = runner.invoke(app, ["train", str(small_store), "--out", str(out), "--resume",
                                  *map(str, args[:1]), str(saved + 2), *map(str, args[2:]),
-                                 "--workers", "1"])
+                                 "--scheduler", cluster_address])
     assert result.exit_code == 0, result.output
     assert load_model(out).attrs["steps"] == saved + 2
 
@@ -278,7 +270,7 @@ def test_disk_full_keeps_the_previous_model(tmp_path, cluster_address, checkpoin
 
 
 @pytest.mark.slow
-def test_frozen_scheduler_ends_the_run_within_the_bound(small_store, tmp_path):
+def test_frozen_scheduler_ends_the_run_within_the_bound(small_store, tmp_path, cluster_address):
     """A SIGSTOPped scheduler keeps its connections open, so the client never sees it close:
     the liveness probes end the run within SCHEDULER_DEADLINE (+ a probe period and the
     bounded close), with the lost-scheduler line and an intact, resumable checkpoint."""
@@ -313,7 +305,7 @@ def test_frozen_scheduler_ends_the_run_within_the_bound(small_store, tmp_path):
     assert leftovers(tmp_path) == []
     result = runner.invoke(app, ["train", str(small_store), "--out", str(out), "--resume",
                                  *map(str, args[:1]), str(saved + 2), *map(str, args[2:]),
-                                 "--workers", "1"])
+                                 "--scheduler", cluster_address])
     assert result.exit_code == 0, result.output
     assert load_model(out).attrs["steps"] == saved + 2
 

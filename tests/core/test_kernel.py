@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import random_pairs, random_spd
+from helpers import random_pairs, random_spd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from distributed import Client
-from faultkit import dask_processes, one_line_error, tree_hash
+from helpers import dask_processes, one_line_error, tree_hash
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app

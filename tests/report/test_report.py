@@ -35,12 +35,12 @@ def cosim(*args, expect=0):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory, cluster_address) -> Path:
     """A real model: 10 L-BFGS steps on a small binary store, validation on every step."""
     root = tmp_path_factory.mktemp("report")
     cosim("generate", root / "S", "--pairs", 20000, "--dim", 16, "--rank", 3, "--targets",
           "binary", "--chunk-pairs", 4000)
-    cosim("train", root / "S", "--out", root / "M", "--steps", 10, "--workers", 1)
+    cosim("train", root / "S", "--out", root / "M", "--steps", 10, "--scheduler", cluster_address)
     return root / "M"
 
 

@@ -3,7 +3,7 @@ of the output policy (``COSIM_KILL_AT=N``; 0 never kills). ``COSIM_SWAP=renames`
 atomic folder exchange, so folders are swapped by two renames (what a file system without
 RENAME_EXCHANGE gets). The operations counted are the ones that change what a path holds:
 publishing a finished temporary version (its fsync), exchanges, renames and removals.
-Prints nothing of its own; used by tests/test_crash.py."""
+Prints nothing of its own; used by tests/fit/test_crash.py."""
 
 from __future__ import annotations
 

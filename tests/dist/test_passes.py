@@ -1,11 +1,11 @@
-"""The distributed evaluation on a real LocalCluster against the single-process NumPy core."""
+"""The distributed evaluation on a real LocalCluster (the session's shared ``client``) against
+the single-process NumPy core."""
 
 import dask.array as da
 import numpy as np
 import pytest
 import zarr
-from conftest import random_spd
-from distributed import Client, LocalCluster
+from helpers import random_spd
 
 from cosim_dask.core.forms import FactorMetric, FullMetric
 from cosim_dask.core.kernel import chunk_partial
@@ -15,14 +15,6 @@ from cosim_dask.data.synthetic import synthetic_pairs
 from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
 from cosim_dask.dist.tree import Tree
 from cosim_dask.errors import InvalidPairsError
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", host="127.0.0.1") as cluster, \
-            Client(cluster) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +112,8 @@ def test_persisted_chunks_are_spread_evenly_one_key_each(client, data):
     from distributed import wait
 
     pairs = dask_pairs(client, data, 250, 4)  # 20 chunks
-    wait(pairs.pieces)
+    with client.as_current():  # the shared client is not Dask's default one
+        wait(pairs.pieces)
     who = client.who_has(pairs.pieces)
     holders = [who[item.key] for item in pairs.pieces]
     assert len(holders) == 20 and all(len(w) == 1 for w in holders)

@@ -1,4 +1,5 @@
-"""Helpers of the reliability tests: real Dask processes, file hashes, one-line errors."""
+"""Helpers shared by the tests: random SPD matrices and pairs, real Dask processes, file
+hashes, one-line errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 BIN = Path(sys.executable).parent
+
+
+def random_spd(rng, d, cond=10.0):
+    """A random symmetric positive-definite matrix with eigenvalues in [1, cond]."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * np.linspace(1.0, cond, d)) @ q.T
+
+
+def random_pairs(rng, b, d, dtype=np.float64):
+    x = rng.standard_normal((b, d)).astype(dtype)
+    y = rng.standard_normal((b, d)).astype(dtype)
+    t = rng.uniform(-1, 1, b)
+    return x, y, t
 
 
 def free_port() -> int:

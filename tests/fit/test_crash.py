@@ -1,5 +1,5 @@
 """Crash consistency of model writes: the driver is SIGKILLed just before each file-system
-operation of every checkpoint write and of the final write, in turn (tests/crash_driver.py
+operation of every checkpoint write and of the final write, in turn (tests/fit/crash_driver.py
 counts them). After every kill the model path opens as a complete model (the old version or
 the new one, never a part and never nothing once one was written), and ``--resume`` reaches
 the bitwise-same A as the uninterrupted run. Both ways of swapping folders are covered: the
@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import LocalCluster
-from faultkit import leftovers, one_line_error, tree_hash
+from helpers import leftovers, one_line_error, tree_hash
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app
@@ -29,14 +28,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, cluster_address):
     folder = tmp_path_factory.mktemp("crash")
     store = folder / "s.zarr"
     generate_store(store, pairs=3_000, dim=8, rank=3, targets="binary", seed=2,
                    chunk_rows=1_000)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster:
-        yield store, cluster.scheduler_address
+    return store, cluster_address  # the driver is killed, never the shared cluster
 
 
 def train(store, out, address, kill_at: int, swap: str = "exchange", args=ARGS

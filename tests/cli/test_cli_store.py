@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 import zarr
-from faultkit import cosim_main
+from helpers import cosim_main
 
 from cosim_dask.cli.options import Codec
 from cosim_dask.data.store import CODECS, open_store

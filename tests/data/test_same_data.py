@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 from distributed import Client
-from faultkit import cosim_cmd, dask_processes, leftovers, one_line_error, wait_for
+from helpers import cosim_cmd, dask_processes, leftovers, one_line_error, wait_for
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app

@@ -15,8 +15,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import zarr
-from distributed import LocalCluster
-from faultkit import cosim_main, one_line_error, tree_hash
+from helpers import cosim_main, one_line_error, tree_hash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -139,13 +138,6 @@ def _damaged_stores(w):
     x = group["x"][...]
     group.create_array("x", shape=x.shape, chunks=(1_000, 6), dtype="float64",
                        overwrite=True)[...] = x
-
-
-@pytest.fixture(scope="module")
-def scheduler():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address="127.0.0.1:0") as cluster:
-        yield cluster.scheduler_address
 
 
 S, M, OUT = "{w}/store.zarr", "{w}/model.zarr", "{w}/new.zarr"
@@ -321,8 +313,8 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv,fragments", [c[1:] for c in CLI_CASES],
                          ids=[c[0] for c in CLI_CASES])
-def test_cli_bad_input(world, scheduler, argv, fragments):
-    args = [a.format(w=world, sched=scheduler) for a in argv]
+def test_cli_bad_input(world, cluster_address, argv, fragments):
+    args = [a.format(w=world, sched=cluster_address) for a in argv]
     before = tree_hash(world)
     result = cosim_main(*args)
     assert result.exit_code == 2, (result.output, result.exception)

@@ -1,4 +1,7 @@
-"""`cosim train` / `cosim evaluate` end to end on real stores and real LocalClusters."""
+"""`cosim train` / `cosim evaluate` end to end on real stores and real LocalClusters.
+
+Most commands join the session's shared cluster with ``--scheduler``; the ``trained`` model
+and the SIGKILLed run start their own LocalCluster, as `cosim train` does by default."""
 
 import json
 import os
@@ -10,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from faultkit import dask_processes, free_port, one_line_error
+from helpers import dask_processes, free_port, one_line_error
 from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app
@@ -18,7 +21,7 @@ from cosim_dask.data.store import open_store
 from cosim_dask.fit.model import load_model
 
 runner = CliRunner()
-CLUSTER = ["--workers", "2", "--threads-per-worker", "1"]
+CLUSTER = ["--workers", "2", "--threads-per-worker", "1"]  # a LocalCluster of its own
 
 
 def cosim(*args, expect=0):
@@ -70,7 +73,8 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
     assert "learned A" in result.output and "model written to" in result.output
 
 
-def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
+def test_evaluate_reports_learned_and_plain(trained, binary_store, cluster_address,
+                                            monkeypatch):
     from cosim_dask.cli import train as model_module  # the CLI's reference to load_model
 
     reads, original = [], model_module.load_model
@@ -81,7 +85,7 @@ def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
 
     monkeypatch.setattr(model_module, "load_model", load_model_counted)
     out, _ = trained
-    result = cosim("evaluate", out, binary_store, "--json", *CLUSTER)
+    result = cosim("evaluate", out, binary_store, "--json", "--scheduler", cluster_address)
     monkeypatch.undo()
     assert len(reads) == 1  # checked before the cluster starts, and not read again
     report = json.loads(result.stdout)
@@ -94,21 +98,22 @@ def test_evaluate_reports_learned_and_plain(trained, binary_store, monkeypatch):
     assert report["learned"]["pairs"] == model.attrs["validation_figures"]["learned"]["pairs"]
 
 
-def test_graded_targets_recover_hidden_metric(graded_store, tmp_path):
+def test_graded_targets_recover_hidden_metric(graded_store, tmp_path, cluster_address):
     out = tmp_path / "g.zarr"
-    cosim("train", graded_store, "--out", out, "--steps", 60, "--validation", 0.1, *CLUSTER)
+    cosim("train", graded_store, "--out", out, "--steps", 60, "--validation", 0.1,
+          "--scheduler", cluster_address)
     A = load_model(out).A
     A_star = open_store(graded_store).hidden_metric
     cos = np.sum(A * A_star) / np.linalg.norm(A) / np.linalg.norm(A_star)
     assert cos >= 0.99
 
 
-def test_factor_form_and_stream_equals_memory(binary_store, tmp_path):
+def test_factor_form_and_stream_equals_memory(binary_store, tmp_path, cluster_address):
     models = {}
     for cache in ("memory", "stream"):
         out = tmp_path / f"{cache}.zarr"
         cosim("train", binary_store, "--out", out, "--param", "factor", "--rank", 4,
-              "--steps", 5, "--cache", cache, *CLUSTER)
+              "--steps", 5, "--cache", cache, "--scheduler", cluster_address)
         models[cache] = load_model(out)
     assert models["memory"].M.shape == (4, 16)
     np.testing.assert_array_equal(models["memory"].A, models["stream"].A)
@@ -128,9 +133,9 @@ def counting_model_reads(monkeypatch) -> list:
     return reads
 
 
-def test_resume_equals_uninterrupted(binary_store, tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(binary_store, tmp_path, cluster_address, monkeypatch):
     whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
-    common = ["--steps", 8, "--checkpoint-every", 2, *CLUSTER]
+    common = ["--steps", 8, "--checkpoint-every", 2, "--scheduler", cluster_address]
     cosim("train", binary_store, "--out", whole, *common)
     cosim("train", binary_store, "--out", part, *common[:1], 3, *common[2:])
     assert load_model(part).attrs["steps"] == 3
@@ -164,12 +169,14 @@ def test_checkpoint_rewritten_after_the_checks_is_read_again(trained, binary_sto
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_uninterrupted(binary_store, tmp_path):
+def test_resume_after_sigkill_equals_uninterrupted(binary_store, tmp_path, cluster_address):
     whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
-    args = ["--steps", 12, "--checkpoint-every", 1, "--solver", "gd", *CLUSTER]
-    cosim("train", binary_store, "--out", whole, *args)
+    args = ["--steps", 12, "--checkpoint-every", 1, "--solver", "gd"]
+    shared = ["--scheduler", cluster_address]
+    cosim("train", binary_store, "--out", whole, *args, *shared)
+    # The killed run starts its own LocalCluster, which dies with it.
     cmd = [sys.executable, "-m", "cosim_dask", "train", str(binary_store), "--out", str(killed),
-           *map(str, args)]
+           *map(str, args), *CLUSTER]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 120
@@ -181,7 +188,7 @@ def test_resume_after_sigkill_equals_uninterrupted(binary_store, tmp_path):
     proc.wait()
     steps_done = load_model(killed).attrs["steps"]
     assert 3 <= steps_done < 12
-    cosim("train", binary_store, "--out", killed, "--resume", *args)
+    cosim("train", binary_store, "--out", killed, "--resume", *args, *shared)
     np.testing.assert_array_equal(load_model(whole).A, load_model(killed).A)
 
 
@@ -233,14 +240,16 @@ def test_bad_training_options(binary_store, tmp_path, args, fragments):
     assert not out.exists()
 
 
-def test_resume_needs_a_checkpoint_and_the_same_settings(binary_store, tmp_path):
+def test_resume_needs_a_checkpoint_and_the_same_settings(binary_store, tmp_path,
+                                                         cluster_address):
     out = tmp_path / "m.zarr"
     result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), "--resume"])
     _one_line_error(result, "nothing to resume")
-    cosim("train", binary_store, "--out", out, "--steps", 2, *CLUSTER)
+    cosim("train", binary_store, "--out", out, "--steps", 2, "--scheduler", cluster_address)
     before = load_model(out).A.copy()
     result = runner.invoke(app, ["train", str(binary_store), "--out", str(out), "--resume",
-                                 "--loss", "contrastive", "--steps", "4", *CLUSTER])
+                                 "--loss", "contrastive", "--steps", "4",
+                                 "--scheduler", cluster_address])
     _one_line_error(result, "different settings", "loss='mse' now 'contrastive'")
     np.testing.assert_array_equal(load_model(out).A, before)
 
@@ -253,7 +262,8 @@ def test_unreachable_scheduler_fails_fast(binary_store, tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_invalid_rows_stop_training_and_keep_the_old_model(binary_store, trained, tmp_path):
+def test_invalid_rows_stop_training_and_keep_the_old_model(binary_store, trained, tmp_path,
+                                                           cluster_address):
     broken = tmp_path / "broken.zarr"
     import shutil
 
@@ -263,52 +273,51 @@ def test_invalid_rows_stop_training_and_keep_the_old_model(binary_store, trained
     out, _ = trained
     before = load_model(out).A.copy()
     result = runner.invoke(app, ["train", str(broken), "--out", str(out), "--overwrite",
-                                 *CLUSTER])
+                                 "--scheduler", cluster_address])
     _one_line_error(result, "in chunk 2", "--drop-invalid")
     np.testing.assert_array_equal(load_model(out).A, before)
     # --skip-invalid trains on and counts them.
     skip = tmp_path / "skip.zarr"
-    cosim("train", broken, "--out", skip, "--steps", 2, "--skip-invalid", *CLUSTER)
+    cosim("train", broken, "--out", skip, "--steps", 2, "--skip-invalid",
+          "--scheduler", cluster_address)
 
 
-def test_evaluate_rejects_a_model_of_another_dimension(trained, graded_store):
+def test_evaluate_rejects_a_model_of_another_dimension(trained, graded_store, cluster_address):
     out, _ = trained
-    result = runner.invoke(app, ["evaluate", str(out), str(graded_store), *CLUSTER])
+    result = runner.invoke(app, ["evaluate", str(out), str(graded_store),
+                                 "--scheduler", cluster_address])
     _one_line_error(result, "d=16", "d=10")
 
 
-def test_evaluate_rejects_what_is_not_a_model(binary_store, tmp_path):
-    result = runner.invoke(app, ["evaluate", str(binary_store), str(binary_store), *CLUSTER])
+def test_evaluate_rejects_what_is_not_a_model(binary_store, tmp_path, cluster_address):
+    result = runner.invoke(app, ["evaluate", str(binary_store), str(binary_store),
+                                 "--scheduler", cluster_address])
     _one_line_error(result, "is not a cosim model")
     result = runner.invoke(app, ["evaluate", str(tmp_path / "nope"), str(binary_store)])
     _one_line_error(result, "does not exist")
 
 
-def test_training_publishes_every_step_to_the_live_dashboard(binary_store, tmp_path):
+def test_training_publishes_every_step_to_the_live_dashboard(binary_store, tmp_path, client):
     """The real trainer's steps reach the dashboard's JSON route, in order, per run id."""
     import urllib.request
-
-    from distributed import Client, LocalCluster
 
     from cosim_dask.dashboard.publisher import dashboard_url
     from cosim_dask.fit.loop import TrainConfig
     from cosim_dask.fit.train import train_store
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        runs = {}
-        for run_id, steps in (("run-a", 4), ("run-b", 6)):
-            seen = []
-            result = train_store(str(binary_store), str(tmp_path / f"{run_id}.zarr"),
-                                 TrainConfig(steps=steps, tol=0.0, gtol=0.0), client=client,
-                                 run_id=run_id, on_step=seen.append)
-            runs[run_id] = (result, seen)
-        root = dashboard_url(client).rsplit("/status", 1)[0].rstrip("/") + "/"
-        for run_id, (result, seen) in runs.items():
-            with urllib.request.urlopen(f"{root}cosim/api/runs/{run_id}", timeout=10) as r:
-                data = json.load(r)
-            logged = data["steps"]
-            assert [s["step"] for s in logged] == [r["step"] for r in seen]
-            assert [s["loss"] for s in logged] == pytest.approx([r["loss"] for r in seen])
-            assert [s["val_auc"] for s in logged] == pytest.approx([r["val_auc"] for r in seen])
-            assert result.model.attrs["run_id"] == run_id
+    runs = {}
+    for run_id, steps in (("run-a", 4), ("run-b", 6)):
+        seen = []
+        result = train_store(str(binary_store), str(tmp_path / f"{run_id}.zarr"),
+                             TrainConfig(steps=steps, tol=0.0, gtol=0.0), client=client,
+                             run_id=run_id, on_step=seen.append)
+        runs[run_id] = (result, seen)
+    root = dashboard_url(client).rsplit("/status", 1)[0].rstrip("/") + "/"
+    for run_id, (result, seen) in runs.items():
+        with urllib.request.urlopen(f"{root}cosim/api/runs/{run_id}", timeout=10) as r:
+            data = json.load(r)
+        logged = data["steps"]
+        assert [s["step"] for s in logged] == [r["step"] for r in seen]
+        assert [s["loss"] for s in logged] == pytest.approx([r["loss"] for r in seen])
+        assert [s["val_auc"] for s in logged] == pytest.approx([r["val_auc"] for r in seen])
+        assert result.model.attrs["run_id"] == run_id

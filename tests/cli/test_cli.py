@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from faultkit import cosim_main, one_line_error
+from helpers import cosim_main, one_line_error
 from typer.testing import CliRunner
 
 import cosim_dask
