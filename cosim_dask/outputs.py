@@ -72,6 +72,10 @@ class Kind:
     members: frozenset[str] = frozenset()
     magic: bytes = b""
     marker: bytes = b""
+    #: fsync every file before the version is published (proof against power loss, not only
+    #: against a killed process). Off for pair stores: tens of thousands of chunk files, and a
+    #: store can be written again from its sources.
+    durable: bool = True
 
     def mismatch(self, path: Path) -> str | None:
         """Why the existing ``path`` is not of this kind (None when it is)."""
@@ -107,7 +111,7 @@ class Kind:
 
 
 PAIR_STORE = Kind("pair store", True, "cosim-pairs",
-                  frozenset({"zarr.json", "x", "y", "target", "hidden_metric"}))
+                  frozenset({"zarr.json", "x", "y", "target", "hidden_metric"}), durable=False)
 MODEL = Kind("model", True, "cosim-model", frozenset({"zarr.json", "A", "M", "solver"}))
 NPY_ARRAY = Kind(".npy array", False, magic=b"\x93NUMPY")
 HTML_REPORT = Kind("report", False, magic=b"<!DOCTYPE html>",
@@ -418,7 +422,8 @@ class Output:
             if self.kind.directory:
                 tmp.mkdir()
             yield tmp
-            _sync_tree(tmp)
+            if self.kind.durable:
+                _sync_tree(tmp)
             self._swap_in(tmp)
         except BaseException as exc:
             _drain_store_io()
