@@ -10,7 +10,8 @@ seconds — the scheduler died, or it froze and keeps its connections open — t
 :class:`SchedulerLostError`, and so does every later wait on that client, at once.
 
 So a run whose scheduler stops answering ends within about ``SCHEDULER_DEADLINE +
-WATCH_SECONDS`` seconds (32 s) of its last answer, plus :data:`CLOSE_TIMEOUT` for closing.
+WATCH_SECONDS`` seconds (32 s by default; ``COSIM_SCHEDULER_DEADLINE`` sets the deadline) of its
+last answer, plus :data:`CLOSE_TIMEOUT` for closing.
 
 Nothing here knows the CLI; the pure math knows nothing of this.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import signal
 import threading
 import time
@@ -35,12 +38,23 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
+
+def _seconds_from_env(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name``, else ``default``."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if math.isfinite(value) and value > 0 else default
+
+
 #: Seconds without an answer from the scheduler after which a wait gives up on it. Far above
 #: any pause of a healthy scheduler (a probe is answered in about a millisecond), far below
-#: "forever".
-SCHEDULER_DEADLINE = 30.0
+#: "forever". ``COSIM_SCHEDULER_DEADLINE`` overrides it (a congested network, or a test).
+SCHEDULER_DEADLINE = _seconds_from_env("COSIM_SCHEDULER_DEADLINE", 30.0)
 #: How long one liveness probe waits for the scheduler's answer.
-PROBE_TIMEOUT = 5.0
+PROBE_TIMEOUT = min(5.0, SCHEDULER_DEADLINE)
 #: How often a pending wait probes the scheduler.
 WATCH_SECONDS = 2.0
 #: Closing the client, and a LocalCluster, waits at most this long each.
