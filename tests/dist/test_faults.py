@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -347,8 +348,11 @@ def test_worker_killed_during_the_broadcast_gives_the_undisturbed_result(store, 
     config = TrainConfig(steps=3, tol=0.0, gtol=0.0, validation=0.1)
     options = RunOptions(cache="memory", checkpoint_every=None)
     marker = tmp_path / "killed"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
+    # The scheduler keeps trying to copy the broadcast to the dead worker until a connect
+    # times out (30 s by default); a shorter timeout ends that wait sooner, nothing else.
+    with dask.config.set({"distributed.comm.timeouts.connect": "5s"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                         host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         calm = train_store(str(store), str(tmp_path / "calm.zarr"), config, client=client,
                            options=options, dashboard=False)
