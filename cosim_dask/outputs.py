@@ -164,7 +164,7 @@ def check_output(
     if not real.parent.is_dir():
         raise OutputError(f"the folder {str(real.parent)!r} for the {kind.name} {shown!r} does "
                           "not exist; create it first")
-    check_not_input(path, inputs, shown=shown)
+    _check_not_input(path, inputs, shown=shown)
     if real.exists() or real.is_symlink():
         if not overwrite:
             raise OutputError(f"{kind.name} {shown!r} already exists; pass {{overwrite}} to "
@@ -176,7 +176,7 @@ def check_output(
     return real
 
 
-def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+def _check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike],
                     *, shown: str | None = None) -> None:
     """Refuse an output that is, contains or lies inside one of ``inputs`` (compared as real
     paths: relative parts and symlinks resolved)."""
@@ -403,9 +403,6 @@ class Output:
 
     def __init__(self, real: Path, kind: Kind, shown: str) -> None:
         self.path, self.kind, self.shown = real, kind, shown
-
-    def exists(self) -> bool:
-        return self.path.exists()
 
     @contextmanager
     def staged(self) -> Iterator[Path]:
