@@ -292,14 +292,38 @@ def _pyarrow() -> Any:
 
 
 def pair_list_rows(pairs: str | os.PathLike) -> int | None:
-    """Number of pairs in a Parquet pair list (from its footer); None for CSV (unknown)."""
-    if _pair_format(pairs) != "parquet" or not Path(pairs).is_file():
+    """Number of pairs in a pair list: a Parquet file's footer says it; a CSV file is
+    counted in one streaming pass (its first column only, read as text). None when the file
+    cannot be read (reading it for real then raises the one-line error).
+
+    The count fixes the chunking (:func:`~cosim_dask.data.store.choose_chunk_rows` evens the
+    chunks out when ``n`` is known), so the same pairs as CSV or as Parquet give the same
+    store, chunk for chunk, and so the same validation split.
+    """
+    if not Path(pairs).is_file():
+        return None
+    try:
+        fmt = _pair_format(pairs)
+    except CosimError:
         return None
     pa = _pyarrow()
+    path = os.fspath(pairs)
     try:
-        return int(pa.parquet.ParquetFile(os.fspath(pairs)).metadata.num_rows)
-    except pa.ArrowException:
-        return None  # reading it will raise the one-line error
+        if fmt == "parquet":
+            return int(pa.parquet.ParquetFile(path).metadata.num_rows)
+        opts = _csv_parse_options(path)
+        with pa.csv.open_csv(path, parse_options=opts) as header:
+            first = header.schema.names[0]
+        convert = pa.csv.ConvertOptions(include_columns=[first],
+                                        column_types={first: pa.string()})
+        with pa.csv.open_csv(path, parse_options=opts, convert_options=convert) as reader:
+            return sum(batch.num_rows for batch in reader)
+    except (pa.ArrowException, OSError, IndexError):
+        return None
+
+
+def _csv_parse_options(path: str) -> Any:
+    return _pyarrow().csv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",")
 
 
 def array_rows(path: str | os.PathLike) -> int | None:
@@ -334,7 +358,7 @@ def _pair_batches(pairs: str | os.PathLike, columns: list[str], rows: int) -> It
             _check_columns(path, names, columns)
             batches = pf.iter_batches(batch_size=rows, columns=columns)
         else:
-            opts = pa.csv.ParseOptions(delimiter="\t" if path.lower().endswith(".tsv") else ",")
+            opts = _csv_parse_options(path)
             # Fixed column types: pyarrow would otherwise infer them from the first block
             # and fail mid-file on a target "1" followed by "0.5" further down.
             i_col, j_col, t_col = columns
@@ -343,14 +367,33 @@ def _pair_batches(pairs: str | os.PathLike, columns: list[str], rows: int) -> It
                                      convert_options=pa.csv.ConvertOptions(column_types=types))
             _check_columns(path, reader.schema.names, columns)
             batches = (b.select(columns) for b in reader)
-        for batch in batches:
-            # CSV batches follow pyarrow's block size; cut them to at most `rows` rows.
-            for lo in range(0, batch.num_rows, rows):
-                yield batch.slice(lo, rows)
+        yield from _rebatch(pa, batches, rows)
     except pa.ArrowException as exc:
         raise CosimError(f"cannot read pair list {path!r}: "
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from exc
+
+
+def _rebatch(pa: Any, batches: Iterator[Any], rows: int) -> Iterator[Any]:
+    """Batches of exactly ``rows`` rows (the last may be shorter) from batches of any size:
+    CSV batches follow pyarrow's block size, Parquet's its row groups. Equal input chunks
+    whatever the format make the chunk numbers in messages the same for the same data."""
+    pending: list[Any] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += batch.num_rows
+        if held < rows:
+            continue
+        table = pa.Table.from_batches(pending)
+        lo = 0
+        while held - lo >= rows:
+            yield table.slice(lo, rows).combine_chunks().to_batches()[0]
+            lo += rows
+        rest = table.slice(lo)
+        pending, held = (rest.to_batches() if rest.num_rows else []), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
 def _check_columns(path: str, names: list[str], wanted: list[str]) -> None:

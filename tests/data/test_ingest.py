@@ -113,6 +113,44 @@ def test_pairs_round_trip(tmp_path, rng, fmt):
     assert store.attrs["provenance"]["kind"] == "pairs"
 
 
+def test_csv_and_parquet_of_the_same_pairs_give_the_same_store(tmp_path, rng, monkeypatch):
+    """The default chunking evens chunks out when the number of pairs is known: a CSV is
+    counted first, as a Parquet footer tells, so both give the same chunks (and so the same
+    validation split) and the same arrays."""
+    from cosim_dask.data import store as store_module
+
+    # A default chunk of 64 pairs at d = 4, so that 150 pairs need three chunks: 50 each
+    # when n is known, 64 + 64 + 22 when it is not.
+    monkeypatch.setattr(store_module, "TARGET_CHUNK_BYTES", 64 * 4 * 4)
+    monkeypatch.setattr(store_module, "MIN_CHUNK_ROWS", 1)
+    E = rng.standard_normal((30, 4)).astype(np.float32)
+    np.save(tmp_path / "E.npy", E)
+    i, j, t = rng.integers(0, 30, 150), rng.integers(0, 30, 150), rng.choice([-1.0, 1.0], 150)
+    stores = {}
+    for fmt in ("parquet", "csv"):
+        pairs = write_pairs(tmp_path, fmt, i, j, t)
+        seen = []
+        ingest_pairs(tmp_path / f"{fmt}.zarr", tmp_path / "E.npy", pairs, progress=seen.append)
+        stores[fmt] = open_store(tmp_path / f"{fmt}.zarr")
+        assert seen == [50, 50, 50], fmt  # input chunks too, whatever the row groups
+    parquet, csv = stores["parquet"], stores["csv"]
+    assert parquet.x.chunks == csv.x.chunks == ((50, 50, 50), (4,))
+    for name in ("x", "y", "target"):
+        np.testing.assert_array_equal(getattr(parquet, name).compute(),
+                                      getattr(csv, name).compute())
+    np.testing.assert_array_equal(csv.x.compute(), E[i])
+    # The same bad row is named in the same input chunk whichever format holds it.
+    t[120] = 0.5
+    messages = []
+    for fmt in ("parquet", "csv"):
+        pairs = write_pairs(tmp_path, fmt, i, j, t)
+        with pytest.raises(InvalidPairsError) as caught:
+            ingest_pairs(tmp_path / f"bad-{fmt}.zarr", tmp_path / "E.npy", pairs,
+                         targets="binary")
+        messages.append(str(caught.value).replace(str(pairs), "PAIRS"))
+    assert messages[0] == messages[1] and "input chunk 2 (rows 100-149)" in messages[0]
+
+
 def test_pairs_normalize(tmp_path, rng):
     E = rng.standard_normal((8, 3)) * 5
     pairs = write_pairs(tmp_path, "csv", [0, 1, 2], [3, 4, 5], [1.0, -1.0, 1.0])
