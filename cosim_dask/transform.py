@@ -11,7 +11,7 @@ every pair, into a new pair store).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ from cosim_dask.outputs import NPY_ARRAY, claim_output
 #: Rows per block: 65,536 × d = 128 float32 is 32 MB in and out; large enough that the GEMM
 #: dominates the Python overhead, small enough to bound memory.
 DEFAULT_BLOCK_ROWS = 65536
+#: Called with the number of rows (vectors, or pairs of a store) done after each block.
+Progress = Callable[[int], None]
 
 
 @dataclass
@@ -89,6 +91,7 @@ def transform_file(
     overwrite: bool = False,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     inputs: Iterable[str | os.PathLike] = (),
+    progress: Progress | None = None,
 ) -> TransformReport:
     """Write ``L x`` for every vector of ``src`` to the ``.npy`` file ``out``.
 
@@ -101,6 +104,7 @@ def transform_file(
     block_rows : rows per block (bounds memory)
     inputs : other files the command reads (the model's path): ``out`` may not be one of
         them, nor ``src`` (the output policy, :mod:`cosim_dask.outputs`)
+    progress : called with the rows done after each block (for a store: pairs per chunk)
 
     Raises
     ------
@@ -111,7 +115,8 @@ def transform_file(
     if block_rows < 1:
         raise CosimError(f"block_rows={block_rows} must be >= 1")
     if Path(src).is_dir():
-        return transform_store(model, src, out, overwrite=overwrite, inputs=inputs)
+        return transform_store(model, src, out, overwrite=overwrite, inputs=inputs,
+                               progress=progress)
     array = open_embeddings(src)
     n, d = array.shape
     if d != model.d:
@@ -132,12 +137,14 @@ def transform_file(
                 raise CosimError(f"input {str(src)!r} has NaN or Inf values (first at row "
                                  f"{lo + int(np.argmin(finite))}); nothing was written")
             f.write(np.ascontiguousarray(transform_block(L, block), dtype=out_dtype).data)
+            if progress is not None:
+                progress(len(block))
     return TransformReport(str(out), n, d, L.shape[0], np.dtype(out_dtype).name)
 
 
 def transform_store(
     model: Model, src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-    inputs: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike] = (), progress: Progress | None = None,
 ) -> TransformReport:
     """Write a new pair store with ``L x`` and ``L y`` for every pair of the store ``src``
     (same targets, same chunking), chunk by chunk in bounded memory.
@@ -160,4 +167,6 @@ def transform_store(
             # zeros) and the store checked to be the one opened above.
             x, y, t = read_slice(StoreSlice(store.path, i, s.start, s.stop, store.fingerprint))
             writer.append(transform_block(L, x), transform_block(L, y), t)
+            if progress is not None:
+                progress(len(t))
     return TransformReport(str(out), store.n, store.d, L.shape[0], "float32")

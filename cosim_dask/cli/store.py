@@ -4,21 +4,10 @@ cosim_dask.data.ingest / cosim_dask.data.store inside run(), render."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from cosim_dask.cli.options import (
     MAX_SEED,
@@ -30,6 +19,7 @@ from cosim_dask.cli.options import (
     TargetKind,
 )
 from cosim_dask.cli.output import echo, run
+from cosim_dask.cli.progress import progress
 from cosim_dask.data.ingest import (
     IngestReport,
     array_rows,
@@ -40,19 +30,6 @@ from cosim_dask.data.ingest import (
 )
 from cosim_dask.data.store import store_info
 from cosim_dask.errors import CosimError
-
-
-@contextmanager
-def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields the ``progress(rows)`` callback."""
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("pairs"), TimeElapsedColumn(), TimeRemainingColumn()]
-    console = Console(stderr=True)
-    # Off when stderr is not a terminal: logs and pipes get the summary line only.
-    with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda rows: bar.advance(task, rows)
 
 
 def _report_line(report: IngestReport, verb: str) -> str:
@@ -83,11 +60,11 @@ def generate(
 ) -> None:
     """Write synthetic pairs whose targets come from a hidden PSD metric A* (kept in the
     store), streaming chunk by chunk."""
-    with progress_bar("generate", pairs) as progress:
+    with progress("generate", pairs, "pairs") as tracker:
         report = run(lambda: generate_store(
             store, pairs=pairs, dim=dim, rank=rank, noise=noise, targets=targets.value,
             seed=seed, chunk_rows=chunk_pairs, codec=codec.value, overwrite=overwrite,
-            progress=progress))
+            progress=tracker.advance))
     echo(_report_line(report, "generated"))
 
 
@@ -144,14 +121,16 @@ def ingest(
 
     def body() -> IngestReport:
         if all(a is not None for a in aligned) and all(t is None for t in table):
-            total = array_rows(target)
-            with progress_bar("ingest", total) as progress:
-                return ingest_arrays(store, x, y, target, progress=progress, **options)
+            with progress("ingest", array_rows(target), "pairs") as tracker:
+                return ingest_arrays(store, x, y, target, progress=tracker.advance,
+                                     **options)
         if all(t is not None for t in table) and all(a is None for a in aligned):
-            with progress_bar("ingest", pair_list_rows(pairs)) as progress:
+            # A CSV is counted here once (a Parquet footer says it); ingest reuses it.
+            total = pair_list_rows(pairs)
+            with progress("ingest", total, "pairs") as tracker:
                 return ingest_pairs(store, embeddings, pairs, i_column=i_column,
                                     j_column=j_column, target_column=target_column,
-                                    progress=progress, **options)
+                                    progress=tracker.advance, n_pairs=total, **options)
         raise CosimError("give either --x, --y and --target, or --embeddings and --pairs")
 
     echo(_report_line(run(body), "ingested"))

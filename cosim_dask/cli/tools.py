@@ -10,12 +10,24 @@ import typer
 
 from cosim_dask.cli.options import Model, overwrite_option
 from cosim_dask.cli.output import echo, run
+from cosim_dask.cli.progress import progress
+from cosim_dask.data.ingest import array_rows
+from cosim_dask.data.store import open_store
 from cosim_dask.fit.model import load_model
 from cosim_dask.report.page import write_report
 from cosim_dask.transform import DEFAULT_BLOCK_ROWS, transform_file
 
 OverwriteOut = overwrite_option("OUT if it exists")
 OverwriteReport = overwrite_option("an existing --out report")
+
+
+def input_rows(src: Path) -> int | None:
+    """Rows of a transform's input, for the progress total: a store's pairs, a .npy's
+    vectors; None when unreadable (the transform then says why)."""
+    try:
+        return open_store(src).n if src.is_dir() else array_rows(src)
+    except Exception:  # noqa: BLE001 - a missing total only hides the bar
+        return None
 
 
 def transform(
@@ -34,9 +46,12 @@ def transform(
     equals the learned similarity."""
 
     def body() -> None:
-        report = transform_file(load_model(model), src, out, overwrite=overwrite,
-                                block_rows=block_rows, inputs=[model])
+        loaded = load_model(model)
         what = "pairs" if src.is_dir() else "vectors"
+        with progress("transform", input_rows(src), what) as tracker:
+            report = transform_file(loaded, src, out, overwrite=overwrite,
+                                    block_rows=block_rows, inputs=[model],
+                                    progress=tracker.advance)
         echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
              f"to {report.path}")
 

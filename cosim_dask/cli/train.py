@@ -4,13 +4,13 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from distributed import Client
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from cosim_dask.cli.options import (
@@ -33,11 +33,12 @@ from cosim_dask.cli.options import (
     overwrite_option,
 )
 from cosim_dask.cli.output import cli_text, echo, fmt, run, say
+from cosim_dask.cli.progress import Tracker, progress
 from cosim_dask.dashboard.publisher import dashboard_url
 from cosim_dask.data.store import open_store
 from cosim_dask.errors import ClusterError
 from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
-from cosim_dask.fit.evaluate import evaluate_model
+from cosim_dask.fit.evaluate import evaluate_model, split_title
 from cosim_dask.fit.model import load_model
 from cosim_dask.fit.train import RunOptions, check_request, finished_message, train_store
 
@@ -125,54 +126,67 @@ def train(
     console = Console(stderr=True)
     with connected(cluster) as client:
         say(console, f"Dask dashboard: {_dashboard_link(client)}")
-        progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[status]}"), console=console,
-                            transient=False)
-        task = progress.add_task("train", total=steps, status="")
-
-        def on_start(info) -> None:
-            if info.get("live_url"):
-                say(console, f"Live training page: {info['live_url']}")
-            if info.get("live_hint"):
-                say(console, info["live_hint"])
-            s = info["store"]
-            resumed = info["resumed_at"]
-            say(
-                console,
-                f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
-                f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
-                + (f"; resuming at step {resumed}" if resumed is not None else ""))
-            if resumed:
-                progress.update(task, completed=resumed)
-
-        def on_step(r) -> None:
-            status = (f"loss {fmt(r['loss'])}  |grad| {fmt(r['grad_norm'], '.2e')}  "
-                      f"{fmt(r['pairs_per_s'], ',.0f')} pairs/s")
-            if r.get("val_auc") is not None:
-                status += f"  val AUC {r['val_auc']:.4f}"
-            elif r.get("val_loss") is not None:
-                status += f"  val loss {fmt(r['val_loss'])}"
-            progress.update(task, completed=r["step"], status=status)
-
-        with progress:
+        # Steps are counted against the step limit, a bound: the run may stop earlier.
+        with progress("train", steps, "steps", bound=True, every=0, keep=True,
+                      console=console) as tracker:
             result = run(lambda: train_store(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
-                resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
-                run_id=run_id))
+                resume=resume, checkpoint=checkpoint, on_step=_on_step(tracker),
+                on_start=_on_start(console, tracker), run_id=run_id))
     if result.resumed_complete:
         echo(f"nothing to resume: {cli_text(finished_message(checkpoint, config))}")
         return
     attrs = result.model.attrs
     say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")
-    _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+    held_out = attrs.get("validation_figures")
+    _print_figures(held_out or attrs.get("train_figures"),
+                   split_title("validation" if held_out else "train",
+                               (attrs.get("settings") or {}).get("validation") or 0.0))
     echo(f"model written to {out}")
 
 
-def _print_figures(figures: dict | None) -> None:
+def _on_start(console: Console, tracker: Tracker) -> Callable[[dict], None]:
+    """What train prints when the run starts; the clock starts there (after the cluster
+    and the data are ready), at the step a resumed run continues from."""
+
+    def on_start(info: dict) -> None:
+        if info.get("live_url"):
+            say(console, f"Live training page: {info['live_url']}")
+        if info.get("live_hint"):
+            say(console, info["live_hint"])
+        s = info["store"]
+        resumed = info["resumed_at"]
+        say(console,
+            f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
+            f"{'in cluster memory' if info['cache'] == 'memory' else 'streamed from the store'}"
+            + (f"; resuming at step {resumed}" if resumed is not None else ""))
+        tracker.start_at(resumed or 0)
+
+    return on_start
+
+
+def _on_step(tracker: Tracker) -> Callable[[dict], None]:
+    """Each step's figures on the progress line, the most useful first."""
+
+    def on_step(r: dict) -> None:
+        status = [f"loss {fmt(r['loss'])}"]
+        if r.get("val_auc") is not None:
+            status.append(f"val AUC {r['val_auc']:.4f}")
+        elif r.get("val_loss") is not None:
+            status.append(f"val loss {fmt(r['val_loss'])}")
+        status += [f"|grad| {fmt(r['grad_norm'], '.2e')}",
+                   f"{fmt(r['pairs_per_s'], ',.0f')} pairs/s"]
+        tracker.update(r["step"], status)
+
+    return on_step
+
+
+def _print_figures(figures: dict | None, title: str) -> None:
+    """The figures of the learned metric beside plain cosine, titled by the rows scored."""
     if not figures:
         return
-    table = Table(title="held-out pairs" if figures else None)
+    table = Table(title=title)
     table.add_column("metric")
     keys = [k for k in ("pairs", "loss", "mse", "auc", "accuracy", "threshold", "spearman")
             if k in figures["learned"]]
@@ -203,11 +217,15 @@ def evaluate(
     cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
                               dashboard_address, security)
     # Bad paths fail before start-up; the model is read once.
-    loaded, _ = run(lambda: (load_model(model), open_store(store)))
-    with connected(cluster) as client:
+    loaded, opened = run(lambda: (load_model(model), open_store(store)))
+    # One pass that tells nothing until it ends: the time going by, then the count.
+    with connected(cluster) as client, \
+            progress("evaluate", opened.n_chunks, "chunks", counted=False) as tracker:
         report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
+        tracker.update(opened.n_chunks)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
-    _print_figures(report)
+    fraction = (loaded.attrs.get("settings") or {}).get("validation") or 0.0
+    _print_figures(report, split_title(report["split"], fraction))

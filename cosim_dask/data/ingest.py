@@ -421,7 +421,7 @@ def ingest_pairs(
     i_column: str = "i", j_column: str = "j", target_column: str = "target",
     targets: str | None = None, zero_is_negative: bool = False, drop_invalid: bool = False,
     normalize: bool = False, chunk_rows: int | None = None, codec: str = DEFAULT_CODEC,
-    overwrite: bool = False, progress: Progress | None = None,
+    overwrite: bool = False, progress: Progress | None = None, n_pairs: int | None = None,
 ) -> IngestReport:
     """Write pairs ``(E[i], E[j], target)`` from an embedding table and a pair list.
 
@@ -433,6 +433,10 @@ def ingest_pairs(
         Parquet (``.parquet``/``.pq``) or CSV (``.csv``/``.csv.gz``/``.tsv``, header row)
         with integer columns ``i_column``, ``j_column`` (0-based rows of ``embeddings``)
         and a numeric ``target_column``; read in batches of ``chunk_rows``.
+
+    n_pairs : int, optional
+        The pair list's rows, when the caller has counted them already
+        (:func:`pair_list_rows`; a CSV is counted in one pass): they set the chunking.
 
     Other parameters are as in :func:`ingest_arrays`. Indices outside ``[0, m)`` are an
     error even with ``drop_invalid``.
@@ -448,7 +452,9 @@ def ingest_pairs(
     E = _load(embeddings, "embeddings")
     _check_vectors(E, f"embeddings {_describe(embeddings, 'embeddings')}")
     m, d = E.shape
-    rows = choose_chunk_rows(d, pair_list_rows(pairs), chunk_rows)
+    if n_pairs is None:
+        n_pairs = pair_list_rows(pairs)
+    rows = choose_chunk_rows(d, n_pairs, chunk_rows)
     columns = [i_column, j_column, target_column]
     if len(set(columns)) != 3:
         raise CosimError(f"the index and target columns must differ, got {columns}")

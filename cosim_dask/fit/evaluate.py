@@ -61,6 +61,20 @@ def summarize(stats: dict[str, ScoreStats], split: str, *, binary: bool,
     return out
 
 
+#: What a table of figures scores, by split: a title that says which rows they are.
+SPLIT_TITLES = {"validation": "validation pairs", "train": "training pairs",
+                "all": "all pairs"}
+
+
+def split_title(split: str, validation: float = 0.0) -> str:
+    """The title of a table of figures on ``split``'s rows: ``"validation pairs"``,
+    ``"training pairs"`` or ``"all pairs"``. With no validation rows (``validation`` 0)
+    the training rows are every pair, and the title says so."""
+    if split == "train" and not validation:
+        return "training pairs (all pairs: no validation rows)"
+    return SPLIT_TITLES[split]
+
+
 def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float]]:
     """The ROC curve, thinned to at most ``max_points`` points, for the model file."""
     fpr, tpr = stats.roc()

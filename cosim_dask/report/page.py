@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from cosim_dask import __version__
+from cosim_dask.fit.evaluate import split_title
 from cosim_dask.fit.model import Model, load_model
 from cosim_dask.outputs import HTML_REPORT, check_output, claim_output
 from cosim_dask.report.svg import Chart, Series, VMark, placeholder, render
@@ -241,6 +242,7 @@ def render_page(model: Model, data: dict[str, Any], *, model_path: str) -> str:
     checkpoint = ('<p class="note">This model is a checkpoint: training has not finished.</p>'
                   if attrs.get("complete") is False else "")
     generated = datetime.now(UTC).isoformat(timespec="seconds")
+    validation = float((attrs.get("settings") or {}).get("validation") or 0.0)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -273,8 +275,8 @@ validation rows.</figcaption>{roc_note}</figure>
 </div>
 <h2>Figures: learned metric vs plain cosine</h2>
 <p class="sub">Accuracy uses thresholds calibrated on the training rows.</p>
-{_figures_table("validation rows", data["figures"]["validation rows"])}
-{_figures_table("training rows", data["figures"]["training rows"])}
+{_figures_table(split_title("validation"), data["figures"]["validation rows"])}
+{_figures_table(split_title("train", validation), data["figures"]["training rows"])}
 <h2>Settings</h2>
 {_settings_table(model, model_path)}
 </body>

@@ -378,7 +378,7 @@ def test_worker_killed_during_the_broadcast_gives_the_undisturbed_result(store, 
     assert [h["loss"] for h in killed.state.history] == [h["loss"] for h in calm.state.history]
 
 
-_PROGRESS = ("Dask dashboard:", "Live training page:", "training")
+_PROGRESS = ("Dask dashboard:", "Live training page:", "train: ")
 
 
 @pytest.mark.slow

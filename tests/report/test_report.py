@@ -109,6 +109,9 @@ def test_page_is_self_contained_with_titles_and_axes(page):
         assert any(c.startswith("tick") for c, _ in texts), chart
     assert "Figures: learned metric vs plain cosine" in text
     assert 'id="roc-missing"' not in text
+    # Each table is titled by the rows it scores (this model held validation rows out).
+    assert re.findall(r"<caption>(.*?)</caption>", text) == ["validation pairs",
+                                                             "training pairs"]
 
 
 def test_plotted_data_match_the_model(trained, page):
@@ -178,7 +181,9 @@ def test_graded_or_unvalidated_models_say_why_there_is_no_roc(trained, tmp_path)
                           validation_figures=None)
     text = write_report(plain, tmp_path / "noval.html").read_text(encoding="utf-8")
     assert "held out no validation rows (validation=0)" in text
-    assert "No figures on the validation rows." in text
+    assert "No figures on the validation pairs." in text
+    # Without validation rows the training rows are every pair, and the caption says so.
+    assert "<caption>training pairs (all pairs: no validation rows)</caption>" in text
 
 
 def test_full_form_model_with_zero_eigenvalues_and_no_history(tmp_path):
