@@ -7,6 +7,10 @@ and checks that the README still matches what the commands print.
 
     python scripts/readme_tour.py            # print the transcript
     python scripts/readme_tour.py --write    # and put it into README.md
+
+Piped, the commands write plain progress lines: train one a step (shown as the first two,
+``…`` and the last), the others one about every 10 s and a final line (shown: the final
+line, since how many come before it depends on the machine's speed).
 """
 
 from __future__ import annotations
@@ -43,8 +47,30 @@ def run_tour(folder: Path, commands: list[str] = COMMANDS) -> str:
                               env=env, timeout=600)
         if done.returncode:
             raise SystemExit(f"`{command}` failed ({done.returncode}):\n{done.stdout}")
-        lines.append(f"$ {command}\n{done.stdout}")
+        lines.append(f"$ {command}\n{shortened(done.stdout)}")
     return "".join(lines)
+
+
+PROGRESS = re.compile(r"^(generate|ingest|train|evaluate|transform): ")
+
+
+def shortened(output: str) -> str:
+    """``output`` with each run of progress lines cut to its final line; train's (one a
+    step) to its first two, ``…`` and its last."""
+    out: list[str] = []
+    run: list[str] = []
+    for line in [*output.splitlines(keepends=True), None]:
+        if line is not None and PROGRESS.match(line):
+            run.append(line)
+            continue
+        if run and run[0].startswith("train: ") and len(run) > 3:
+            out += [*run[:2], "…\n", run[-1]]
+        elif run:
+            out += run if run[0].startswith("train: ") else run[-1:]
+        run = []
+        if line is not None:
+            out.append(line)
+    return "".join(out)
 
 
 def readme_transcript(text: str) -> str:

@@ -18,7 +18,8 @@ import readme_tour  # noqa: E402
 VOLATILE = [
     re.compile(r"\d{4}-\d{2}-\d{2}T[\d:+]+"),
     re.compile(r"[\d.]+ s\b"),
-    re.compile(r"[\d,]+ pairs/s"),
+    re.compile(r"[\d.,]+ \w+/s"),  # pairs/s, steps/s, chunks/s
+    re.compile(r"(elapsed|eta ≤|eta) [\d.]+s|(elapsed|eta ≤|eta) \d+m\d+s"),
     re.compile(r"127\.0\.0\.1:\d+"),
     re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}"),
     re.compile(r"fingerprint [0-9a-f]{16}"),

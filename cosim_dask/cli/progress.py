@@ -3,14 +3,13 @@ evaluate, transform).
 
 In a terminal: one live line on stderr with the count (``16/30 steps``), the time left, the
 time elapsed, the throughput, the command's own figures (train's loss) and a bar. The line
-is fitted to the terminal's width by dropping whole items, the least useful first (the bar,
-then extra figures, the throughput, the elapsed time), never by cutting a number in half;
-the count and the time left stay at any width.
+is fitted to the terminal's width by dropping whole items, the least useful first (extra
+figures, the throughput, the elapsed time, the bar, the first figure), never by cutting a
+number in half: the count and the time left stay at any width.
 
 Not a terminal (a pipe, a CI log): plain lines, no escape codes, no carriage returns, at a
-steady pace (every update for train's steps; for the commands that count chunks, at most one
-line every ``every`` seconds, with one every ``every`` seconds even while no chunk ends), and
-a final line::
+steady pace (every step for train; for the commands that count chunks, about one line every
+10 s, also while no chunk ends), and a final line::
 
     train: 12/50 steps · loss 0.3712 · 1.8 steps/s · elapsed 6.6s · eta ≤ 21s
 
@@ -191,11 +190,11 @@ def progress(label: str, total: int | None, unit: str, *, bound: bool = False,
     """Show the progress of ``label`` while the block runs; yields its :class:`Tracker`.
 
     ``total`` None: no bar and no time left, the count alone. ``bound``, ``counted``: see
-    :class:`Tracker`. ``every``: the plain lines'
-    pace in seconds (0: a line at every update). ``keep``: leave the terminal line on the
-    screen at the end (train's last figures), else remove it. Output goes to ``console``
-    (default: stderr); plain lines when it is not a terminal. The final line is written
-    only when the block succeeds: after an error, the error is the last line.
+    :class:`Tracker`. ``every``: the plain lines' pace in seconds (0: a line at every
+    update). ``keep``: leave the terminal line on the screen at the end (train's last
+    figures), else remove it. Output goes to ``console`` (default: stderr); plain lines
+    when it is not a terminal. The final line is written only when the block succeeds:
+    after an error, the error is the last line.
     """
     console = console or Console(stderr=True)
     tracker = Tracker(label, total, unit, bound=bound, counted=counted)
