@@ -66,6 +66,10 @@ class Tracker:
     base: int = 0
     #: Set when the block ended well: no time left to show, the clock stopped.
     finished: float | None = None
+    #: Throughput from the first update on (count, time), not from the start: train's first
+    #: report (step 0) comes after the data are loaded, which says nothing of a step's time.
+    rate_from_first: bool = False
+    origin: tuple[int, float] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Called after every change (the plain lines' writer).
     listener: Callable[[], None] | None = field(default=None, repr=False)
@@ -84,6 +88,8 @@ class Tracker:
         """``completed`` done so far, and the command's figures (most useful first)."""
         with self.lock:
             self.completed, self.status = int(completed), tuple(status)
+            if self.rate_from_first and self.origin is None:
+                self.origin = (self.completed, time.monotonic())
         self._changed()
 
     def start_at(self, completed: int) -> None:
@@ -92,6 +98,7 @@ class Tracker:
         with self.lock:
             self.completed = self.base = int(completed)
             self.started = time.monotonic()
+            self.origin = None
 
     def finish(self) -> None:
         """The work is done (perhaps short of a bound): stop the clock."""
@@ -110,8 +117,12 @@ class Tracker:
         with self.lock:
             done, status, base, started = self.completed, self.status, self.base, self.started
             now = self.finished or time.monotonic()
+            if self.rate_from_first:
+                base, since = self.origin or (done, now)
+            else:
+                since = started
         elapsed = now - started
-        rate = (done - base) / elapsed if elapsed > 0 and done > base else None
+        rate = (done - base) / (now - since) if now > since and done > base else None
         if not self.counted and self.finished is None:
             total = "" if self.total is None else f"{self.total:,} "
             return [(0, f"scoring {total}{self.unit}"),
@@ -185,19 +196,20 @@ class Tracker:
 
 @contextmanager
 def progress(label: str, total: int | None, unit: str, *, bound: bool = False,
-             counted: bool = True, every: float = PLAIN_EVERY, keep: bool = False,
-             console: Console | None = None) -> Iterator[Tracker]:
+             counted: bool = True, rate_from_first: bool = False, every: float = PLAIN_EVERY,
+             keep: bool = False, console: Console | None = None) -> Iterator[Tracker]:
     """Show the progress of ``label`` while the block runs; yields its :class:`Tracker`.
 
-    ``total`` None: no bar and no time left, the count alone. ``bound``, ``counted``: see
-    :class:`Tracker`. ``every``: the plain lines' pace in seconds (0: a line at every
-    update). ``keep``: leave the terminal line on the screen at the end (train's last
-    figures), else remove it. Output goes to ``console`` (default: stderr); plain lines
-    when it is not a terminal. The final line is written only when the block succeeds:
+    ``total`` None: no bar and no time left, the count alone. ``bound``, ``counted``,
+    ``rate_from_first``: see :class:`Tracker`. ``every``: the plain lines' pace in seconds
+    (0: a line at every update). ``keep``: leave the terminal line on the screen at the end
+    (train's last figures), else remove it. Output goes to ``console`` (default: stderr);
+    plain lines when it is not a terminal. The final line is written only when the block succeeds:
     after an error, the error is the last line.
     """
     console = console or Console(stderr=True)
-    tracker = Tracker(label, total, unit, bound=bound, counted=counted)
+    tracker = Tracker(label, total, unit, bound=bound, counted=counted,
+                      rate_from_first=rate_from_first)
     if console.is_terminal:
         with Live(tracker, console=console, refresh_per_second=4, transient=not keep) as live:
             yield tracker

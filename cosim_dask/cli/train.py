@@ -127,8 +127,8 @@ def train(
     with connected(cluster) as client:
         say(console, f"Dask dashboard: {_dashboard_link(client)}")
         # Steps are counted against the step limit, a bound: the run may stop earlier.
-        with progress("train", steps, "steps", bound=True, every=0, keep=True,
-                      console=console) as tracker:
+        with progress("train", steps, "steps", bound=True, rate_from_first=True, every=0,
+                      keep=True, console=console) as tracker:
             result = run(lambda: train_store(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=_on_step(tracker),

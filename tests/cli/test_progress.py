@@ -145,8 +145,7 @@ def test_train_logs_every_step_and_titles_its_table(store, tmp_path, cluster_add
     assert "training pairs (all pairs: no validation rows)" in every.stdout
 
     # evaluate: titled by the split it scores; its one pass logs the time, then the count.
-    for split, title in (("auto", "validation pairs"), ("train", "training pairs"),
-                         ("all", "all pairs")):
+    for split, title in (("train", "training pairs"), ("all", "all pairs")):
         result = ok("evaluate", out, store, "--split", split, "--scheduler", cluster_address)
         table_title = result.stdout.splitlines()[1].strip()
         assert table_title == title, result.stdout
