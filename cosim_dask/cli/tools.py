@@ -13,6 +13,7 @@ from cosim_dask.cli.output import echo, run
 from cosim_dask.cli.progress import progress
 from cosim_dask.data.ingest import array_rows
 from cosim_dask.data.store import open_store
+from cosim_dask.errors import CosimError
 from cosim_dask.fit.model import load_model
 from cosim_dask.report.page import write_report
 from cosim_dask.transform import DEFAULT_BLOCK_ROWS, transform_file
@@ -26,7 +27,7 @@ def input_rows(src: Path) -> int | None:
     vectors; None when unreadable (the transform then says why)."""
     try:
         return open_store(src).n if src.is_dir() else array_rows(src)
-    except Exception:  # noqa: BLE001 - a missing total only hides the bar
+    except (CosimError, OSError, ValueError):  # a missing total only hides the bar
         return None
 
 
