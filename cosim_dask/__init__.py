@@ -2,6 +2,7 @@
 from labelled pairs, out of core on Dask."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 # First: the modules below read it while the package is being imported.
 try:
@@ -21,6 +22,9 @@ from cosim_dask.core.kernel import (
 from cosim_dask.core.losses import get_loss
 from cosim_dask.core.solvers import get_solver
 from cosim_dask.errors import CosimError
+
+if TYPE_CHECKING:
+    from cosim_dask.estimator import CosineMetricLearner
 
 
 def __getattr__(name: str):

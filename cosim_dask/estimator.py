@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -215,6 +217,15 @@ class CosineMetricLearner(*_BASES):
                                  f"valid parameters: {', '.join(valid)}")
         return super().set_params(**params)
 
+    def __sklearn_clone__(self) -> CosineMetricLearner:
+        """scikit-learn's ``clone``: the parameters copied, except ``client``, which is shared
+        (a live connection to a scheduler, that ``clone``'s deep copy would break)."""
+        from sklearn.base import clone  # only scikit-learn calls this
+
+        params = {name: clone(value, safe=False) if name != "client" else value
+                  for name, value in self.get_params(deep=False).items()}
+        return type(self)(**params)
+
     def __sklearn_tags__(self) -> Any:
         """A binary classifier of 3-D pairs (n_pairs, 2, n_features) that needs y.
 
@@ -275,6 +286,10 @@ class CosineMetricLearner(*_BASES):
         n, _, d = pairs.shape
         raw = y if is_dask(y) else np.asarray(y)
         y, binary = check_targets(y, n)
+        if binary:
+            has_zero = (raw == 0).any()
+            classes = _labels(raw.dtype, bool(self._compute(has_zero) if is_dask(raw)
+                                              else has_zero))
         config = self._config(binary)
         form = config.make_parameterisation()
         params0 = form.initial(d, seed=self.random_state)
@@ -295,9 +310,7 @@ class CosineMetricLearner(*_BASES):
                           state, d, "in-process" if in_process else "cluster")
         self.targets_binary_ = binary
         if binary:
-            has_zero = (raw == 0).any()
-            self.classes_ = _labels(raw.dtype, bool(self._compute(has_zero) if is_dask(raw)
-                                                    else has_zero))
+            self.classes_ = classes
         elif hasattr(self, "classes_"):  # a refit on graded targets: no classes any more
             del self.classes_
         return self
@@ -439,9 +452,8 @@ class CosineMetricLearner(*_BASES):
         self
         """
         _check_fitted(self)
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float | np.integer
-                                                          | np.floating) \
-                or not np.isfinite(threshold):
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+                or not math.isfinite(threshold):
             raise CosimError(f"threshold={threshold!r} must be a finite number")
         self.threshold_ = float(threshold)
         return self
@@ -546,9 +558,11 @@ class CosineMetricLearner(*_BASES):
 
 
 def _labels(dtype: np.dtype, has_zero: bool) -> np.ndarray:
-    """(2,) the labels of binary targets in their dtype: ``[0, 1]`` if they hold a 0, else
-    ``[-1, 1]`` (``check_targets`` has checked that they are one or the other)."""
-    return np.array([0 if has_zero else -1, 1]).astype(dtype)
+    """(2,) the labels of binary targets in their dtype: ``[0, 1]`` if they hold a 0 or
+    cannot hold −1 (bool, unsigned), else ``[-1, 1]`` (``check_targets`` has checked that
+    they are one or the other)."""
+    zero_one = has_zero or np.dtype(dtype).kind in "bu"
+    return np.array([0 if zero_one else -1, 1]).astype(dtype)
 
 
 def _binary(y: np.ndarray) -> bool:

@@ -74,6 +74,13 @@ def test_is_a_scikit_learn_binary_classifier_of_3d_pairs():
                       StratifiedKFold)
 
 
+def test_clone_shares_the_client_and_copies_the_rest(client):
+    model = CosineMetricLearner(client=client, rank=2, **FAST)
+    twin = clone(model)
+    assert twin.client is client and twin.get_params() == model.get_params()
+    assert not hasattr(twin, "metric_")
+
+
 @pytest.mark.parametrize("kind,dtype", [((-1, 1), np.int64), ((-1, 1), np.float32),
                                         ((0, 1), np.int32), ((0, 1), bool)])
 def test_predict_returns_labels_of_ys_kind_and_dtype(pairs_y, kind, dtype):
@@ -92,6 +99,14 @@ def test_predict_returns_labels_of_ys_kind_and_dtype(pairs_y, kind, dtype):
     lazy = model.predict(da.from_array(pairs, chunks=(150, 2, 5)))
     assert isinstance(lazy, da.Array) and lazy.dtype == labels.dtype
     np.testing.assert_array_equal(lazy.compute(), predicted)
+
+
+@pytest.mark.parametrize("y,classes", [(np.ones(40, np.uint8), [0, 1]), (np.zeros(40, int), [0, 1]),
+                                       (np.ones(40, bool), [False, True]), (np.ones(40), [-1, 1])])
+def test_a_y_of_one_label_keeps_both_labels_of_its_kind(pairs_y, y, classes):
+    model = CosineMetricLearner(max_iter=2).fit(pairs_y[0][:40], y)
+    assert model.classes_.dtype == y.dtype and model.classes_.tolist() == classes
+    assert set(model.predict(pairs_y[0]).tolist()) <= set(classes)
 
 
 def test_graded_targets_have_no_classes_and_predict_plus_minus_one(pairs_y):
