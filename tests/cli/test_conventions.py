@@ -96,23 +96,22 @@ def test_a_flag_takes_no_value(tmp_path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, cluster_address):
-    """A small binary store, a model trained on it with `train --json` (its document kept),
-    and a .npy of vectors."""
+    """A small binary store, a model trained on it, and a .npy of vectors."""
     w = tmp_path_factory.mktemp("conventions")
     ok("generate", w / "s.zarr", "--pairs", 3000, "--dim", 6, "--rank", 2, "--targets",
-       "binary", "--seed", 3, "--chunk-pairs", 1000, "-q")
-    result = ok("train", w / "s.zarr", "--out", w / "m.zarr", "--steps", 4, "--json",
-                "--scheduler", cluster_address)
+       "binary", "--seed", 3, "--chunk-pairs", 1000)
+    ok("train", w / "s.zarr", "--out", w / "m.zarr", "--steps", 4, "--scheduler",
+       cluster_address)
     np.save(w / "v.npy", np.random.default_rng(0).standard_normal((20, 6)).astype("f4"))
-    return w, result
+    return w
 
 
-def test_train_json_is_the_run_summary(world):
-    w, result = world
+def test_train_json_is_the_run_summary(world, cluster_address):
+    result = ok("train", world / "s.zarr", "--out", world / "j-m.zarr", "--steps", 2,
+                "--json", "--scheduler", cluster_address)
     summary = json.loads(result.stdout)  # stdout is the document, and only it
-    model = load_model(w / "m.zarr")
-    attrs = model.attrs
-    assert summary["model"] == str(w / "m.zarr")
+    attrs = load_model(world / "j-m.zarr").attrs
+    assert summary["model"] == str(world / "j-m.zarr")
     assert summary["trained"] and summary["complete"]
     assert summary["steps"] == attrs["steps"] == len(attrs["history"]) - 1
     assert summary["stop_reason"] == attrs["stop_reason"]
@@ -123,7 +122,7 @@ def test_train_json_is_the_run_summary(world):
 
 
 def test_train_json_of_a_resume_with_nothing_to_do(world, cluster_address):
-    w, _ = world
+    w = world
     result = ok("train", w / "s.zarr", "--out", w / "m.zarr", "--steps", 4, "--resume",
                 "--json", "--scheduler", cluster_address)
     summary = json.loads(result.stdout)
@@ -132,7 +131,7 @@ def test_train_json_of_a_resume_with_nothing_to_do(world, cluster_address):
 
 
 def test_evaluate_json_names_the_model_path(world, cluster_address):
-    w, _ = world
+    w = world
     result = ok("evaluate", w / "m.zarr", w / "s.zarr", "--split", "all", "--json",
                 "--scheduler", cluster_address)
     report = json.loads(result.stdout)
@@ -142,7 +141,7 @@ def test_evaluate_json_names_the_model_path(world, cluster_address):
 
 
 def test_quiet_prints_nothing_but_errors(world, cluster_address):
-    w, _ = world
+    w = world
     runs = [
         ("generate", w / "q.zarr", "--pairs", 500, "--dim", 3),
         ("ingest", w / "qi.zarr", "--x", w / "v.npy", "--y", w / "v.npy", "--target",
@@ -166,7 +165,7 @@ def test_quiet_prints_nothing_but_errors(world, cluster_address):
 
 
 def test_json_everywhere_is_one_document(world):
-    w, _ = world
+    w = world
     np.save(w / "t.npy", np.ones(20, "f4"))
     docs = {
         "generate": ok("generate", w / "j.zarr", "--pairs", 500, "--dim", 3, "--json"),
@@ -195,7 +194,7 @@ def test_json_everywhere_is_one_document(world):
     ("evaluate", "--workers", "3"),
 ])
 def test_local_cluster_options_with_a_scheduler_are_an_error(world, command, option, value):
-    w, _ = world
+    w = world
     args = (["train", w / "s.zarr", "--out", w / "x.zarr"] if command == "train" else
             ["evaluate", w / "m.zarr", w / "s.zarr"])
     before = tree_hash(w)
@@ -208,7 +207,7 @@ def test_local_cluster_options_with_a_scheduler_are_an_error(world, command, opt
 
 
 def test_local_cluster_options_with_a_scheduler_from_the_environment(world):
-    w, _ = world
+    w = world
     result = cosim_main("train", w / "s.zarr", "--out", w / "x.zarr", "--workers", 3,
                         env={"DASK_SCHEDULER_ADDRESS": "tcp://127.0.0.1:1"})
     assert result.exit_code == 2
@@ -226,7 +225,7 @@ def test_local_cluster_options_with_a_scheduler_from_the_environment(world):
     (["transform", "{v}", "{m}", "{w}/t.npy"], "a .npy file", "cosim transform MODEL IN OUT"),
 ])
 def test_swapped_arguments_get_the_order(world, args, kind, order):
-    w, _ = world
+    w = world
     names = {"s": w / "s.zarr", "m": w / "m.zarr", "v": w / "v.npy", "w": w}
     argv = [a.format(**names) for a in args]
     before = tree_hash(w)
@@ -239,7 +238,7 @@ def test_swapped_arguments_get_the_order(world, args, kind, order):
 
 
 def test_two_stores_keep_the_plain_error(world):
-    w, _ = world
+    w = world
     result = cosim_main("evaluate", w / "s.zarr", w / "s.zarr", "--scheduler",
                         "tcp://127.0.0.1:1")
     assert result.exit_code == 2
