@@ -38,7 +38,6 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-@app.callback(invoke_without_command=True)
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(__version__)

@@ -2,7 +2,9 @@
 
 Choices come from the library's own registries (losses, solvers, parameterisations,
 codecs, target kinds, cache modes, evaluation splits), so the CLI cannot offer a name the
-library does not know. Defaults come from the library's configuration classes.
+library does not know. Defaults come from the library's configuration classes. Also here:
+what those options lead to before a command's work starts (the cluster configuration and
+its client, the hint for swapped MODEL and STORE arguments).
 """
 
 from __future__ import annotations
