@@ -29,6 +29,8 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.live import Live
 from rich.text import Text
 
+from cosim_dask.cli.output import is_quiet
+
 #: Plain-line pace of the commands that count chunks, in seconds.
 PLAIN_EVERY = 10.0
 SEPARATOR = " · "
@@ -204,12 +206,15 @@ def progress(label: str, total: int | None, unit: str, *, bound: bool = False,
     ``rate_from_first``: see :class:`Tracker`. ``every``: the plain lines' pace in seconds
     (0: a line at every update). ``keep``: leave the terminal line on the screen at the end
     (train's last figures), else remove it. Output goes to ``console`` (default: stderr);
-    plain lines when it is not a terminal. The final line is written only when the block succeeds:
-    after an error, the error is the last line.
+    plain lines when it is not a terminal; nothing under ``--quiet``. The final line is
+    written only when the block succeeds: after an error, the error is the last line.
     """
     console = console or Console(stderr=True)
     tracker = Tracker(label, total, unit, bound=bound, counted=counted,
                       rate_from_first=rate_from_first)
+    if is_quiet():
+        yield tracker
+        return
     if console.is_terminal:
         with Live(tracker, console=console, refresh_per_second=4, transient=not keep) as live:
             yield tracker

@@ -87,7 +87,8 @@ def evaluate_model(
     split_every: int | None = None,
 ) -> dict[str, Any]:
     """Figures of a saved model (a path, or one already loaded) on a store, beside plain
-    cosine, computed on the cluster.
+    cosine, computed on the cluster. The report's ``"model"`` is the path (None for a
+    loaded model).
 
     ``split="auto"`` uses the validation rows when the store is the one the model was trained
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
@@ -122,7 +123,9 @@ def evaluate_model(
     thresholds = {"learned": model.attrs.get("threshold"),
                   "plain": model.attrs.get("plain_threshold")}
     report = summarize(stats, split, binary=binary, thresholds=thresholds)
-    return {"split": split, "model": str(model_path), "store": str(store_path), **report}
+    # The path when given one; a model already loaded has none to give.
+    path = None if isinstance(model_path, Model) else str(model_path)
+    return {"split": split, "model": path, "store": str(store_path), **report}
 
 
 def _model_loss(attrs: dict, binary: bool) -> Loss:
