@@ -4,6 +4,7 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -99,6 +100,11 @@ def train(
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
     run_id: Annotated[str | None, typer.Option(
         help="Name of this run on the live dashboard (default: date-time-random).")] = None,
+    linger: Annotated[float, typer.Option(
+        min=0.0, metavar="SECONDS",
+        help="Keep the local cluster, and so the live page with the run's final state, up "
+             "this many seconds after training (Ctrl-C ends the wait). A page on a running "
+             "cluster (--scheduler) stays up without it.")] = 0.0,
     scheduler: Scheduler = None,
     workers: Workers = CLUSTER.workers,
     threads_per_worker: Threads = CLUSTER.threads_per_worker,
@@ -130,7 +136,10 @@ def train(
                             transient=False)
         task = progress.add_task("train", total=steps, status="")
 
+        live: dict = {}
+
         def on_start(info) -> None:
+            live["url"] = info.get("live_url")
             if info.get("live_url"):
                 say(console, f"Live training page: {info['live_url']}")
             if info.get("live_hint"):
@@ -159,14 +168,26 @@ def train(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
-    if result.resumed_complete:
-        echo(f"nothing to resume: {cli_text(finished_message(checkpoint, config))}")
-        return
-    attrs = result.model.attrs
-    say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
-                  f"{result.seconds:.1f} s")
-    _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
-    echo(f"model written to {out}")
+        if result.resumed_complete:
+            echo(f"nothing to resume: {cli_text(finished_message(checkpoint, config))}")
+            return
+        attrs = result.model.attrs
+        say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
+                      f"{result.seconds:.1f} s")
+        _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+        echo(f"model written to {out}")
+        # The results are out first; then the page stays up as long as asked.
+        if linger > 0 and scheduler is None and live.get("url"):
+            _linger(console, linger, live["url"])
+
+
+def _linger(console: Console, seconds: float, url: str) -> None:
+    """Wait ``seconds`` (or until Ctrl-C) with the local cluster, and its live page, up."""
+    say(console, f"live page {url} stays up for {seconds:g} s; Ctrl-C closes it sooner")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:  # the run is done and written: ending the wait is no error
+        say(console, "closing the live page")
 
 
 def _print_figures(figures: dict | None) -> None:
