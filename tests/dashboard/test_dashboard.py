@@ -600,3 +600,29 @@ def test_after_the_cluster_closes_the_page_keeps_the_end_and_points_to_the_resul
     assert facts["status_text"] == "finished" and facts["reason"] == "stopped: max steps"
     assert "dashboard has closed" in facts["notice"] and "retrying" not in facts["body"]
     assert facts["where"] == f"model written to {model}; report: {tmp_path / 'r.html'}"
+
+
+@pytest.mark.slow
+def test_linger_keeps_a_local_clusters_page_up_with_the_final_state(tmp_path):
+    """`cosim train --linger`: after the run the local cluster's page says finished and
+    where the model is, until Ctrl-C ends the wait (exit 0, the page is gone)."""
+    from helpers import cosim_cmd, wait_for
+
+    store, out, log = tmp_path / "s.zarr", tmp_path / "m.zarr", tmp_path / "stderr.txt"
+    generate_store(store, pairs=600, dim=4, rank=2, targets="binary", seed=7, chunk_rows=300)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cosim_cmd("train", store, "--out", out, "--steps", "3",
+                                          "--workers", "1", "--run-id", "lg", "--linger", "120"),
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        wait_for(lambda: "stays up" in log.read_text(), 120, "the run to end and linger")
+        url = re.search(r"(http://\S+/cosim/runs/lg)", log.read_text())[1]
+        data = get_json(url.replace("/cosim/runs/", "/cosim/api/runs/"))
+        assert data["status"] == "finished" and data["reason"], data
+        assert data["info"]["model"] == str(out) and out.exists()
+        proc.send_signal(2)  # Ctrl-C ends the wait
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        proc.kill()
+    with pytest.raises(OSError):
+        get_json(url.replace("/cosim/runs/", "/cosim/api/runs/"))
