@@ -3,6 +3,7 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -103,6 +104,11 @@ def train(
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
     run_id: Annotated[str | None, typer.Option(
         help="Name of this run on the live dashboard (default: date-time-random).")] = None,
+    linger: Annotated[float, typer.Option(
+        min=0.0, metavar="SECONDS",
+        help="Keep the local cluster, and so the live page with the run's final state, up "
+             "this many seconds after training (Ctrl-C ends the wait). A page on a running "
+             "cluster (--scheduler) stays up without it.")] = 0.0,
     scheduler: Scheduler = None,
     workers: Workers = CLUSTER.workers,
     threads_per_worker: Threads = CLUSTER.threads_per_worker,
@@ -131,34 +137,49 @@ def train(
     with connected(cluster) as client:
         say(console, f"Dask dashboard: {_dashboard_link(client)}")
         # Steps are counted against the step limit, a bound: the run may stop earlier.
+        live: dict = {}
         with progress("train", steps, "steps", bound=True, rate_from_first=True, every=0,
                       keep=True, console=console) as tracker:
             result = run(lambda: train_store(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=_on_step(tracker),
-                on_start=_on_start(console, tracker), run_id=run_id))
-    if result.resumed_complete:
-        _nothing_to_resume(finished_message(checkpoint, config), result.model.attrs, out,
-                           as_json)
-        return
-    attrs = result.model.attrs
-    if as_json:
-        print_json(run_summary(out, attrs, trained=True, seconds=result.seconds))
-        return
-    say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
-                  f"{result.seconds:.1f} s")
-    held_out = attrs.get("validation_figures")
-    _print_figures(held_out or attrs.get("train_figures"),
-                   split_title("validation" if held_out else "train",
-                               (attrs.get("settings") or {}).get("validation") or 0.0))
-    echo(f"model written to {out}")
+                on_start=_on_start(console, tracker, live), run_id=run_id))
+        if result.resumed_complete:
+            _nothing_to_resume(finished_message(checkpoint, config), result.model.attrs, out,
+                               as_json)
+            return
+        attrs = result.model.attrs
+        if as_json:
+            print_json(run_summary(out, attrs, trained=True, seconds=result.seconds))
+        else:
+            say(console, f"stopped: {result.state.stop_reason} after {result.state.step} "
+                         f"steps in {result.seconds:.1f} s")
+            held_out = attrs.get("validation_figures")
+            _print_figures(held_out or attrs.get("train_figures"),
+                           split_title("validation" if held_out else "train",
+                                       (attrs.get("settings") or {}).get("validation") or 0.0))
+            echo(f"model written to {out}")
+        # The results are out first; then the page stays up as long as asked.
+        if linger > 0 and scheduler is None and live.get("url"):
+            _linger(console, linger, live["url"])
 
 
-def _on_start(console: Console, tracker: Tracker) -> Callable[[dict], None]:
-    """What train prints when the run starts; the clock starts there (after the cluster
-    and the data are ready), at the step a resumed run continues from."""
+def _linger(console: Console, seconds: float, url: str) -> None:
+    """Wait ``seconds`` (or until Ctrl-C) with the local cluster, and its live page, up."""
+    say(console, f"live page {url} stays up for {seconds:g} s; Ctrl-C closes it sooner")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:  # the run is done and written: ending the wait is no error
+        say(console, "closing the live page")
+
+
+def _on_start(console: Console, tracker: Tracker, live: dict) -> Callable[[dict], None]:
+    """What train prints when the run starts (the live page's URL also goes into ``live``);
+    the clock starts there (after the cluster and the data are ready), at the step a resumed
+    run continues from."""
 
     def on_start(info: dict) -> None:
+        live["url"] = info.get("live_url")
         if info.get("live_url"):
             say(console, f"Live training page: {info['live_url']}")
         if info.get("live_hint"):
