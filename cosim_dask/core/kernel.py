@@ -111,11 +111,24 @@ def _aligned(a: np.ndarray, dtype: type) -> np.ndarray:
     # cut out of a network frame may lack even that. A stricter cache-line (64-byte) test
     # copied nearly every input, since malloc hands out 16-byte aligned blocks: two extra
     # passes over the chunk (~10% of a d = 128 partial) for no BLAS speed-up.
-    if a.dtype == dtype and a.flags.c_contiguous and a.flags.aligned:
+    #
+    # Rows need not be adjacent: a row-strided view (``pairs[:, 0, :]`` of an (n, 2, d)
+    # array) goes to BLAS as it is, with a leading dimension of 2d, and gives the same bits
+    # as a contiguous copy. Copying it would double an in-process fit's memory.
+    if a.dtype == dtype and a.flags.aligned and _blas_rows(a):
         return a
     out = np.empty(a.shape, dtype=dtype)  # NumPy's allocator aligns large buffers
     out[...] = a
     return out
+
+
+def _blas_rows(a: np.ndarray) -> bool:
+    """True when each row of ``a`` is contiguous and rows do not overlap (what BLAS takes)."""
+    if a.ndim != 2 or a.flags.c_contiguous:
+        return a.flags.c_contiguous
+    rows, cols = a.shape
+    return (a.strides[1] == a.itemsize or cols <= 1) and (
+        rows <= 1 or a.strides[0] >= cols * a.itemsize)
 
 
 def _check_metric(A: np.ndarray, d: int) -> np.ndarray:
