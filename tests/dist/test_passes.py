@@ -12,6 +12,7 @@ from cosim_dask.core.kernel import chunk_partial
 from cosim_dask.core.objective import Objective
 from cosim_dask.data.split import validation_mask
 from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist import passes
 from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
 from cosim_dask.dist.tree import Tree
 from cosim_dask.errors import InvalidPairsError
@@ -83,6 +84,27 @@ def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
     for key in combine:
         task = graph[key]
         assert len(task.dependencies) <= k
+
+
+def test_pass_graph_orders_its_tasks_and_carries_small_parameters(client, data, monkeypatch):
+    # Tasks run in chunk order (priorities), and parameters up to PARAMS_IN_GRAPH_BYTES ride
+    # in the pass's graph instead of a scatter before it; larger ones are scattered.
+    pairs = dask_pairs(client, data, 500, 2, worker_runs=False)
+    params, chunks = np.eye(12), list(range(pairs.n_chunks))
+    tasks = pairs.tasks(params, chunks)
+    ref = pairs._params_ref(params)
+    root = pairs.graph(ref, pairs.spec, chunks, "t", tasks)
+    layers = root.__dask_graph__().layers
+    priorities = [layers[f"cosim-chunk-t-{start}"].annotations["priority"]
+                  for start, *_ in tasks]
+    assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(tasks)
+    assert ref.key in dict(root.__dask_graph__())
+    got, expected = client.compute(root).result().train, pairs(params)
+    assert got.loss == expected.loss and np.array_equal(got.grad, expected.grad)
+    monkeypatch.setattr(passes, "PARAMS_IN_GRAPH_BYTES", params.nbytes - 1)
+    scattered = pairs._params_ref(params)
+    assert type(scattered).__name__ == "Future"
+    scattered.release()
 
 
 @pytest.mark.parametrize("compressors", [None, "auto"])  # direct file reads, zarr's reads
