@@ -9,11 +9,13 @@ from helpers import random_spd
 
 from cosim_dask.core.forms import FactorMetric, FullMetric
 from cosim_dask.core.kernel import chunk_partial
+from cosim_dask.core.losses import get_loss
 from cosim_dask.core.objective import Objective
 from cosim_dask.data.split import validation_mask
 from cosim_dask.data.synthetic import synthetic_pairs
 from cosim_dask.dist import passes
 from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
+from cosim_dask.dist.tasks import ChunkSpec, chunk_result, score_rows
 from cosim_dask.dist.tree import Tree
 from cosim_dask.errors import InvalidPairsError
 
@@ -306,3 +308,25 @@ def test_split_every_is_resolved_and_checked_in_one_place():
     for bad in (0, 1, 2.5, True):
         with pytest.raises(CosimError, match=f"split_every={bad!r}"):
             resolve_split_every(bad)
+
+
+def test_each_split_scores_as_its_rows_alone_would():
+    # Plain cosine skips the product with I (half of an evaluation pass's work), and each
+    # split's figures keep the bits of scoring its rows under A and under np.eye(d).
+    rng = np.random.default_rng(8)
+    x, y = (rng.standard_normal((3001, 16), dtype=np.float32) for _ in range(2))
+    x[7] = 0.0  # an invalid pair is left out of every split it is in
+    t = np.where(rng.random(3001) < 0.5, 1.0, -1.0)
+    A, loss = random_spd(rng, 16), get_loss("mse")
+    spec = ChunkSpec(FullMetric(), loss, validation=0.3, seed=1, with_train=False,
+                     splits=("train", "validation", "all"))
+    got = chunk_result(x, y, t, A, spec, 4).scores
+    val = validation_mask(4, len(x), 0.3, 1)
+    for split, rows in (("train", ~val), ("validation", val), ("all", np.ones(3001, bool))):
+        for name, metric in (("learned", A), ("plain", np.eye(16))):
+            want = score_rows(x[rows], y[rows], t[rows], metric, loss)
+            have = got[f"{name}/{split}"]
+            assert (have.loss, have.count, have.sq_error) == (want.loss, want.count,
+                                                              want.sq_error)
+            assert np.array_equal(have.pos_hist, want.pos_hist)
+            assert np.array_equal(have.neg_hist, want.neg_hist)
