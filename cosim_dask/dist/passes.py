@@ -47,11 +47,12 @@ if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never nee
 
 logger = logging.getLogger(__name__)
 
-#: Parameters up to this size travel inside the pass's graph (one message, and lineage: a
-#: lost copy is sent again by the scheduler); larger ones are scattered to every worker
-#: first. The scatter is a wait of its own (a probe of the workers, then the copies) before
-#: the pass can start: 117 ms against 25 ms for a task's round trip on a loaded machine. For
-#: 8 MB (d = 1,024) both ways cost the same (51-64 against 63-67 ms).
+#: Parameters travel inside the pass's graph, a copy in every task, while those copies take
+#: at most this many bytes; beyond, they are scattered to every worker first. The scatter is
+#: a wait of its own (a probe of the workers, then the copies) before the pass can start:
+#: 117 ms against 25 ms for a task's round trip on a loaded machine; a copy in each task
+#: also spares the workers fetching one from another. For 8 MB (d = 1,024) a scatter and
+#: a graph constant cost about the same (51-64 against 63-67 ms).
 PARAMS_IN_GRAPH_BYTES = 2**20
 
 #: Passes repeated when a worker holding the scattered parameters died with them, or died
@@ -168,9 +169,10 @@ class DaskPairs(Pairs):
     the fan-in; None: small chunks are grouped, :func:`chunks_per_task`), or, over persisted
     chunks and with ``worker_runs``, one task per worker's run of chunks.
 
-    ``broadcast``: how each pass's parameters reach the workers: ``"graph"`` inside the
-    pass's graph, ``"scatter"`` to every worker before it, ``"auto"`` the graph up to
-    :data:`PARAMS_IN_GRAPH_BYTES`.
+    ``broadcast``: how each pass's parameters reach the workers: ``"inline"`` a copy in
+    every task, ``"graph"`` one key of the pass's graph, ``"scatter"`` to every worker
+    before the pass, ``"auto"`` inline while the copies take at most
+    :data:`PARAMS_IN_GRAPH_BYTES`, else scatter.
     """
 
     def __init__(
@@ -209,13 +211,15 @@ class DaskPairs(Pairs):
         #: Full passes over persisted chunks as one task per worker's run.
         self.worker_runs = worker_runs
 
-    def _params_ref(self, params: np.ndarray):
+    def _params_ref(self, params: np.ndarray, n_tasks: int = 1):
         mode = self.broadcast
         if mode == "auto":
-            mode = "scatter" if params.nbytes > PARAMS_IN_GRAPH_BYTES else "graph"
+            mode = "inline" if params.nbytes * n_tasks <= PARAMS_IN_GRAPH_BYTES else "scatter"
         if mode == "scatter":
             # One copy to every worker per step; a task reference, not a graph constant.
             return broadcast_params(self.client, params)
+        if mode == "inline":
+            return params  # an argument of every task: no key to fetch between workers
         return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
 
     def group_size(self, params: np.ndarray) -> int:
@@ -324,7 +328,7 @@ class DaskPairs(Pairs):
         return run_pass(self.client, params,
                         lambda ref, token: self.graph(ref, spec, chunks, token, tasks,
                                                       read_ahead),
-                        send=self._params_ref)
+                        send=lambda p: self._params_ref(p, len(tasks)))
 
 
 def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:

@@ -89,22 +89,23 @@ def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
 
 
 def test_pass_graph_orders_its_tasks_and_carries_small_parameters(client, data, monkeypatch):
-    # Tasks run in chunk order (priorities), and parameters up to PARAMS_IN_GRAPH_BYTES ride
-    # in the pass's graph instead of a scatter before it; larger ones are scattered.
+    # Tasks run in chunk order (priorities), and parameters whose copies take at most
+    # PARAMS_IN_GRAPH_BYTES ride in every task of the pass's graph instead of a scatter
+    # before it; larger ones are scattered.
     pairs = dask_pairs(client, data, 500, 2, worker_runs=False)
     params, chunks = np.eye(12), list(range(pairs.n_chunks))
     tasks = pairs.tasks(params, chunks)
-    ref = pairs._params_ref(params)
+    ref = pairs._params_ref(params, len(tasks))
+    assert ref is params
     root = pairs.graph(ref, pairs.spec, chunks, "t", tasks)
     layers = root.__dask_graph__().layers
     priorities = [layers[f"cosim-chunk-t-{start}"].annotations["priority"]
                   for start, *_ in tasks]
     assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(tasks)
-    assert ref.key in dict(root.__dask_graph__())
     got, expected = client.compute(root).result().train, pairs(params)
     assert got.loss == expected.loss and np.array_equal(got.grad, expected.grad)
-    monkeypatch.setattr(passes, "PARAMS_IN_GRAPH_BYTES", params.nbytes - 1)
-    scattered = pairs._params_ref(params)
+    monkeypatch.setattr(passes, "PARAMS_IN_GRAPH_BYTES", params.nbytes * len(tasks) - 1)
+    scattered = pairs._params_ref(params, len(tasks))
     assert type(scattered).__name__ == "Future"
     scattered.release()
 
