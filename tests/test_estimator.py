@@ -1,5 +1,7 @@
 """CosineMetricLearner: the metric-learn pairs API, in-process vs cluster fits, bad input."""
 
+import tracemalloc
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -223,3 +225,24 @@ def test_roc_auc_counts_ordered_pairs():
     pos, neg = scores[y > 0], scores[y < 0]
     wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     assert roc_auc(scores, y) == pytest.approx(wins / (len(pos) * len(neg)), rel=1e-12)
+
+
+def test_in_process_fit_makes_no_full_copy_of_the_pairs():
+    # The caller's pairs are the fit's only copy: chunks are views of them (rows two vectors
+    # apart go to BLAS as they are), the NaN check and the final scores go by blocks. Beyond
+    # the pairs, the fit may hold per-pair scalars (targets, scores, masks) and a few chunks
+    # of work buffers; a copy of x and y alone would double the memory.
+    n, d, chunk_rows = 50_000, 64, 4096
+    rng = np.random.default_rng(3)
+    pairs = rng.standard_normal((n, 2, d), dtype=np.float32)
+    y = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+    chunk_bytes = chunk_rows * 2 * d * 4
+    tracemalloc.start()
+    try:
+        CosineMetricLearner(max_iter=0, chunk_rows=chunk_rows, cluster="never").fit(pairs, y)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    bound = 4 * chunk_bytes + 40 * n
+    assert peak <= bound, (peak, bound, pairs.nbytes)
+    assert bound < 0.6 * pairs.nbytes  # the test could see a copy of x and y

@@ -17,6 +17,10 @@ def is_dask(a: Any) -> bool:
     return type(a).__module__.startswith("dask.") and hasattr(a, "chunks")
 
 
+#: Values checked for NaN/Inf at a time (a block of rows, not a full-size mask).
+CHECK_BLOCK_VALUES = 2**20
+
+
 def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
     """Validate pairs shaped (n_pairs, 2, n_features); NumPy arrays also for finiteness.
 
@@ -40,9 +44,14 @@ def check_pairs(pairs: Any, n_features: int | None = None) -> Any:
         return pairs
     if pairs.dtype != np.float32:
         pairs = pairs.astype(np.float64, copy=False)
-    if not np.isfinite(pairs).all():
-        first = int(np.argmax(~np.isfinite(pairs).all(axis=(1, 2))))
-        raise CosimError(f"pairs have NaN or Inf values (first at pair {first})")
+    # In row blocks: np.isfinite of the whole array would be a bool copy a quarter of its
+    # size (float32), alive at the peak of the fit's memory.
+    step = max(1, CHECK_BLOCK_VALUES // max(1, shape[1] * shape[2]))
+    for lo in range(0, shape[0], step):
+        finite = np.isfinite(pairs[lo : lo + step]).all(axis=(1, 2))
+        if not finite.all():
+            first = lo + int(np.argmax(~finite))
+            raise CosimError(f"pairs have NaN or Inf values (first at pair {first})")
     return pairs
 
 

@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
+# Dask's task spec (dask >= 2025.1): a pass's graph written as plain tasks, not delayed calls.
+from dask._task_spec import List, Task, TaskRef
+from dask.delayed import Delayed
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cosim_dask.core.forms import FullMetric, Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays
@@ -35,7 +39,7 @@ from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, read_group, read_slice, store_identity
 from cosim_dask.data.split import chunk_slices, sample_chunks
 from cosim_dask.dist.tasks import ChunkResult, ChunkSpec, chunks_per_task, fold_task, node_task
-from cosim_dask.dist.tree import Tree, combine_task, resolve_split_every
+from cosim_dask.dist.tree import Tree, add, resolve_split_every
 from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone, wait_future
 from cosim_dask.errors import ANY, ClusterError, CosimError, WorkerLostError
 from cosim_dask.outputs import is_url
@@ -44,6 +48,14 @@ if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never nee
     from distributed import Client
 
 logger = logging.getLogger(__name__)
+
+#: Parameters travel inside the pass's graph, a copy in every task, while those copies take
+#: at most this many bytes; beyond, they are scattered to every worker first. The scatter is
+#: a wait of its own (a probe of the workers, then the copies) before the pass can start:
+#: 117 ms against 25 ms for a task's round trip on a loaded machine; a copy in each task
+#: also spares the workers fetching one from another. For 8 MB (d = 1,024) a scatter and
+#: a graph constant cost about the same (51-64 against 63-67 ms).
+PARAMS_IN_GRAPH_BYTES = 2**20
 
 #: Passes repeated when a worker holding the scattered parameters died with them, or died
 #: while they were being sent.
@@ -158,6 +170,11 @@ class DaskPairs(Pairs):
     A pass runs as one task per chunk, per group of ``chunks_per_task`` chunks (a power of
     the fan-in; None: small chunks are grouped, :func:`chunks_per_task`), or, over persisted
     chunks and with ``worker_runs``, one task per worker's run of chunks.
+
+    ``broadcast``: how each pass's parameters reach the workers: ``"inline"`` a copy in
+    every task, ``"graph"`` one key of the pass's graph, ``"scatter"`` to every worker
+    before the pass, ``"auto"`` inline while the copies take at most
+    :data:`PARAMS_IN_GRAPH_BYTES`, else scatter.
     """
 
     def __init__(
@@ -172,7 +189,7 @@ class DaskPairs(Pairs):
         batch_chunks: int | None = None,
         split_every: int | None = None,
         on_invalid: str = "raise",
-        broadcast: str = "scatter",
+        broadcast: str = "auto",
         chunks_per_task: int | None = None,
         read_ahead: int | None = None,
         worker_runs: bool = True,
@@ -196,10 +213,15 @@ class DaskPairs(Pairs):
         #: Full passes over persisted chunks as one task per worker's run.
         self.worker_runs = worker_runs
 
-    def _params_ref(self, params: np.ndarray):
-        if self.broadcast == "scatter":
+    def _params_ref(self, params: np.ndarray, n_tasks: int = 1):
+        mode = self.broadcast
+        if mode == "auto":
+            mode = "inline" if params.nbytes * n_tasks <= PARAMS_IN_GRAPH_BYTES else "scatter"
+        if mode == "scatter":
             # One copy to every worker per step; a task reference, not a graph constant.
             return broadcast_params(self.client, params)
+        if mode == "inline":
+            return params  # an argument of every task: no key to fetch between workers
         return dask.delayed(params, name=f"cosim-params-{uuid.uuid4().hex}")
 
     def group_size(self, params: np.ndarray) -> int:
@@ -231,27 +253,72 @@ class DaskPairs(Pairs):
     def graph(self, ref, spec: ChunkSpec, chunks: Sequence[int], token: str,
               tasks: list[tuple[int, int, object]], read_ahead: int = 0):
         """The delayed root of a pass: ``tasks`` (:meth:`tasks`), each folding its chunks
-        into the tree nodes it alone covers, then the combine tasks of the nodes above."""
+        into the tree nodes it alone covers, then the combine tasks of the nodes above.
+
+        Written as a plain task dict rather than through ``dask.delayed``, which tokenized
+        and unpacked every argument of every task: 80 ms a pass for a graph of two tasks on
+        a loaded machine, now about 1 ms. ``ref`` is the parameters: a future, or a delayed
+        value whose graph is merged in.
+        """
         chunks = list(chunks)
         tree = Tree(len(chunks), self.split_every)
-        nodes = {}
+        dsk: dict = {}
+        inputs: dict = {}
+
+        def ref_of(item):
+            # A delayed value (persisted chunks are delayed over the workers' futures): the
+            # task refers to its key, and its graph comes along. A future (the scattered
+            # parameters) is an argument as it is; distributed resolves it.
+            if isinstance(item, Delayed):
+                inputs.update(item.__dask_graph__())
+                return TaskRef(item.key)
+            return item
+
+        params = ref_of(ref)
+        nodes: dict = {}
+        priority: dict = {}
         for n, (start, stop, data) in enumerate(tasks):
             ahead = read_ahead_of([d for *_, d in tasks], n, read_ahead)
-            args = (data, ref, spec, tree, start, chunks[start:stop], ahead)
+            data = List(*map(ref_of, data)) if isinstance(data, list) else ref_of(data)
+            args = (data, params, spec, tree, start, chunks[start:stop], ahead)
             tops = tree.top_nodes(start, stop)
+            if len(tops) == 1:
+                key = f"cosim-chunk-{token}-{start}"
+                dsk[key] = Task(key, node_task, *args)
+                nodes[tops[0]] = key
+            else:
+                key = f"cosim-run-{token}-{start}"
+                dsk[key] = Task(key, fold_task, *args)
+                for level, j in tops:
+                    node = f"cosim-node-{token}-{level}-{j}"
+                    dsk[node] = Task(node, operator.getitem, TaskRef(key), (level, j))
+                    nodes[level, j] = node
             # Tasks in chunk order (highest priority first): read-ahead guesses the chunks
             # that start next, and partials meet their tree siblings soon. Left to itself the
             # scheduler ran them in no useful order (55, 54, 53, ..., 0, 59, 58).
-            with dask.annotate(priority=len(tasks) - n):
-                if len(tops) == 1:
-                    nodes[tops[0]] = dask.delayed(node_task)(
-                        *args, dask_key_name=f"cosim-chunk-{token}-{start}")
-                    continue
-                task = dask.delayed(fold_task)(*args, dask_key_name=f"cosim-run-{token}-{start}")
-            for level, j in tops:
-                nodes[level, j] = dask.delayed(operator.getitem)(
-                    task, (level, j), dask_key_name=f"cosim-node-{token}-{level}-{j}")
-        return tree.build(nodes, combine_task(tree, token))
+            priority[key] = len(tasks) - n
+
+        def make_node(node, children):
+            level, j = node
+            key = f"cosim-combine-{token}-{level}-{j * tree.fan_in}"
+            dsk[key] = Task(key, add, *map(TaskRef, children))
+            return key
+
+        root = tree.build(nodes, make_node)
+        # One layer per task for its priority annotation (what ``dask.annotate`` made), over
+        # a layer of inputs (parameters, persisted chunks) and under the layer of the tree
+        # nodes above the tasks: the layers' dependencies decide what the graph keeps.
+        name = f"cosim-inputs-{token}"
+        layers = {name: MaterializedLayer(inputs)}
+        dependencies = {name: set()}
+        for key, p in priority.items():
+            layers[key] = MaterializedLayer({key: dsk.pop(key)}, annotations={"priority": p})
+            dependencies[key] = {name}
+        if dsk:
+            layers[root] = MaterializedLayer(dsk)
+            dependencies[root] = set(layers) - {root}
+        graph = HighLevelGraph(layers, dependencies)
+        return Delayed(root, graph, layer=root)
 
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
         """One pass over ``chunks`` (see :func:`run_pass` for what survives what)."""
@@ -263,7 +330,7 @@ class DaskPairs(Pairs):
         return run_pass(self.client, params,
                         lambda ref, token: self.graph(ref, spec, chunks, token, tasks,
                                                       read_ahead),
-                        send=self._params_ref)
+                        send=lambda p: self._params_ref(p, len(tasks)))
 
 
 def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:

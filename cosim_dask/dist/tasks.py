@@ -106,10 +106,14 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
     if spec.splits:
         scores = {}
         for split in spec.splits:
-            rows = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}[split]
+            # Each split scores its own rows: a pair's learned similarity can differ in its
+            # last bit with the other rows of its BLAS block, and these figures must be the
+            # ones the training passes and `cosim evaluate` report.
+            rows = {"train": ~val, "validation": val, "all": slice(None)}[split]
+            xs, ys, ts = x[rows], y[rows], t[rows]
             for name, metric in (("learned", A), ("plain", None)):
-                scores[f"{name}/{split}"] = score_rows(x[rows], y[rows], t[rows], metric,
-                                                       spec.loss, spec.joint)
+                scores[f"{name}/{split}"] = score_rows(xs, ys, ts, metric, spec.loss,
+                                                       spec.joint)
     return ChunkResult(train, validation, scores)
 
 

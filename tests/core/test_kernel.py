@@ -13,7 +13,7 @@ from cosim_dask import (
     pair_similarity,
     tied_gradient,
 )
-from cosim_dask.core.kernel import Partial
+from cosim_dask.core.kernel import Partial, as_pair_arrays
 from cosim_dask.errors import InvalidPairsError, ShapeError
 
 
@@ -349,3 +349,25 @@ def test_chunk_partial_does_not_page_fault_per_call_in_a_dask_worker_env(tmp_pat
     # One 4 MiB set of work buffers is 1,024 pages; what remains are small per-block
     # temporaries of the elementwise steps.
     assert full < 700 and factor < 700, (full, factor)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_strided_views_are_used_as_they_are_with_the_same_bits(dtype):
+    # x = pairs[:, 0, :] of an (n, 2, d) array: rows 2d apart. The kernel takes the view
+    # without a copy (an in-process fit would hold the pairs twice) and gets the bits of a
+    # contiguous copy.
+    rng = np.random.default_rng(5)
+    pairs = rng.standard_normal((3000, 2, 16)).astype(dtype)
+    t = np.where(rng.random(3000) < 0.5, 1.0, -1.0)
+    xv, yv = pairs[:, 0, :], pairs[:, 1, :]
+    assert np.shares_memory(as_pair_arrays(xv, yv)[0], pairs)
+    assert not np.shares_memory(as_pair_arrays(xv[:, ::2], yv[:, ::2])[0], pairs)
+    xc, yc = np.ascontiguousarray(xv), np.ascontiguousarray(yv)
+    M = rng.standard_normal((16, 16))
+    for k in (16, 3):  # the SYRK route and the direct one
+        a, b = factor_chunk_partial(xv, yv, t, M[:k]), factor_chunk_partial(xc, yc, t, M[:k])
+        assert a.loss == b.loss and np.array_equal(a.grad, b.grad)
+    A = M.T @ M
+    a, b = chunk_partial(xv, yv, t, A), chunk_partial(xc, yc, t, A)
+    assert a.loss == b.loss and np.array_equal(a.grad, b.grad)
+    assert np.array_equal(pair_similarity(xv, yv, A), pair_similarity(xc, yc, A))

@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 
 from cosim_dask.cli.app import app
 from cosim_dask.data.ingest import generate_store
+from cosim_dask.dist import passes
 from cosim_dask.fit.loop import TrainConfig
 from cosim_dask.fit.model import load_model
 from cosim_dask.fit.train import RunOptions, train_store
@@ -345,7 +346,12 @@ def _dies_receiving_a_broadcast(marker: str):
 
 
 @pytest.mark.slow
-def test_worker_killed_during_the_broadcast_gives_the_undisturbed_result(store, tmp_path):
+@pytest.mark.parametrize("send", ["scatter", "graph"])
+def test_worker_killed_during_the_broadcast_gives_the_undisturbed_result(store, tmp_path, send,
+                                                                        monkeypatch):
+    # Small parameters travel in the pass's tasks (the worker dies fetching a partial from
+    # the other), larger ones are scattered first (it dies in the scatter's broadcast).
+    monkeypatch.setattr(passes, "PARAMS_IN_GRAPH_BYTES", 0 if send == "scatter" else 2**20)
     config = TrainConfig(steps=3, tol=0.0, gtol=0.0, validation=0.1)
     options = RunOptions(cache="memory", checkpoint_every=None)
     marker = tmp_path / "killed"

@@ -9,10 +9,13 @@ from helpers import random_spd
 
 from cosim_dask.core.forms import FactorMetric, FullMetric
 from cosim_dask.core.kernel import chunk_partial
+from cosim_dask.core.losses import get_loss
 from cosim_dask.core.objective import Objective
 from cosim_dask.data.split import validation_mask
 from cosim_dask.data.synthetic import synthetic_pairs
+from cosim_dask.dist import passes
 from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
+from cosim_dask.dist.tasks import ChunkSpec, chunk_result, score_rows
 from cosim_dask.dist.tree import Tree
 from cosim_dask.errors import InvalidPairsError
 
@@ -83,6 +86,28 @@ def test_graph_is_a_tree_of_expected_depth(client, data, n_chunks, k):
     for key in combine:
         task = graph[key]
         assert len(task.dependencies) <= k
+
+
+def test_pass_graph_orders_its_tasks_and_carries_small_parameters(client, data, monkeypatch):
+    # Tasks run in chunk order (priorities), and parameters whose copies take at most
+    # PARAMS_IN_GRAPH_BYTES ride in every task of the pass's graph instead of a scatter
+    # before it; larger ones are scattered.
+    pairs = dask_pairs(client, data, 500, 2, worker_runs=False)
+    params, chunks = np.eye(12), list(range(pairs.n_chunks))
+    tasks = pairs.tasks(params, chunks)
+    ref = pairs._params_ref(params, len(tasks))
+    assert ref is params
+    root = pairs.graph(ref, pairs.spec, chunks, "t", tasks)
+    layers = root.__dask_graph__().layers
+    priorities = [layers[f"cosim-chunk-t-{start}"].annotations["priority"]
+                  for start, *_ in tasks]
+    assert priorities == sorted(priorities, reverse=True) and len(set(priorities)) == len(tasks)
+    got, expected = client.compute(root).result().train, pairs(params)
+    assert got.loss == expected.loss and np.array_equal(got.grad, expected.grad)
+    monkeypatch.setattr(passes, "PARAMS_IN_GRAPH_BYTES", params.nbytes * len(tasks) - 1)
+    scattered = pairs._params_ref(params, len(tasks))
+    assert type(scattered).__name__ == "Future"
+    scattered.release()
 
 
 @pytest.mark.parametrize("compressors", [None, "auto"])  # direct file reads, zarr's reads
@@ -284,3 +309,25 @@ def test_split_every_is_resolved_and_checked_in_one_place():
     for bad in (0, 1, 2.5, True):
         with pytest.raises(CosimError, match=f"split_every={bad!r}"):
             resolve_split_every(bad)
+
+
+def test_each_split_scores_as_its_rows_alone_would():
+    # Plain cosine skips the product with I (half of an evaluation pass's work), and each
+    # split's figures keep the bits of scoring its rows under A and under np.eye(d).
+    rng = np.random.default_rng(8)
+    x, y = (rng.standard_normal((3001, 16), dtype=np.float32) for _ in range(2))
+    x[7] = 0.0  # an invalid pair is left out of every split it is in
+    t = np.where(rng.random(3001) < 0.5, 1.0, -1.0)
+    A, loss = random_spd(rng, 16), get_loss("mse")
+    spec = ChunkSpec(FullMetric(), loss, validation=0.3, seed=1, with_train=False,
+                     splits=("train", "validation", "all"))
+    got = chunk_result(x, y, t, A, spec, 4).scores
+    val = validation_mask(4, len(x), 0.3, 1)
+    for split, rows in (("train", ~val), ("validation", val), ("all", np.ones(3001, bool))):
+        for name, metric in (("learned", A), ("plain", np.eye(16))):
+            want = score_rows(x[rows], y[rows], t[rows], metric, loss)
+            have = got[f"{name}/{split}"]
+            assert (have.loss, have.count, have.sq_error) == (want.loss, want.count,
+                                                              want.sq_error)
+            assert np.array_equal(have.pos_hist, want.pos_hist)
+            assert np.array_equal(have.neg_hist, want.neg_hist)
