@@ -20,9 +20,9 @@ OverwriteReport = overwrite_option("an existing --out report")
 
 def transform(
     model: Model,
-    src: Annotated[Path, typer.Argument(
-        metavar="IN", help="A .npy array (n, d) of vectors, or a pair store.")],
-    out: Annotated[Path, typer.Argument(
+    src: Annotated[str, typer.Argument(
+        metavar="IN", help="A .npy array (n, d) of vectors, or a pair store (folder or URL).")],
+    out: Annotated[str, typer.Argument(
         metavar="OUT",
         help="The .npy file (n, k) to write L·x to, or a new pair store for a store IN.")],
     overwrite: OverwriteOut = False,
@@ -36,7 +36,7 @@ def transform(
     def body() -> None:
         report = transform_file(load_model(model), src, out, overwrite=overwrite,
                                 block_rows=block_rows, inputs=[model])
-        what = "pairs" if src.is_dir() else "vectors"
+        what = "pairs" if report.store else "vectors"
         echo(f"wrote {report.rows:,} {what} of {report.out_dim} ({report.dtype}) "
              f"to {report.path}")
 

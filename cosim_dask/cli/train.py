@@ -4,7 +4,6 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -56,8 +55,9 @@ def _dashboard_link(client: Client) -> str:
 
 def train(
     store: Annotated[str, typer.Argument(
-        metavar="STORE", help="The pair store to learn from.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
+        metavar="STORE", help="The pair store to learn from (folder or URL).")],
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Where to write the model (folder or URL, e.g. s3://bucket/m.zarr).")],
     loss: Annotated[Loss, typer.Option(help="Loss on the similarities.")] = Loss(DEFAULTS.loss),
     negative_target: Annotated[float | None, typer.Option(
         help="mse on binary labels: the target for label −1 (default 0: unrelated; "
@@ -116,7 +116,7 @@ def train(
                          on_invalid="skip" if skip_invalid else "raise")
     cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
                               dashboard_address, security)
-    _, checkpoint = run(lambda: check_request(store, str(out), config, options,
+    _, checkpoint = run(lambda: check_request(store, out, config, options,
                                               overwrite=overwrite, resume=resume))
     done = finished_message(checkpoint, config) if resume else None
     if done:
@@ -156,7 +156,7 @@ def train(
 
         with progress:
             result = run(lambda: train_store(
-                store, str(out), config, client=client, options=options, overwrite=overwrite,
+                store, out, config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
     if result.resumed_complete:

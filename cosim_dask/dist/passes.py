@@ -258,7 +258,7 @@ class DaskPairs(Pairs):
         tasks = self.tasks(params, chunks)
         read_ahead = (0 if not self.source.streaming
                       else self.read_ahead if self.read_ahead is not None
-                      else read_ahead_tasks(self.client))
+                      else read_ahead_tasks(self.client, remote=is_url(self.pieces[0].path)))
         return run_pass(self.client, params,
                         lambda ref, token: self.graph(ref, spec, chunks, token, tasks,
                                                       read_ahead),
@@ -275,17 +275,21 @@ def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:
             if isinstance(p, StoreSlice)]
 
 
-def read_ahead_tasks(client: Client) -> int:
+def read_ahead_tasks(client: Client, *, remote: bool = False) -> int:
     """How many tasks ahead a streaming task starts reading: the tasks that run at once (the
-    next to start is that many places on). Only when every worker shares one machine, and
-    so one page cache; elsewhere a chunk read ahead on one host may be needed on another,
-    and reading it twice would cost more than the overlap gains."""
+    next to start is that many places on, most often on the thread that frees up first).
+
+    A local store: only when every worker shares one machine, and so one page cache;
+    elsewhere a chunk read ahead on one host may be needed on another, and reading it twice
+    would cost more than the overlap gains. A store in object storage (``remote``) is read
+    ahead into the reading worker's memory on any cluster: no cache is shared anyway, and a
+    guess that misses costs one extra read of a task's chunks."""
     try:
         nthreads = guarded(client, client.nthreads, "asking the scheduler for its workers")
     except Exception:  # noqa: BLE001 - a read-ahead guess is never worth a failed pass
         return 0
     hosts = {address.rsplit(":", 1)[0] for address in nthreads}
-    return sum(nthreads.values()) if len(hosts) == 1 else 0
+    return sum(nthreads.values()) if len(hosts) == 1 or remote else 0
 
 
 def scheduler_lost(client: Client) -> bool:
