@@ -161,7 +161,7 @@ def exists(path: str | os.PathLike) -> bool:
     (or a Zarr group written in place) at a URL."""
     if is_url(path):
         return objectstore.current(os.fspath(path))[1] in ("pointer", "plain")
-    return os.path.lexists(os.fspath(path))
+    return os.path.exists(os.fspath(path))
 
 
 def lock_path(path: Path) -> Path:
@@ -184,8 +184,8 @@ def _litter(path: Path, what: str) -> list[tuple[str, Path]]:
 def check_output(
     path: str | os.PathLike, kind: Kind, *, overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (), shown: str | None = None,
-) -> Path:
-    """Every check of the policy that needs no lock; returns the real path.
+) -> Path | str:
+    """Every check of the policy that needs no lock; returns the real path (a URL as it is).
 
     ``overwrite`` allows replacing an existing artifact of ``kind`` (resuming a run counts as
     replacing its model). Raises :class:`OutputError` with one line naming the path and the fix.
@@ -193,7 +193,7 @@ def check_output(
     shown = os.fspath(path) if shown is None else shown
     if is_url(path):
         _check_url_output(os.fspath(path), kind, overwrite=overwrite, inputs=inputs, shown=shown)
-        return Path(shown)  # not a local path: callers of a URL use ``shown``
+        return os.fspath(path)
     real = real_path(path)
     if not real.parent.is_dir():
         raise OutputError(f"the folder {str(real.parent)!r} for the {kind.name} {shown!r} does "

@@ -55,7 +55,7 @@ _prefetcher_lock = threading.Lock()
 
 #: Tasks' worth of chunks a worker process holds read ahead from object storage at most: the
 #: memory read-ahead may take. The oldest is dropped (its read cancelled if not started).
-AHEAD_GROUPS = 2
+AHEAD_GROUPS = 3
 _ahead: OrderedDict[tuple, Future] = OrderedDict()
 #: Reads served from read-ahead (``hits``) or read by the task itself (``misses``), in this
 #: process, for object-storage stores: how well read-ahead guessed.
