@@ -194,7 +194,9 @@ def _open_store(spath: str, location: str) -> PairStore:
     import dask.array as da
 
     try:
-        group = zarr.open_group(location, mode="r")
+        # A URL: Zarr v3 only, sparing zarr's requests for v2 metadata (.zgroup, ...).
+        group = zarr.open_group(location, mode="r",
+                                zarr_format=3 if is_url(location) else None)
     except Exception as exc:  # zarr raises several kinds; all mean "no readable group here"
         raise StoreError(f"{spath!r} is not a cosim pair store (no Zarr group: "
                          f"{type(exc).__name__}); create one with `cosim ingest`") from exc

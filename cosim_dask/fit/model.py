@@ -273,7 +273,7 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
 def _load_model(path: str, location: str, with_solver: bool) -> Model:
     """:func:`load_model` of the Zarr group at ``location``, named ``path`` in messages."""
     try:
-        root = zarr.open_group(location, mode="r")
+        root = zarr.open_group(location, mode="r", zarr_format=3 if is_url(location) else None)
         attrs = dict(root.attrs)
     except Exception:
         raise ModelError(f"{str(path)!r} is not a cosim model (not a Zarr group)") from None
