@@ -27,6 +27,26 @@ What a claim guarantees, in order:
    removed by the next claim of the same path: holding the lock proves their writer dead.
 7. **Plain writes.** Files are written with ``write`` calls, never through a memory map of a sparse
    file, so a full disk is an ``OSError`` (ENOSPC), reported as one line, not a SIGBUS.
+
+**Object storage** (an fsspec URL such as ``s3://bucket/pairs.zarr``; pair stores and models
+only) has no rename and no lock, so the same claim/stage API commits another way
+(:class:`UrlOutput`, layout in :mod:`cosim_dask.objectstore`):
+
+- Each version is written in full under its own prefix ``OUT/v-<time>-<token>/``; the one PUT
+  of ``OUT/zarr.json`` naming it publishes it. Until then readers (``open_store``,
+  ``load_model``) keep opening the previous version, or refuse a URL that has none
+  ("incomplete"), so a store or model is never read half written; the previous version is
+  deleted after the new one is published (a run still reading it stops with the "changed under
+  this run" error, as for a local store replaced during a run).
+- Checks 3 and 4 hold as for local paths (URLs are compared as strings; an existing URL is
+  replaced only when its pointer names the same kind; a prefix holding other objects never).
+  An error or Ctrl-C deletes the unpublished version.
+- **Limits.** No lock spans machines: two writers of one URL at once are not detected, and the
+  last to publish wins (each publishes only a complete version). A version left by a killed
+  writer is never read; the next writer of the URL deletes it once it is older than
+  :data:`STALE_SECONDS` (a younger one may belong to a live writer elsewhere). Readers hold
+  no lock either: replacing a store that a run is reading stops that run, with its checkpoint
+  intact.
 """
 
 from __future__ import annotations
@@ -41,12 +61,15 @@ import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import cosim_dask.objectstore as objectstore
 from cosim_dask.errors import CosimError
+from cosim_dask.objectstore import is_url
 
 
 class OutputError(CosimError):
@@ -128,9 +151,17 @@ def real_path(path: str | os.PathLike) -> Path:
     return real
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """True for fsspec URLs (``memory://...``, ``s3://...``), which are written in place."""
-    return "://" in os.fspath(path)
+#: Age after which an unpublished version at a URL is taken for a killed writer's and deleted
+#: by the next writer (no lock across machines tells a live writer from a dead one).
+STALE_SECONDS = 24 * 3600
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether an artifact is at ``path``: a local file or folder, or a published version
+    (or a Zarr group written in place) at a URL."""
+    if is_url(path):
+        return objectstore.current(os.fspath(path))[1] in ("pointer", "plain")
+    return os.path.exists(os.fspath(path))
 
 
 def lock_path(path: Path) -> Path:
@@ -153,13 +184,16 @@ def _litter(path: Path, what: str) -> list[tuple[str, Path]]:
 def check_output(
     path: str | os.PathLike, kind: Kind, *, overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (), shown: str | None = None,
-) -> Path:
-    """Every check of the policy that needs no lock; returns the real path.
+) -> Path | str:
+    """Every check of the policy that needs no lock; returns the real path (a URL as it is).
 
     ``overwrite`` allows replacing an existing artifact of ``kind`` (resuming a run counts as
     replacing its model). Raises :class:`OutputError` with one line naming the path and the fix.
     """
     shown = os.fspath(path) if shown is None else shown
+    if is_url(path):
+        _check_url_output(os.fspath(path), kind, overwrite=overwrite, inputs=inputs, shown=shown)
+        return os.fspath(path)
     real = real_path(path)
     if not real.parent.is_dir():
         raise OutputError(f"the folder {str(real.parent)!r} for the {kind.name} {shown!r} does "
@@ -174,6 +208,48 @@ def check_output(
             raise OutputError(f"refusing to replace {shown!r}: {why}; a {kind.name} replaces "
                               f"only a {kind.name}: remove it yourself or choose another path")
     return real
+
+
+def _check_url_output(url: str, kind: Kind, *, overwrite: bool,
+                      inputs: Iterable[str | os.PathLike], shown: str) -> None:
+    """:func:`check_output` for a URL: object storage holds pair stores and models only."""
+    if not kind.directory:
+        raise OutputError(f"the {kind.name} {shown!r} must be a local path: only pair stores "
+                          "and models are written to object storage")
+    here = url.rstrip("/")
+    for source in inputs:
+        if source is None or not is_url(source):
+            continue
+        src = os.fspath(source).rstrip("/")
+        if here == src or here.startswith(src + "/") or src.startswith(here + "/"):
+            relation = ("is" if here == src else "lies inside" if here.startswith(src + "/")
+                        else "contains")
+            raise OutputError(f"the output {shown!r} {relation} the input "
+                              f"{os.fspath(source)!r}; choose another output path")
+    location, state = objectstore.current(here)
+    if state in ("missing", "incomplete") and _only_versions(here):
+        return
+    if not overwrite:
+        raise OutputError(f"{kind.name} {shown!r} already exists; pass {{overwrite}} to "
+                          "replace it", params={"overwrite": True})
+    found = objectstore.pointer_of(objectstore.read_metadata(here))
+    if found is None or found.get("format") != kind.format:
+        why = ("it is a Zarr group written in place, not published by cosim" if state == "plain"
+               else f"it is not a cosim {kind.name}" if found is not None
+               else "it holds other objects")
+        raise OutputError(f"refusing to replace {shown!r}: {why}; a {kind.name} replaces only "
+                          f"a {kind.name}: remove it yourself or choose another path")
+    others = [n for n in objectstore.entries(here)
+              if n != objectstore.METADATA and not objectstore.VERSION.fullmatch(n)]
+    if others:
+        raise OutputError(f"refusing to replace {shown!r}: it holds other objects "
+                          f"({', '.join(map(repr, others[:3]))}); remove them yourself or "
+                          "choose another path")
+
+
+def _only_versions(url: str) -> bool:
+    """Whether everything under ``url`` is an unpublished version (a killed writer's)."""
+    return all(objectstore.VERSION.fullmatch(n) for n in objectstore.entries(url))
 
 
 def _check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike],
@@ -398,6 +474,49 @@ def _finish_swaps(real: Path) -> None:
 # ----------------------------------------------------------------------- the claim
 
 
+class UrlOutput:
+    """A claimed output URL: checked; write versions with :meth:`staged` (see the module
+    docstring, "Object storage")."""
+
+    def __init__(self, url: str, kind: Kind, shown: str) -> None:
+        self.path, self.kind, self.shown = url, kind, shown
+
+    @contextmanager
+    def staged(self) -> Iterator[str]:
+        """Yield the URL of a fresh version prefix; write the new version there. On leaving
+        the block the version is published (the pointer names it) and the previous one
+        deleted; on an exception it is deleted and the output left as it was."""
+        name = f"v-{int(time.time()):010d}-{secrets.token_hex(8)}"
+        version = objectstore.join(self.path, name)
+        try:
+            with objectstore.storage_errors(self.shown):
+                yield version
+            before = objectstore.pointer_of(objectstore.read_metadata(self.path))
+            objectstore.write_pointer(self.path, self.kind.format, name)
+        except BaseException as exc:
+            _drain_store_io()
+            with contextlib.suppress(Exception):
+                objectstore.remove(version)
+            if isinstance(exc, OSError) and not isinstance(exc, CosimError):
+                raise OutputError(f"cannot write {self.kind.name} {self.shown!r}: "
+                                  f"{exc.strerror or exc} ({type(exc).__name__}); the "
+                                  "previous version, if any, is intact") from exc
+            raise
+        if before is not None and before["current"] != name:
+            with contextlib.suppress(Exception):  # an old version left over is never read
+                objectstore.remove(objectstore.join(self.path, before["current"]))
+
+
+def _remove_stale(url: str) -> None:
+    """Delete the unpublished versions at ``url`` older than :data:`STALE_SECONDS`."""
+    found = objectstore.pointer_of(objectstore.read_metadata(url))
+    now = time.time()
+    for name in objectstore.versions(url):
+        if (found is None or name != found["current"]) and \
+                now - objectstore.version_time(name) > STALE_SECONDS:
+            objectstore.remove(objectstore.join(url, name))
+
+
 class Output:
     """A claimed output path: locked, checked, cleaned; write versions with :meth:`staged`."""
 
@@ -457,10 +576,18 @@ class Output:
 def claim_output(
     path: str | os.PathLike, kind: Kind, *, overwrite: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
-) -> Iterator[Output]:
+) -> Iterator[Output | UrlOutput]:
     """Lock ``path`` for writing, check it against the policy, clean what killed writers left,
-    and yield an :class:`Output`; the lock is released (and its file removed) on leaving."""
+    and yield an :class:`Output`; the lock is released (and its file removed) on leaving.
+
+    A URL (pair stores and models) yields a :class:`UrlOutput`: checked the same way, no
+    lock (object storage has none; see the module docstring)."""
     shown = os.fspath(path)
+    if is_url(shown):
+        check_output(shown, kind, overwrite=overwrite, inputs=inputs, shown=shown)
+        _remove_stale(shown.rstrip("/"))
+        yield UrlOutput(shown.rstrip("/"), kind, shown)
+        return
     real = real_path(path)
     if not real.parent.is_dir():
         check_output(path, kind, overwrite=overwrite, inputs=inputs, shown=shown)

@@ -22,7 +22,7 @@ from cosim_dask.data.reader import StoreSlice, read_slice
 from cosim_dask.data.store import create_store, open_store
 from cosim_dask.errors import CosimError, ShapeError
 from cosim_dask.fit.model import Model
-from cosim_dask.outputs import NPY_ARRAY, claim_output
+from cosim_dask.outputs import NPY_ARRAY, claim_output, is_url
 
 #: Rows per block: 65,536 × d = 128 float32 is 32 MB in and out; large enough that the GEMM
 #: dominates the Python overhead, small enough to bound memory.
@@ -40,6 +40,7 @@ class TransformReport:
     in_dim: int
     out_dim: int
     dtype: str
+    store: bool = False  # a pair store was transformed (else a .npy array)
 
 
 def transform_block(L: np.ndarray, block: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def transform_file(
     """
     if block_rows < 1:
         raise CosimError(f"block_rows={block_rows} must be >= 1")
-    if Path(src).is_dir():
+    if is_url(src) or Path(src).is_dir():
         return transform_store(model, src, out, overwrite=overwrite, inputs=inputs,
                                progress=progress)
     array = open_embeddings(src)
@@ -165,8 +166,8 @@ def transform_store(
         for i, s in enumerate(store.chunk_slices()):
             # The readers' one path: chunk files checked (a missing one is an error, not
             # zeros) and the store checked to be the one opened above.
-            x, y, t = read_slice(StoreSlice(store.path, i, s.start, s.stop, store.fingerprint))
+            x, y, t = read_slice(StoreSlice(store.source, i, s.start, s.stop, store.fingerprint))
             writer.append(transform_block(L, x), transform_block(L, y), t)
             if progress is not None:
                 progress(len(t))
-    return TransformReport(str(out), store.n, store.d, L.shape[0], "float32")
+    return TransformReport(str(out), store.n, store.d, L.shape[0], "float32", store=True)

@@ -12,7 +12,7 @@ PACKAGE = Path(cosim_dask.__file__).parent
 
 #: Bottom to top: a module may import from its own layer and the layers below.
 LAYERS = [
-    {"errors", "outputs"},
+    {"errors", "objectstore", "outputs"},
     {"core"},
     {"data"},
     {"dist"},

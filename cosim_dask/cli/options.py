@@ -89,7 +89,8 @@ ChunkPairs = Annotated[int | None, typer.Option(
 CodecOption = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
 #: Every positional has an upper-case metavar (MODEL, STORE, IN, OUT), the name its help
 #: text and the other options' help refer to.
-Model = Annotated[Path, typer.Argument(metavar="MODEL", help="A model written by `cosim train`.")]
+Model = Annotated[str, typer.Argument(
+    metavar="MODEL", help="A model written by `cosim train` (folder or URL).")]
 
 # The cluster options of every command that runs on Dask; defaults are ClusterConfig's.
 CLUSTER = ClusterConfig()

@@ -16,6 +16,7 @@ from cosim_dask.data.ingest import array_rows
 from cosim_dask.data.store import open_store
 from cosim_dask.errors import CosimError, ModelError
 from cosim_dask.fit.model import load_model
+from cosim_dask.outputs import is_url
 from cosim_dask.report.page import write_report
 from cosim_dask.transform import DEFAULT_BLOCK_ROWS, transform_file
 
@@ -23,20 +24,25 @@ OverwriteOut = overwrite_option("OUT if it exists")
 OverwriteReport = overwrite_option("an existing --out report")
 
 
-def input_rows(src: Path) -> int | None:
+def is_store_input(src: str) -> bool:
+    """Whether a transform's input is a pair store (a folder or a URL), not a .npy file."""
+    return is_url(src) or Path(src).is_dir()
+
+
+def input_rows(src: str) -> int | None:
     """Rows of a transform's input, for the progress total: a store's pairs, a .npy's
     vectors; None when unreadable (the transform then says why)."""
     try:
-        return open_store(src).n if src.is_dir() else array_rows(src)
+        return open_store(src).n if is_store_input(src) else array_rows(src)
     except (CosimError, OSError, ValueError):  # a missing total only hides the bar
         return None
 
 
 def transform(
     model: Model,
-    src: Annotated[Path, typer.Argument(
-        metavar="IN", help="A .npy array (n, d) of vectors, or a pair store.")],
-    out: Annotated[Path, typer.Argument(
+    src: Annotated[str, typer.Argument(
+        metavar="IN", help="A .npy array (n, d) of vectors, or a pair store (folder or URL).")],
+    out: Annotated[str, typer.Argument(
         metavar="OUT",
         help="The .npy file (n, k) to write L·x to, or a new pair store for a store IN.")],
     overwrite: OverwriteOut = False,
@@ -55,7 +61,7 @@ def transform(
         except ModelError:
             swapped(model, src, "cosim transform MODEL IN OUT")
             raise
-        what = "pairs" if src.is_dir() else "vectors"
+        what = "pairs" if is_store_input(src) else "vectors"
         with progress("transform", input_rows(src), what) as tracker:
             report = transform_file(loaded, src, out, overwrite=overwrite,
                                     block_rows=block_rows, inputs=[model],

@@ -61,8 +61,9 @@ def _dashboard_link(client: Client) -> str:
 def train(
     ctx: typer.Context,
     store: Annotated[str, typer.Argument(
-        metavar="STORE", help="The pair store to learn from.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
+        metavar="STORE", help="The pair store to learn from (folder or URL).")],
+    out: Annotated[str, typer.Option(
+        "--out", "-o", help="Where to write the model (folder or URL, e.g. s3://bucket/m.zarr).")],
     loss: Annotated[Loss, typer.Option(help="Loss on the similarities.")] = Loss(DEFAULTS.loss),
     negative_target: Annotated[float | None, typer.Option(
         help="mse on binary labels: the target for label −1 (default 0: unrelated; "

@@ -11,6 +11,13 @@ Streaming tasks read into per-thread buffers reused from chunk to chunk (``reuse
 their chunk is gone when the task ends. Anything that keeps the arrays (persisted data)
 gets fresh ones.
 
+Read-ahead overlaps reading with computing (:func:`prefetch`): a streaming task starts the
+read of a later task's chunks before it computes its own. For a local store that pulls the
+files into the page cache every worker of the machine shares; for a store in object storage
+(no shared cache) the chunks are read into this worker's memory, at most
+:data:`AHEAD_GROUPS` tasks' worth, and a task that finds its chunks there takes them
+(:func:`read_group`).
+
 Every read checks what it reads: that the chunk files exist and have their size
 (:func:`check_chunk_files`), and that the store at the path is still the one the run
 started with (:func:`check_identity`, by the fingerprint a :class:`StoreSlice` carries):
@@ -27,13 +34,15 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import cosim_dask.objectstore as objectstore
 from cosim_dask.data.split import chunk_slices
 from cosim_dask.errors import StoreError
 from cosim_dask.outputs import is_url
@@ -43,6 +52,14 @@ ARRAYS = ("x", "y", "target")
 _buffers = threading.local()
 _prefetcher: ThreadPoolExecutor | None = None
 _prefetcher_lock = threading.Lock()
+
+#: Tasks' worth of chunks a worker process holds read ahead from object storage at most: the
+#: memory read-ahead may take. The oldest is dropped (its read cancelled if not started).
+AHEAD_GROUPS = 3
+_ahead: OrderedDict[tuple, Future] = OrderedDict()
+#: Reads served from read-ahead (``hits``) or read by the task itself (``misses``), in this
+#: process, for object-storage stores: how well read-ahead guessed.
+AHEAD_STATS = {"hits": 0, "misses": 0}
 
 
 #: How long a task waits for a store folder that is missing before it reports the store as
@@ -87,12 +104,9 @@ def store_identity(path: str) -> str | None:
     from cosim_dask.data.store import FORMAT, fingerprint
 
     if is_url(path):
-        import zarr
-
-        try:
-            attrs = dict(zarr.open_group(path, mode="r").attrs)
-        except Exception:  # noqa: BLE001 - no group there: reported as "no pair store"
-            return None
+        # One GET of the version's zarr.json (``path`` is the version a pointer named).
+        with objectstore.storage_errors(path):
+            attrs = (objectstore.read_metadata(path) or {}).get("attributes") or {}
     else:
         deadline = time.monotonic() + MISSING_WAIT_SECONDS
         while not os.path.isdir(path):
@@ -151,6 +165,15 @@ def read_group(pieces: Sequence[StoreSlice], *, reuse: bool = False
     store's identity is checked before the read and again after it (:func:`check_identity`):
     a store replaced by a rename during the read is caught by the second check.
     """
+    if is_url(pieces[0].path):
+        ready = _take_ahead(pieces)
+        if ready is not None:
+            return ready
+    return _read_group(pieces, reuse=reuse)
+
+
+def _read_group(pieces: Sequence[StoreSlice], *, reuse: bool = False
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     first, last = pieces[0], pieces[-1]
     check_identity(first)
     arrays = _open_arrays(first.path, first.identity)
@@ -169,6 +192,8 @@ def read_group(pieces: Sequence[StoreSlice], *, reuse: bool = False
         except StoreError:
             raise
         except Exception as exc:  # zarr/codec errors have many types; name the chunk
+            if (storage := objectstore.explain(exc, first.path)) is not None:
+                raise storage from None
             where = (f"chunk {first.index} (rows {first.lo}:{first.hi})" if len(pieces) == 1
                      else f"chunks {first.index}-{last.index} (rows {first.lo}:{last.hi})")
             raise StoreError(
@@ -233,8 +258,9 @@ def _reused(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def prefetch(pieces: Sequence[StoreSlice]) -> None:
-    """Start pulling the chunk files of ``pieces`` (a later task's) into the OS page cache,
-    in a background thread, and return at once.
+    """Start reading the chunks of ``pieces`` (a later task's) in a background thread and
+    return at once: the files of a local store into the OS page cache, the chunks of a store
+    in object storage into this process's memory (:func:`read_group` takes them).
 
     A streaming task otherwise waits for its own read before it computes; with a later
     chunk's files already in the page cache its read is a memory copy. ``posix_fadvise``
@@ -242,13 +268,50 @@ def prefetch(pieces: Sequence[StoreSlice]) -> None:
     files are read for real, with ``sendfile`` to /dev/null (no copy into this process).
     Errors are left for the real read to report.
     """
-    if not pieces or is_url(pieces[0].path):
+    if not pieces:
         return
+    if is_url(pieces[0].path):
+        _read_ahead(pieces)
+        return
+    _executor().submit(_touch, list(pieces))
+
+
+def _executor() -> ThreadPoolExecutor:
+    """This process's one read-ahead thread: reads ahead are sequential, never competing
+    with each other for the network or the disk."""
     global _prefetcher
     with _prefetcher_lock:
         if _prefetcher is None:
             _prefetcher = ThreadPoolExecutor(1, thread_name_prefix="cosim-prefetch")
-    _prefetcher.submit(_touch, list(pieces))
+        return _prefetcher
+
+
+def _read_ahead(pieces: Sequence[StoreSlice]) -> None:
+    """Start reading ``pieces`` (a later task's chunks in object storage) into memory."""
+    key = tuple(pieces)
+    executor = _executor()
+    with _prefetcher_lock:
+        if key in _ahead:
+            return
+        _ahead[key] = executor.submit(_read_group, list(pieces))
+        while len(_ahead) > AHEAD_GROUPS:
+            _, dropped = _ahead.popitem(last=False)
+            dropped.cancel()
+
+
+def _take_ahead(pieces: Sequence[StoreSlice]
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+    """The chunks of ``pieces`` if they were read ahead (waiting for a read under way);
+    None when they were not, or their read failed (the task's own read reports why)."""
+    with _prefetcher_lock:
+        future = _ahead.pop(tuple(pieces), None)
+        AHEAD_STATS["hits" if future is not None else "misses"] += 1
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - read again, and fail, in the task itself
+        return None
 
 
 def _touch(pieces: list[StoreSlice]) -> None:

@@ -1,7 +1,8 @@
 """The Zarr v3 pair-store format: create, write chunk by chunk, open as Dask arrays, split.
 
-A pair store is a Zarr v3 group (a local directory, or an fsspec URL zarr opens, such as
-``memory://``) holding three aligned arrays chunked along the pair axis only::
+A pair store is a Zarr v3 group (a local directory, or, at an fsspec URL such as
+``s3://bucket/pairs.zarr``, the version its pointer names: :mod:`cosim_dask.objectstore`)
+holding three aligned arrays chunked along the pair axis only::
 
     x       (n, d) float32   chunks (chunk_rows, d)
     y       (n, d) float32   chunks (chunk_rows, d)
@@ -11,8 +12,8 @@ A pair store is a Zarr v3 group (a local directory, or an fsspec URL zarr opens,
 and group attributes naming the format and its version, ``n``, ``d``, ``chunk_rows``, how the
 targets are read (``"binary"`` ±1 or ``"graded"`` in [-1, 1]), the codec, target statistics,
 a creation uuid and provenance. The format attributes are written last, when every chunk is in
-place, so a store whose writing stopped half-way is never mistaken for a complete one; local
-stores are moreover written under a temporary name and swapped in (:mod:`cosim_dask.outputs`).
+place, so a store whose writing stopped half-way is never mistaken for a complete one; stores
+are moreover written as a new version and published in one step (:mod:`cosim_dask.outputs`).
 
 The train/validation split needs no second copy of the data: it is drawn per chunk by
 :func:`cosim_dask.data.split.validation_mask`.
@@ -35,6 +36,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+import cosim_dask.objectstore as objectstore
 from cosim_dask import __version__
 from cosim_dask.data.reader import check_all_chunks
 from cosim_dask.data.split import chunk_slices, validation_mask
@@ -116,6 +118,14 @@ class PairStore:
     target: dask.array.Array
     hidden_metric: np.ndarray | None
     fingerprint: str
+    #: Where the arrays are read from: ``path`` itself, or for a URL the published version
+    #: its pointer names (immutable: a replacement is a new version).
+    location: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The path or URL the chunks are read from (:attr:`location`, else :attr:`path`)."""
+        return self.location or self.path
 
     @property
     def n_chunks(self) -> int:
@@ -161,16 +171,32 @@ def open_store(path: str | os.PathLike) -> PairStore:
     Everything later runs rely on is checked here, once; each read checks its own chunk
     files and the store's identity again (:mod:`cosim_dask.data.reader`), since a file can
     vanish, or the store be replaced, after this.
-    """
-    import dask.array as da
 
+    A URL opens the version its pointer names (:mod:`cosim_dask.objectstore`); one that no
+    writer has published yet is refused as incomplete.
+    """
     spath = os.fspath(path)
+    if is_url(spath):
+        with objectstore.storage_errors(spath):
+            return _open_store(spath, objectstore.locate(
+                spath, "pair store", StoreError,
+                "create one with `cosim generate` or `cosim ingest`"))
     recover(spath)  # a swap a killed writer left half done
-    if not is_url(spath) and not Path(spath).exists():
+    if not Path(spath).exists():
         raise StoreError(f"pair store {spath!r} does not exist; create one with "
                          "`cosim generate` or `cosim ingest`")
+    return _open_store(spath, spath)
+
+
+def _open_store(spath: str, location: str) -> PairStore:
+    """:func:`open_store` of the Zarr group at ``location`` (``spath`` for a local store),
+    shown to the user as ``spath``."""
+    import dask.array as da
+
     try:
-        group = zarr.open_group(spath, mode="r")
+        # A URL: Zarr v3 only, sparing zarr's requests for v2 metadata (.zgroup, ...).
+        group = zarr.open_group(location, mode="r",
+                                zarr_format=3 if is_url(location) else None)
     except Exception as exc:  # zarr raises several kinds; all mean "no readable group here"
         raise StoreError(f"{spath!r} is not a cosim pair store (no Zarr group: "
                          f"{type(exc).__name__}); create one with `cosim ingest`") from exc
@@ -211,7 +237,7 @@ def open_store(path: str | os.PathLike) -> PairStore:
                          f"{TARGET_KINDS}; re-create it")
     _check_target_stats(spath, attrs.get("target_stats"), kind, n)
     # Every chunk must be stored: zarr reads a missing one as its fill value (0).
-    check_all_chunks(spath, arrays, n, rows)
+    check_all_chunks(location, arrays, n, rows)
     hidden = None
     if "hidden_metric" in group:
         stored = group["hidden_metric"]
@@ -230,6 +256,7 @@ def open_store(path: str | os.PathLike) -> PairStore:
         x=da.from_zarr(arrays["x"]), y=da.from_zarr(arrays["y"]),
         target=da.from_zarr(arrays["target"]),
         hidden_metric=hidden, fingerprint=fingerprint(attrs),
+        location=None if location == spath else location,
     )
 
 
@@ -414,7 +441,7 @@ def create_store(
     Parameters
     ----------
     path : str or PathLike
-        Store directory (written atomically) or fsspec URL (written in place).
+        Store directory or fsspec URL (both published in one step when complete).
     d : int
         Vector dimension.
     chunk_rows : int, optional
@@ -446,19 +473,7 @@ def create_store(
         yield writer
         writer.finish(targets=targets, attrs=attrs)
 
-    spath = os.fspath(path)
-    if is_url(spath):
-        try:
-            group = zarr.open_group(spath, mode="w" if overwrite else "w-")
-        except FileExistsError as exc:
-            raise StoreError(f"pair store {spath!r} already exists; pass {{overwrite}} to "
-                             "replace it", params={"overwrite": True}) from exc
-        except (ImportError, ValueError, OSError) as exc:
-            raise StoreError(f"cannot create {spath!r}: {str(exc).splitlines()[0]} (is the "
-                             "fsspec filesystem package for this URL installed?)") from exc
-        yield from fill(group)
-        return
-    with claim_output(spath, PAIR_STORE, overwrite=overwrite, inputs=inputs) as target, \
+    with claim_output(path, PAIR_STORE, overwrite=overwrite, inputs=inputs) as target, \
             target.staged() as tmp:
         yield from fill(zarr.open_group(str(tmp), mode="w", zarr_format=3))
 
@@ -468,8 +483,10 @@ def bytes_on_disk(path: str | os.PathLike) -> int:
     spath = os.fspath(path)
     if not is_url(spath):
         return sum(f.stat().st_size for f in Path(spath).rglob("*") if f.is_file())
-    group = zarr.open_group(spath, mode="r")
-    return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
+    with objectstore.storage_errors(spath):
+        location, _ = objectstore.current(spath)
+        group = zarr.open_group(location, mode="r")
+        return int(sum(arr.nbytes_stored() for _, arr in group.arrays()))
 
 
 def store_info(path: str | os.PathLike, *, validation: float | None = None,

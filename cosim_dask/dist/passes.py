@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import dask
 import numpy as np
-# Dask's task spec (dask >= 2025.1): a pass's graph written as plain tasks, not delayed calls.
 from dask._task_spec import List, Task, TaskRef
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
@@ -251,7 +250,8 @@ class DaskPairs(Pairs):
         return [(a, b, [self.pieces[i] for i in chunks[a:b]]) for a, b in bounds]
 
     def graph(self, ref, spec: ChunkSpec, chunks: Sequence[int], token: str,
-              tasks: list[tuple[int, int, object]], read_ahead: int = 0):
+              tasks: list[tuple[int, int, object]], read_ahead: int = 0,
+              places: list[str] | None = None):
         """The delayed root of a pass: ``tasks`` (:meth:`tasks`), each folding its chunks
         into the tree nodes it alone covers, then the combine tasks of the nodes above.
 
@@ -259,6 +259,9 @@ class DaskPairs(Pairs):
         and unpacked every argument of every task: 80 ms a pass for a graph of two tasks on
         a loaded machine, now about 1 ms. ``ref`` is the parameters: a future, or a delayed
         value whose graph is merged in.
+
+        ``places``: task n goes to worker ``places[n % len(places)]`` (a loose restriction:
+        elsewhere if that worker is gone).
         """
         chunks = list(chunks)
         tree = Tree(len(chunks), self.split_every)
@@ -276,7 +279,7 @@ class DaskPairs(Pairs):
 
         params = ref_of(ref)
         nodes: dict = {}
-        priority: dict = {}
+        task_annotations: dict = {}
         for n, (start, stop, data) in enumerate(tasks):
             ahead = read_ahead_of([d for *_, d in tasks], n, read_ahead)
             data = List(*map(ref_of, data)) if isinstance(data, list) else ref_of(data)
@@ -296,7 +299,10 @@ class DaskPairs(Pairs):
             # Tasks in chunk order (highest priority first): read-ahead guesses the chunks
             # that start next, and partials meet their tree siblings soon. Left to itself the
             # scheduler ran them in no useful order (55, 54, 53, ..., 0, 59, 58).
-            priority[key] = len(tasks) - n
+            task_annotations[key] = {"priority": len(tasks) - n}
+            if places:
+                task_annotations[key].update(workers=[places[n % len(places)]],
+                                             allow_other_workers=True)
 
         def make_node(node, children):
             level, j = node
@@ -305,14 +311,14 @@ class DaskPairs(Pairs):
             return key
 
         root = tree.build(nodes, make_node)
-        # One layer per task for its priority annotation (what ``dask.annotate`` made), over
+        # One layer per task for its annotations (what ``dask.annotate`` made), over
         # a layer of inputs (parameters, persisted chunks) and under the layer of the tree
         # nodes above the tasks: the layers' dependencies decide what the graph keeps.
         name = f"cosim-inputs-{token}"
         layers = {name: MaterializedLayer(inputs)}
         dependencies = {name: set()}
-        for key, p in priority.items():
-            layers[key] = MaterializedLayer({key: dsk.pop(key)}, annotations={"priority": p})
+        for key, marks in task_annotations.items():
+            layers[key] = MaterializedLayer({key: dsk.pop(key)}, annotations=marks)
             dependencies[key] = {name}
         if dsk:
             layers[root] = MaterializedLayer(dsk)
@@ -324,12 +330,16 @@ class DaskPairs(Pairs):
         """One pass over ``chunks`` (see :func:`run_pass` for what survives what)."""
         chunks = list(chunks)
         tasks = self.tasks(params, chunks)
+        remote = self.source.streaming and is_url(self.pieces[0].path)
         read_ahead = (0 if not self.source.streaming
                       else self.read_ahead if self.read_ahead is not None
-                      else read_ahead_tasks(self.client))
+                      else read_ahead_tasks(self.client, remote=remote))
+        # Object storage: chunks are read ahead into the reading worker's memory, so task n
+        # must run where task n - read_ahead ran: tasks are dealt to the workers in turn.
+        places = stream_placement(self.client) if remote and read_ahead else None
         return run_pass(self.client, params,
                         lambda ref, token: self.graph(ref, spec, chunks, token, tasks,
-                                                      read_ahead),
+                                                      read_ahead, places),
                         send=lambda p: self._params_ref(p, len(tasks)))
 
 
@@ -343,17 +353,37 @@ def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:
             if isinstance(p, StoreSlice)]
 
 
-def read_ahead_tasks(client: Client) -> int:
+def read_ahead_tasks(client: Client, *, remote: bool = False) -> int:
     """How many tasks ahead a streaming task starts reading: the tasks that run at once (the
-    next to start is that many places on). Only when every worker shares one machine, and
-    so one page cache; elsewhere a chunk read ahead on one host may be needed on another,
-    and reading it twice would cost more than the overlap gains."""
+    next to start is that many places on, most often on the thread that frees up first).
+
+    A local store: only when every worker shares one machine, and so one page cache;
+    elsewhere a chunk read ahead on one host may be needed on another, and reading it twice
+    would cost more than the overlap gains. A store in object storage (``remote``) is read
+    ahead into the reading worker's memory on any cluster: no cache is shared anyway, and a
+    guess that misses costs one extra read of a task's chunks."""
     try:
         nthreads = guarded(client, client.nthreads, "asking the scheduler for its workers")
     except Exception:  # noqa: BLE001 - a read-ahead guess is never worth a failed pass
         return 0
     hosts = {address.rsplit(":", 1)[0] for address in nthreads}
-    return sum(nthreads.values()) if len(hosts) == 1 else 0
+    return sum(nthreads.values()) if len(hosts) == 1 or remote else 0
+
+
+def stream_placement(client: Client) -> list[str] | None:
+    """The workers that streaming tasks from object storage are dealt to in turn, each worker
+    once per thread, so that with read-ahead :func:`read_ahead_tasks` places on, a task's
+    chunks are read ahead by the worker that runs it (the scheduler, left to itself, ran
+    them in no predictable order: 1 read-ahead in 15 was used). None when unknown."""
+    try:
+        nthreads = guarded(client, client.nthreads, "asking the scheduler for its workers")
+    except Exception:  # noqa: BLE001 - the placement is only an optimisation
+        return None
+    workers = sorted(nthreads)
+    # Worker-major is wrong here: the T threads of a worker run T consecutive dealt tasks
+    # at once, so deal one task per worker in turn and let threads take the next ones.
+    return [w for _ in range(max(nthreads.values(), default=1)) for w in workers
+            if nthreads[w] > _] or None
 
 
 def scheduler_lost(client: Client) -> bool:

@@ -116,7 +116,7 @@ def evaluate_model(
                          params={"split": "all"})
     binary = store.targets == "binary"
     loss = _model_loss(model.attrs, binary)
-    pieces = store_pieces(store.path, store.chunk_slices(), identity=store.fingerprint)
+    pieces = store_pieces(store.source, store.chunk_slices(), identity=store.fingerprint)
     stats = score_pieces(client, pieces, model.A,
                          loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
                          splits=(split,), joint=not binary, split_every=split_every)

@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+import cosim_dask.objectstore as objectstore
 from cosim_dask import __version__
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.errors import ModelError
 from cosim_dask.fit.config import TrainConfig
 from cosim_dask.fit.loop import TrainState, state_to_attrs
-from cosim_dask.outputs import MODEL, Output, claim_output, recover
+from cosim_dask.outputs import MODEL, Output, UrlOutput, claim_output, is_url, recover
 
 FORMAT = "cosim-model"
 FORMAT_VERSION = 1
@@ -89,7 +90,7 @@ def save_model(path: str | os.PathLike, model: Model, *, overwrite: bool = False
         write_model(target, model)
 
 
-def write_model(target: Output, model: Model) -> None:
+def write_model(target: Output | UrlOutput, model: Model) -> None:
     """Write ``model`` as a new version of the claimed output ``target`` (a run that holds
     its output for checkpoints writes each one with this)."""
     with target.staged() as tmp:
@@ -238,7 +239,7 @@ def _is_kind(value: Any, kind: str) -> bool:
             "dict": isinstance(value, dict)}.get(kind, False)
 
 
-def _damaged(path: Path, problem: str) -> ModelError:
+def _damaged(path: str | Path, problem: str) -> ModelError:
     return ModelError(f"model {str(path)!r} is damaged: {problem}; retrain it or restore a copy")
 
 
@@ -253,13 +254,26 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
     (:data:`ATTR_KINDS`; ``history`` a list of step records, ``settings`` the training
     settings, ``train_state`` a dict with :data:`TRAIN_STATE_KEYS`). Any mismatch raises one
     line, "model PATH is damaged: ...; retrain it or restore a copy".
+
+    A URL opens the version its pointer names (:mod:`cosim_dask.objectstore`); one that no
+    writer has published yet is refused as incomplete.
     """
+    shown = os.fspath(path)
+    if is_url(shown):
+        with objectstore.storage_errors(shown):
+            location = objectstore.locate(shown, "model", ModelError,
+                                          "train one with `cosim train`")
+            return _load_model(shown, location, with_solver)
     recover(path)  # a swap a killed writer left half done
-    path = Path(path)
-    if not path.exists():
-        raise ModelError(f"model {str(path)!r} does not exist; train one with `cosim train`")
+    if not Path(path).exists():
+        raise ModelError(f"model {shown!r} does not exist; train one with `cosim train`")
+    return _load_model(shown, shown, with_solver)
+
+
+def _load_model(path: str, location: str, with_solver: bool) -> Model:
+    """:func:`load_model` of the Zarr group at ``location``, named ``path`` in messages."""
     try:
-        root = zarr.open_group(path, mode="r")
+        root = zarr.open_group(location, mode="r", zarr_format=3 if is_url(location) else None)
         attrs = dict(root.attrs)
     except Exception:
         raise ModelError(f"{str(path)!r} is not a cosim model (not a Zarr group)") from None
@@ -297,7 +311,7 @@ def load_model(path: str | os.PathLike, *, with_solver: bool = False) -> Model:
     return Model(A=A, M=M, attrs=attrs, solver_state=state)
 
 
-def _check_psd(A: np.ndarray, path: Path) -> None:
+def _check_psd(A: np.ndarray, path: str | Path) -> None:
     """A symmetric and PSD within :data:`SYMMETRY_TOL` and :data:`PSD_TOL`, and not zero."""
     scale = float(np.abs(A).max())
     asym = float(np.abs(A - A.T).max())
@@ -312,7 +326,7 @@ def _check_psd(A: np.ndarray, path: Path) -> None:
                              f"{eig[0]:.3g}, largest {eig[-1]:.3g})")
 
 
-def _check_attrs(attrs: dict, path: Path) -> None:
+def _check_attrs(attrs: dict, path: str | Path) -> None:
     """The attributes the readers use, when present, are of the kinds the format says."""
     for key, kind in ATTR_KINDS.items():
         if key in attrs and not _is_kind(attrs[key], kind):
@@ -357,7 +371,7 @@ def _fits(value: Any, hint: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def _check_settings(settings: dict, path: Path) -> None:
+def _check_settings(settings: dict, path: str | Path) -> None:
     """Each known training setting of the type :class:`~cosim_dask.fit.loop.TrainConfig`
     gives it (unknown keys are left alone)."""
     for key, hint in typing.get_type_hints(TrainConfig).items():
@@ -366,7 +380,7 @@ def _check_settings(settings: dict, path: Path) -> None:
                                  f"{getattr(hint, '__name__', hint)}")
 
 
-def _read(group, name: str, path: Path) -> np.ndarray:
+def _read(group, name: str, path: str | Path) -> np.ndarray:
     """Array ``name`` of ``group``: float64 and every chunk stored (zarr would give the fill
     value, 0, for a missing chunk file), read in full."""
     try:

@@ -19,6 +19,7 @@ from typing import Any
 
 from distributed import Client
 
+import cosim_dask.objectstore as objectstore
 from cosim_dask.core.objective import Objective
 from cosim_dask.dashboard.publisher import MetricsPublisher, new_run_id
 from cosim_dask.data.store import PairStore, open_store
@@ -37,7 +38,7 @@ from cosim_dask.fit.config import RunOptions, TrainConfig
 from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
 from cosim_dask.fit.loop import StepCallback, TrainState, run_solver, state_from_attrs
 from cosim_dask.fit.model import Model, build_model, load_model, write_model
-from cosim_dask.outputs import MODEL, check_output, claim_output, reading, recover
+from cosim_dask.outputs import MODEL, check_output, claim_output, exists, is_url, reading, recover
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def make_pieces(client: Client, store: PairStore, cache: str,
         # Tiny chunks are persisted in groups, one key per task of a pass.
         group = chunks_per_task(store.n_chunks, store.chunk_rows * (2 * store.d + 1) * 4,
                                 resolve_split_every(split_every))
-        return persisted_store_pieces(client, store.path, store.chunk_slices(), group,
+        return persisted_store_pieces(client, store.source, store.chunk_slices(), group,
                                       identity=store.fingerprint)
-    return store_pieces(store.path, store.chunk_slices(), identity=store.fingerprint)
+    return store_pieces(store.source, store.chunk_slices(), identity=store.fingerprint)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Checkpoint:
     """
 
     model: Model
-    identity: tuple[int, int, int]
+    identity: tuple
     path: str = ""
 
     @classmethod
@@ -95,10 +96,14 @@ class Checkpoint:
         return cls(load_model(out, with_solver=True), identity, out)
 
     def is_current(self, out: str) -> bool:
-        return Path(out).exists() and _identity(out) == self.identity
+        return exists(out) and _identity(out) == self.identity
 
 
-def _identity(path: str) -> tuple[int, int, int]:
+def _identity(path: str) -> tuple:
+    """A local folder's (device, inode, mtime); a URL's published version (each write is a
+    new one)."""
+    if is_url(path):
+        return (objectstore.current(path)[0],)
     st = Path(path).stat()
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
@@ -259,7 +264,7 @@ def _scheduler_lost(exc, store_path, out, progress, overwrite) -> TrainingError:
                                                          else ""))
     else:
         kept = (f"no checkpoint was written yet; {str(out)!r} is "
-                + ("unchanged" if Path(out).exists() else "not written")
+                + ("unchanged" if exists(out) else "not written")
                 + "; run the same command again")
     if isinstance(exc, ClusterError):  # its own parameters too, for the CLI to name
         detail, params = exc.message.template, exc.message.params
@@ -294,7 +299,7 @@ def check_request(
                          params={"resume": True, "overwrite": True})
     if resume:
         recover(out)  # a swap a killed run left half done
-        if not Path(out).exists():
+        if not exists(out):
             raise TrainingError(f"nothing to resume: {out!r} does not exist; drop {{resume}}",
                                 params={"resume": True})
     check_output(out, MODEL, overwrite=overwrite or resume, inputs=[store_path])

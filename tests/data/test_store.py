@@ -85,7 +85,7 @@ def test_memory_url_round_trip(pairs):
     store = open_store(url)
     assert store.x.chunks == ((10, 10, 3), (4,))
     np.testing.assert_array_equal(store.y.compute(), y)
-    with pytest.raises(StoreError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         write(url, x, y, t, chunk_rows=10)
 
 
