@@ -38,7 +38,8 @@ class Solver:
 
     ``val_tol``: the solver's stopping rule on the validation figures each full pass
     computes (None: none): stop once a step improves the validation score by at most this
-    (AUC, absolute; for graded targets the validation loss, relative).
+    (and not less than 0: AUC, absolute; for graded targets the validation loss, relative;
+    without validation rows the training loss, relative).
     """
 
     name: ClassVar[str] = ""
@@ -264,7 +265,7 @@ class StreamLBFGS(LBFGS):
     name = "stream+lbfgs"
     val_tol = 3e-4
 
-    def __init__(self, memory: int = 10, lr: float = 1.0, fit: LocalFit | None = None) -> None:
+    def __init__(self, memory: int = 10, lr: float = 0.1, fit: LocalFit | None = None) -> None:
         super().__init__(memory=memory, lr=lr)
         self.fit = fit or LocalFit()
 

@@ -207,7 +207,7 @@ def _stop_reason(config, solver, state, before, info, record) -> str | None:
         return f"no better validation score in {config.patience} steps"
     tol = getattr(solver, "val_tol", None)
     gain = validation_gain(state.history[-2], record) if len(state.history) >= 2 else None
-    if tol is not None and gain is not None and gain[0] <= tol:
+    if tol is not None and gain is not None and 0.0 <= gain[0] <= tol:
         return f"{gain[1]} gained {gain[0]:.2g} <= {tol:g} in one step"
     return None
 
