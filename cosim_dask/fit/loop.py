@@ -214,16 +214,19 @@ def _stop_reason(config, solver, state, before, info, record) -> str | None:
 
 def validation_gain(before: dict[str, Any], after: dict[str, Any]
                     ) -> tuple[float, str] | None:
-    """How much a step improved the figures its full pass computed, and which: the
-    validation AUC's gain (binary targets), else the relative decrease of the validation
-    loss, else (no validation rows) of the training loss; None without figures."""
+    """How much a step improved the figures its full pass computed, and which: the smaller
+    of the validation AUC's gain (binary targets) and the validation loss's relative
+    decrease (both must have stopped improving), or (no validation rows) the training
+    loss's relative decrease; None without figures."""
+    gains = []
     if before.get("val_auc") is not None and after.get("val_auc") is not None:
-        return after["val_auc"] - before["val_auc"], "validation AUC"
+        gains.append((after["val_auc"] - before["val_auc"], "validation AUC"))
     key, what = (("val_loss", "validation loss") if before.get("val_loss") is not None
                  else ("loss", "training loss"))
-    if before.get(key) is None or after.get(key) is None:
-        return None
-    return (before[key] - after[key]) / max(abs(before[key]), 1e-12), f"{what} (relative)"
+    if before.get(key) is not None and after.get(key) is not None:
+        gains.append(((before[key] - after[key]) / max(abs(before[key]), 1e-12),
+                      f"{what} (relative)"))
+    return max(gains) if gains else None
 
 
 def state_to_attrs(state: TrainState) -> dict[str, Any]:
