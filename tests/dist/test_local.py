@@ -98,7 +98,8 @@ def held_auc(form, params, held):
 def test_reaches_the_lbfgs_optimum_within_two_passes():
     """On a small problem: the first pass's average (two passes: the fit, then the pass
     that evaluates it) is within 0.001 held-out AUC of plain L-BFGS run to convergence; the
-    run stops on its validation figures well before it, and every step records its passes."""
+    run stops on its validation figures before it, still there, and every step records its
+    passes."""
     x, y, t, A_star = synthetic_pairs(30_000, 16, rank=4, noise=0.3, targets="binary", seed=2)
     held = synthetic_chunk(20_000, A_star, noise=0.3, targets="binary", seed=2, chunk=99)
     config = TrainConfig(validation=0.1, steps=40)
@@ -117,5 +118,6 @@ def test_reaches_the_lbfgs_optimum_within_two_passes():
     state, seen = results["stream+lbfgs"]
     assert seen[0][0] == 2.0 and seen[0][1] >= optimum - 0.001
     assert [p for p, _ in seen] == sorted(p for p, _ in seen)
-    assert state.passes == seen[-1][0] <= 5 < results["lbfgs"][0].passes
+    assert seen[-1][1] >= optimum - 0.001
+    assert state.passes == seen[-1][0] < results["lbfgs"][0].passes
     assert "gained" in state.stop_reason and "<= 0.0003" in state.stop_reason
