@@ -124,7 +124,9 @@ class CosineMetricLearner(*_BASES):
     param : ``"factor"`` (A = MᵀM, M k × d: PSD by construction, no projection) or ``"full"``
         (A itself, projected onto A ⪰ εI after each step).
     rank : k for ``param="factor"`` (None: k = d).
-    solver : ``"lbfgs"``, ``"gd"`` or ``"adam"`` (mini-batches of ``batch_chunks`` chunks).
+    solver : ``"stream+lbfgs"`` (one streaming pass of mini-batch runs, averaged, then
+        L-BFGS until the figures stop improving), ``"lbfgs"``, ``"gd"`` or ``"adam"``
+        (mini-batches of ``batch_chunks`` chunks).
     lr : the solver's step size (None: its default).
     max_iter : solver steps at most.
     tol : stop when the relative loss change of a step is below this.

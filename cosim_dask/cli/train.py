@@ -73,7 +73,10 @@ def train(
              "the PSD cone after each step.")] = Parameterisation(DEFAULTS.param),
     rank: Annotated[int | None, typer.Option(
         min=1, help="Rank k of M (factor form; default d, full rank).")] = None,
-    solver: Annotated[Solver, typer.Option(help="Optimiser.")] = Solver(DEFAULTS.solver),
+    solver: Annotated[Solver, typer.Option(
+        help="Optimiser: stream+lbfgs (a streaming pass of mini-batch runs, averaged, then "
+             "L-BFGS until the validation figures stop improving), lbfgs, gd or adam.")
+    ] = Solver(DEFAULTS.solver),
     steps: Annotated[int, typer.Option(min=0, help="Maximum solver steps.")] = DEFAULTS.steps,
     lr: Annotated[float | None, typer.Option(help="Step size (solver default if omitted).")
                   ] = None,

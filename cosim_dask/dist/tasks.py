@@ -22,9 +22,10 @@ import numpy as np
 
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays, pair_similarity
+from cosim_dask.core.local import LocalFit, LocalState, MetricSum, local_steps, metric_sum
 from cosim_dask.core.losses import Loss
 from cosim_dask.core.stats import ScoreStats
-from cosim_dask.data.reader import StoreSlice, prefetch, read_group
+from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
 from cosim_dask.data.split import validation_mask
 from cosim_dask.dist.tree import Node, Tree
 
@@ -154,6 +155,33 @@ def node_task(data: list, params: np.ndarray, spec: ChunkSpec, tree: Tree, start
     a power of the fan-in): that node's value."""
     (value,) = fold_task(data, params, spec, tree, start, indices, ahead).values()
     return value
+
+
+def local_task(data, state: LocalState | np.ndarray, spec: ChunkSpec, fit: LocalFit,
+               index: int, ahead: Sequence[StoreSlice] = (), finish: bool = False,
+               plan: tuple[int, int] = (1, 0)) -> LocalState | MetricSum:
+    """One chunk of a first-pass run (:mod:`cosim_dask.core.local`): Adam steps over the
+    training rows of chunk ``index`` (``data``: a store slice to read, or (x, y, target) in
+    memory), continuing ``state`` (for a run's first chunk: the start parameters, and
+    ``plan`` from :func:`cosim_dask.core.local.plan_run`). With ``finish``, the run's last
+    chunk: its fitted metric, for the average.
+
+    Invalid pairs raise as in a full pass (``spec.on_invalid``), naming the first one.
+    """
+    prefetch(ahead)
+    x, y, t = as_pair_arrays(*(read_slice(data) if isinstance(data, StoreSlice) else data))
+    if not isinstance(state, LocalState):
+        state = LocalState.start(state, plan)
+    val = validation_mask(index, len(x), spec.validation, spec.seed)
+    include = ~val if val.any() else None
+    skipped = state.skipped
+    state = local_steps(x, y, t, state, spec.parameterisation, spec.loss, fit, seed=spec.seed,
+                        chunk=index, include=include)
+    if state.skipped > skipped and spec.on_invalid == "raise":
+        # The mini-batches skip invalid pairs; the chunk kernel names the first one.
+        spec.parameterisation.chunk_partial(x, y, t, state.params, spec.loss, chunk_id=index,
+                                            include=include)
+    return metric_sum(state, spec.parameterisation) if finish else state
 
 
 def chunks_per_task(n_chunks: int, chunk_bytes: int, split_every: int) -> int:

@@ -36,6 +36,8 @@ class TrainState:
     best_score: float = -math.inf
     since_best: int = 0
     stop_reason: str | None = None
+    #: Training passes over the data so far (pairs read / pairs; mini-batches count their share).
+    passes: float = 0.0
 
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -74,9 +76,17 @@ def run_solver(
     # Every pass goes through the guard: parameters that have run off are reported as a
     # diverging solver, so an invalid-pairs error from the kernel only ever means the data.
     guarded = _Guarded(objective, config)
+    # Passes before this call (a resumed run's) plus those the source counts from now on.
+    offset = state.passes - getattr(source, "passes", 0.0)
+
+    def count_passes() -> None:
+        if hasattr(source, "passes"):
+            state.passes = offset + source.passes
+
     if not resumed:
         started = time.perf_counter()
         info = solver.start(params0, guarded)
+        count_passes()
         _record(state, source, info.loss, info.grad_norm, 0.0, info.evaluations,
                 time.perf_counter() - started, targets_binary, on_step)
     while state.step < config.steps and state.stop_reason is None:
@@ -88,6 +98,7 @@ def run_solver(
             what = "parameters" if math.isfinite(info.loss) else "loss"
             raise diverged(config, state.step + 1, f"the {what} became inf/nan")
         state.step += 1
+        count_passes()
         record = _record(state, source, info.loss, info.grad_norm, info.step_size,
                          info.evaluations, time.perf_counter() - started, targets_binary,
                          on_step)
@@ -135,12 +146,25 @@ class _Guarded:
         self.objective = objective
         self.config = config
         self.step = 0
+        if not hasattr(objective.partial_sum, "local_fit"):
+            self.local_average = None  # solvers fall back to their full-batch start
 
     def __call__(self, params: np.ndarray, batch: int | None = None):
+        self._check(params)
+        return self.objective(params, batch)
+
+    def _check(self, params: np.ndarray) -> None:
         problem = check_parameters(self.objective.parameterisation, params)
         if problem:
             raise diverged(self.config, self.step, problem)
-        return self.objective(params, batch)
+
+    def local_average(self, params: np.ndarray, fit) -> np.ndarray:
+        """The objective's local-fit pass (:meth:`Objective.local_average`), checked on
+        both sides: a local fit that ran off is a diverging solver too."""
+        self._check(params)
+        averaged = self.objective.local_average(params, fit)
+        self._check(averaged)
+        return averaged
 
 
 def _record(state, source, loss, grad_norm, step_size, evaluations, seconds, binary, on_step):
@@ -153,6 +177,7 @@ def _record(state, source, loss, grad_norm, step_size, evaluations, seconds, bin
         "grad_norm": grad_norm,
         "step_size": step_size,
         "evaluations": evaluations,
+        "passes": round(state.passes, 6),
         "step_seconds": seconds,
         "pairs_per_s": pairs / seconds if seconds > 0 and pairs else None,
         "val_loss": val_loss if math.isfinite(val_loss) else None,
@@ -180,12 +205,34 @@ def _stop_reason(config, solver, state, before, info, record) -> str | None:
         return f"relative loss change below tol {config.tol:g}"
     if config.patience is not None and state.since_best >= config.patience:
         return f"no better validation score in {config.patience} steps"
+    tol = getattr(solver, "val_tol", None)
+    gain = validation_gain(state.history[-2], record) if len(state.history) >= 2 else None
+    if tol is not None and gain is not None and 0.0 <= gain[0] <= tol:
+        return f"{gain[1]} gained {gain[0]:.2g} <= {tol:g} in one step"
     return None
+
+
+def validation_gain(before: dict[str, Any], after: dict[str, Any]
+                    ) -> tuple[float, str] | None:
+    """How much a step improved the figures its full pass computed, and which: the smaller
+    of the validation AUC's gain (binary targets) and the validation loss's relative
+    decrease (both must have stopped improving), or (no validation rows) the training
+    loss's relative decrease; None without figures."""
+    gains = []
+    if before.get("val_auc") is not None and after.get("val_auc") is not None:
+        gains.append((after["val_auc"] - before["val_auc"], "validation AUC"))
+    key, what = (("val_loss", "validation loss") if before.get("val_loss") is not None
+                 else ("loss", "training loss"))
+    if before.get(key) is not None and after.get(key) is not None:
+        gains.append(((before[key] - after[key]) / max(abs(before[key]), 1e-12),
+                      f"{what} (relative)"))
+    return max(gains) if gains else None
 
 
 def state_to_attrs(state: TrainState) -> dict[str, Any]:
     return {"step": state.step, "history": state.history, "best_score": state.best_score,
-            "since_best": state.since_best, "stop_reason": state.stop_reason}
+            "since_best": state.since_best, "stop_reason": state.stop_reason,
+            "passes": state.passes}
 
 
 def state_from_attrs(attrs: dict[str, Any]) -> TrainState:
@@ -197,4 +244,5 @@ def state_from_attrs(attrs: dict[str, Any]) -> TrainState:
     return TrainState(step=int(attrs["step"]), history=list(attrs.get("history", [])),
                       best_score=-math.inf if best is None else float(best),
                       since_best=int(attrs.get("since_best", 0)),
+                      passes=float(attrs.get("passes", 0.0)),
                       stop_reason=None if reason == "max steps" else reason)

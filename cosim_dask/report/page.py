@@ -211,7 +211,8 @@ def _settings_table(model: Model, model_path: str) -> str:
     attrs = model.attrs
     rows: list[tuple[str, Any]] = [
         ("model", model_path), ("stop reason", attrs.get("stop_reason")),
-        ("steps", attrs.get("steps")), ("complete", attrs.get("complete")),
+        ("steps", attrs.get("steps")), ("passes over the data", _passes(model)),
+        ("complete", attrs.get("complete")),
         ("training time (s)", attrs.get("train_seconds")), ("saved", attrs.get("saved")),
         ("run id", attrs.get("run_id")), ("store", attrs.get("store_path")),
         ("store fingerprint", attrs.get("store_fingerprint")),
@@ -223,6 +224,13 @@ def _settings_table(model: Model, model_path: str) -> str:
     body = "".join(f'<tr data-key="{escape(k)}"><td class="k">{escape(k)}</td>'
                    f'<td class="k">{_num(v, "setting")}</td></tr>' for k, v in rows)
     return f'<table id="settings">{body}</table>'
+
+
+def _passes(model: Model) -> float | None:
+    """Training passes over the data (reads of every training row), from the last step's
+    record; None for models trained before they were counted."""
+    passes = model.history[-1].get("passes") if model.history else None
+    return round(passes, 2) if passes is not None else None
 
 
 def render_page(model: Model, data: dict[str, Any], *, model_path: str) -> str:
@@ -256,7 +264,8 @@ def render_page(model: Model, data: dict[str, Any], *, model_path: str) -> str:
 <h1>Training report: {escape(model_path)}</h1>
 <p class="sub">{escape(str(attrs.get("loss")))} loss, {escape(str(attrs.get("solver")))} solver,
 {escape(str(attrs.get("param")))} form; stopped:
-<b id="stop-reason">{_num(attrs.get("stop_reason"))}</b> after {_num(attrs.get("steps"))} steps.
+<b id="stop-reason">{_num(attrs.get("stop_reason"))}</b> after {_num(attrs.get("steps"))} steps
+(<span id="passes">{_num(_passes(model), "setting")}</span> passes over the data).
 Generated {generated} by cosim-dask {__version__}.</p>
 {checkpoint}
 <h2>Training curves</h2>

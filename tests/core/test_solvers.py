@@ -69,5 +69,6 @@ def test_state_round_trip_continues_identically(name):
 
 
 def test_unknown_solver():
-    with pytest.raises(UnknownNameError, match="unknown solver 'sgd'; choose one of: lbfgs, gd"):
+    with pytest.raises(UnknownNameError,
+                       match="unknown solver 'sgd'; choose one of: stream.lbfgs, lbfgs, gd"):
         get_solver("sgd")

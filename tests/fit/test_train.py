@@ -63,11 +63,13 @@ def test_train_writes_a_model_that_beats_plain_cosine(trained):
     np.testing.assert_allclose(model.M.T @ model.M, model.A, rtol=1e-10, atol=1e-10)
     attrs = model.attrs
     assert attrs["complete"] and attrs["steps"] == len(attrs["history"]) - 1
-    assert attrs["loss"] == "mse" and attrs["solver"] == "lbfgs"
+    assert attrs["loss"] == "mse" and attrs["solver"] == "stream+lbfgs"
     val = attrs["validation_figures"]
     assert val["learned"]["auc"] > val["plain"]["auc"] + 0.05
     losses = [h["loss"] for h in attrs["history"]]
-    assert losses[-1] < 0.9 * losses[0]
+    assert losses[-1] <= losses[0]  # step 0: the first pass's average, then L-BFGS
+    passes = [h["passes"] for h in attrs["history"]]
+    assert passes[0] == 2 and passes == sorted(passes)
     assert all(b <= a for a, b in zip(losses, losses[1:], strict=False))  # Armijo steps
     assert "Dask dashboard: http://127.0.0.1:" in result.output
     assert "learned A" in result.output and "model written to" in result.output
@@ -133,18 +135,24 @@ def counting_model_reads(monkeypatch) -> list:
     return reads
 
 
-def test_resume_equals_uninterrupted(binary_store, tmp_path, cluster_address, monkeypatch):
+@pytest.mark.parametrize("solver,cut", [("lbfgs", 3), ("stream+lbfgs", 0)])
+def test_resume_equals_uninterrupted(binary_store, tmp_path, cluster_address, monkeypatch,
+                                     solver, cut):
+    """Cut mid-run (L-BFGS), or (the default schedule) right after its streaming first
+    pass, then resumed: the same metric, history and passes as one uninterrupted run."""
     whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
-    common = ["--steps", 8, "--checkpoint-every", 2, "--scheduler", cluster_address]
+    common = ["--steps", 8, "--checkpoint-every", 2, "--solver", solver,
+              "--scheduler", cluster_address]
     cosim("train", binary_store, "--out", whole, *common)
-    cosim("train", binary_store, "--out", part, *common[:1], 3, *common[2:])
-    assert load_model(part).attrs["steps"] == 3
+    cosim("train", binary_store, "--out", part, *common[:1], cut, *common[2:])
+    assert load_model(part).attrs["steps"] == cut
     reads = counting_model_reads(monkeypatch)
     cosim("train", binary_store, "--out", part, "--resume", *common)
     assert reads == [str(part)]  # read once: checked before start-up, then resumed from
     a, b = load_model(whole), load_model(part)
     np.testing.assert_array_equal(a.A, b.A)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert [h["passes"] for h in a.history] == [h["passes"] for h in b.history]
 
 
 def test_checkpoint_rewritten_after_the_checks_is_read_again(trained, binary_store, tmp_path,

@@ -40,7 +40,8 @@ def trained(tmp_path_factory, cluster_address) -> Path:
     root = tmp_path_factory.mktemp("report")
     cosim("generate", root / "S", "--pairs", 20000, "--dim", 16, "--rank", 3, "--targets",
           "binary", "--chunk-pairs", 4000)
-    cosim("train", root / "S", "--out", root / "M", "--steps", 10, "--scheduler", cluster_address)
+    cosim("train", root / "S", "--out", root / "M", "--steps", 10, "--solver", "lbfgs",
+          "--scheduler", cluster_address)
     return root / "M"
 
 
@@ -126,6 +127,10 @@ def test_plotted_data_match_the_model(trained, page):
         return x, y
 
     assert len(history) == 11  # steps 0..10
+    # Passes over the data beside the steps: the last record's count, in the summary line.
+    passes = history[-1]["passes"]
+    assert passes >= 11 and f'<span id="passes">{round(passes, 2):g}</span>' in page.read_text(
+        encoding="utf-8")
     assert xy("loss") == ([h["step"] for h in history], [h["loss"] for h in history])
     assert xy("val_loss") == ([h["step"] for h in history], [h["val_loss"] for h in history])
     assert xy("val_auc") == ([h["step"] for h in history], [h["val_auc"] for h in history])
