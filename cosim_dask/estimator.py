@@ -72,6 +72,9 @@ class CosineMetricLearner:
     validation : fraction of pairs held out (seeded per chunk) for a validation score.
     patience : stop after this many steps without a better validation score.
     batch_chunks : chunks per mini-batch for stochastic solvers.
+    negatives : K > 0 gives every positive pair K negatives made inside its chunk, by
+        pairing its x with the y of other positive pairs of the chunk (seeded; never the
+        pair itself), with the target of a label −1: for positive pairs only (``y`` all +1).
     chunk_rows : pairs per chunk (None: 65,536 for NumPy inputs, a Dask input's own chunks).
     split_every : fan-in of the reduction tree (None: Dask's ``split_every`` config, or 8).
     client : a ``distributed.Client`` to fit on; always used when given.
@@ -115,6 +118,7 @@ class CosineMetricLearner:
         validation: float = TrainConfig.validation,
         patience: int | None = TrainConfig.patience,
         batch_chunks: int | None = TrainConfig.batch_chunks,
+        negatives: int = TrainConfig.negatives,
         chunk_rows: int | None = None,
         split_every: int | None = None,
         client: Any = None,
@@ -135,6 +139,7 @@ class CosineMetricLearner:
         self.validation = validation
         self.patience = patience
         self.batch_chunks = batch_chunks
+        self.negatives = negatives
         self.chunk_rows = chunk_rows
         self.split_every = split_every
         self.client = client
@@ -194,8 +199,12 @@ class CosineMetricLearner:
             solver=self.solver, lr=self.lr, steps=int(self.max_iter), tol=self.tol,
             regularization=self.regularization, validation=self.validation,
             patience=self.patience, batch_chunks=self.batch_chunks, seed=self.random_state,
+            negatives=self.negatives,
         )
         config.check()
+        if config.negatives and not binary:
+            raise CosimError(f"negatives={config.negatives} needs positive pairs (y all +1, "
+                             "or ±1 labels); got graded targets")
         return config
 
     def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
@@ -251,7 +260,8 @@ class CosineMetricLearner:
         source = LocalPairs(x0, x1, y, form, config.make_loss(_binary(y)),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
                             validation=config.validation, seed=config.seed,
-                            batch_chunks=config.batch_chunks, split_every=self.split_every)
+                            batch_chunks=config.batch_chunks, split_every=self.split_every,
+                            negatives=config.negatives, positive_weight=config.positive_weight)
 
         with threadpool_limits(limits=self.blas_threads):
             state, solver = self._run(source, config, form, params0, _binary(y))
@@ -266,7 +276,8 @@ class CosineMetricLearner:
             targets = client.compute(pieces.held[2]).result()
             source = DaskPairs(client, pieces, form, config.make_loss(_binary(targets)),
                                validation=config.validation, seed=config.seed,
-                               batch_chunks=config.batch_chunks, split_every=self.split_every)
+                               batch_chunks=config.batch_chunks, split_every=self.split_every,
+                            negatives=config.negatives, positive_weight=config.positive_weight)
             targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],

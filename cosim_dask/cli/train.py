@@ -62,6 +62,10 @@ def train(
     negative_target: Annotated[float | None, typer.Option(
         help="mse on binary labels: the target for label −1 (default 0: unrelated; "
              "−1: opposite).")] = None,
+    negatives: Annotated[int, typer.Option(
+        min=0, help="Negatives per positive pair, made inside each chunk by pairing x with "
+        "the y of other pairs (for stores of positive pairs only; 0: none).")
+        ] = DEFAULTS.negatives,
     param: Annotated[Parameterisation, typer.Option(
         help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
              "the PSD cone after each step.")] = Parameterisation(DEFAULTS.param),
@@ -110,7 +114,8 @@ def train(
     config = TrainConfig(
         loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
         solver=solver.value, lr=lr, steps=steps, tol=tol, regularization=regularization,
-        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed)
+        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed,
+        negatives=negatives)
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
