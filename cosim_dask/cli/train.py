@@ -37,7 +37,7 @@ from cosim_dask.dashboard.publisher import dashboard_url
 from cosim_dask.data.store import open_store
 from cosim_dask.errors import ClusterError
 from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
-from cosim_dask.fit.evaluate import evaluate_model
+from cosim_dask.fit.evaluate import DEFAULT_CANDIDATES, evaluate_model, retrieval_model
 from cosim_dask.fit.model import load_model
 from cosim_dask.fit.train import RunOptions, check_request, finished_message, train_store
 
@@ -196,6 +196,13 @@ def evaluate(
     split: Annotated[Split, typer.Option(
         help="Rows to use: auto = the validation rows when STORE is the training store, "
              "else all rows.")] = Split("auto"),
+    retrieval: Annotated[bool, typer.Option(
+        "--retrieval", help="Instead: rank each positive pair's y among the y of --candidates "
+        "pairs of its chunk (seeded blocks): hit rate@1, recall@10, MRR.")] = False,
+    candidates: Annotated[int, typer.Option(
+        min=2, help="--retrieval: candidates per query.")] = DEFAULT_CANDIDATES,
+    seed: Annotated[int, typer.Option(
+        min=0, max=2**32 - 1, help="--retrieval: seed of the candidate blocks.")] = 0,
     as_json: Json = False,
     scheduler: Scheduler = None,
     workers: Workers = CLUSTER.workers,
@@ -204,15 +211,41 @@ def evaluate(
     dashboard_address: DashboardAddress = CLUSTER.dashboard_address,
     security: Security = None,
 ) -> None:
-    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
+    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine
+    (with --retrieval: hit rate@1, recall@10 and MRR of positive pairs)."""
     cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
                               dashboard_address, security)
     # Bad paths fail before start-up; the model is read once.
     loaded, _ = run(lambda: (load_model(model), open_store(store)))
     with connected(cluster) as client:
-        report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
+        if retrieval:
+            report = run(lambda: retrieval_model(loaded, store, client=client,
+                                                 split=split.value, candidates=candidates,
+                                                 seed=seed))
+        else:
+            report = run(lambda: evaluate_model(loaded, store, client=client,
+                                                split=split.value))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
+    if retrieval:
+        _print_retrieval(report, store)
+        return
     echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
     _print_figures(report)
+
+
+def _print_retrieval(report: dict, store: str) -> None:
+    learned = report["learned"]
+    echo(f"{report['split']} rows of {store}: {learned['queries']:,} positive pairs as queries, "
+         f"{fmt(learned['candidates'], ',.0f')} candidates each (at least "
+         f"{learned['min_candidates']:,}; ties count against the query)")
+    table = Table(title="retrieval of the true partner")
+    table.add_column("metric")
+    keys = ("hit_at_1", "recall_at_10", "mrr", "mean_rank")
+    for label in ("hit@1", "recall@10", "MRR", "mean rank"):
+        table.add_column(label, justify="right")
+    for name, label in (("plain", "plain cosine"), ("learned", "learned A")):
+        table.add_row(label, *(fmt(report[name][k], ".4f" if k != "mean_rank" else ".2f")
+                               for k in keys))
+    Console().print(table)

@@ -64,7 +64,7 @@ MAX_NEGATIVES = 1024
 #: With negatives, do positives and negatives weigh half each (True: every stored pair counts
 #: K times) or is the loss the mean over all augmented pairs (False)? Measured on
 #: ``pipelines/retrieval.py`` (see pipelines/README.md).
-NEGATIVES_BALANCED = False
+NEGATIVES_BALANCED = True
 #: How a run may keep its training data: in cluster memory, streamed, or chosen by size.
 CACHE_MODES = ("auto", "memory", "stream")
 
