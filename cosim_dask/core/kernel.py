@@ -344,6 +344,10 @@ def _syrk_partial(x, y, t, B, loss_fn: Loss, on_invalid: str, chunk_id, block_ro
         total += float(values[ok].sum())
         count += int(ok.sum())
         _rank_two_rows(xb, yb, n, m, s, dloss, ok, plus, minus, scratch=scratch)
+        if not ok.all():
+            # A zero coefficient times a NaN/Inf vector is NaN: clear the rows left out.
+            plus[~ok] = 0
+            minus[~ok] = 0
         # `plus.T @ plus` (the same buffer, contiguous rows) is sent by NumPy to SYRK: one
         # triangle, half the FLOPs of a GEMM; `out=` keeps that path and spares a d × d
         # temporary. The block's float32 result is added in float64, which keeps the
@@ -461,6 +465,12 @@ def factor_chunk_partial(
         px -= np.multiply(xb, gs_n, out=tmp)
         np.multiply(xb, c, out=py)
         py -= np.multiply(yb, gs_m, out=tmp)
+        if not ok.all():
+            # A zero coefficient times a NaN/Inf vector is NaN: clear the rows left out.
+            vw[:r][~ok] = 0
+            vw[r:][~ok] = 0
+            px[~ok] = 0
+            py[~ok] = 0
         grad += np.matmul(vw.T, pxy, out=gram)
     return Partial(loss=total, grad=grad, count=count, skipped=skipped)
 
