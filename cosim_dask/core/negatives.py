@@ -114,6 +114,9 @@ def augmented_partial(x: np.ndarray, y: np.ndarray, t: np.ndarray, B: np.ndarray
     K = partners.shape[0]
     cols = B.shape[1]
     block_rows = block_rows or default_block_rows(d)
+    # A block's work buffers hold (K + 2) × rows: fewer rows for many negatives keep them
+    # at most 8 plain blocks (K ≤ 6 keeps the full block).
+    block_rows = min(block_rows, max(64, 8 * block_rows // (K + 2)))
     B_c = B.astype(x.dtype)
     # The y side once for the whole chunk, so that partners anywhere in it reuse it.
     yB = scratch_array(("neg-yB",), (n_rows, cols), x.dtype)

@@ -127,7 +127,6 @@ class Pairs:
                        splits=tuple(splits), joint=joint)
         return self.run(np.asarray(A, dtype=np.float64), spec, range(self.n_chunks)).scores
 
-
     def retrieval(self, A: np.ndarray, split: str = "all", *, candidates: int = 1000,
                   seed: int = 0) -> dict[str, RetrievalStats]:
         """Retrieval statistics of the metric ``A`` and of plain cosine over the positive

@@ -60,8 +60,9 @@ LIVE_VALIDATION = 0.1
 MAX_STEPS = 10_000_000
 #: Seeds feed NumPy's generators, which take integers in [0, 2**32 - 1] here.
 MAX_SEED = 2**32 - 1
-#: Most negatives per positive a run may ask for (each adds about half a stored pair's work).
-MAX_NEGATIVES = 1024
+#: Most negatives per positive a run may ask for: each adds about half a stored pair's work,
+#: and a chunk task holds K partner indices per pair (8·K bytes).
+MAX_NEGATIVES = 64
 #: With negatives, do positives and negatives weigh half each (True: every stored pair counts
 #: K times) or is the loss the mean over all augmented pairs (False)? Measured on the digits
 #: halves of ``pipelines/retrieval.py`` (seeds 0-2, K = 4 and 16, 500 candidates): the mean
