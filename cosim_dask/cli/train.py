@@ -134,6 +134,7 @@ def train(
                             TextColumn("{task.fields[status]}"), console=console,
                             transient=False)
         task = progress.add_task("train", total=steps, status="")
+        seen: dict = {}
 
         def on_start(info) -> None:
             if info.get("live_url"):
@@ -141,6 +142,7 @@ def train(
             if info.get("live_hint"):
                 say(console, info["live_hint"])
             s = info["store"]
+            seen["positive_only"] = s.attrs.get("target_stats", {}).get("count_neg") == 0
             resumed = info["resumed_at"]
             say(
                 console,
@@ -170,7 +172,12 @@ def train(
     attrs = result.model.attrs
     say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")
-    _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+    if seen.get("positive_only"):
+        # AUC and accuracy need negatives; the figures of positive pairs are retrieval ones.
+        echo(f"{store} holds positive pairs only: rank them with `cosim evaluate {out} "
+             f"{store} --retrieval`")
+    else:
+        _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
     echo(f"model written to {out}")
 
 

@@ -30,6 +30,8 @@ def test_positive_pairs_train_with_negatives_and_rank_better_than_plain_cosine(
     result = cosim_main("train", store, "--out", model, "--negatives", "2", "--steps", "6",
                         "--validation", "0.2", "--scheduler", cluster_address)
     assert result.exit_code == 0, result.output
+    assert "holds positive pairs only: rank them with `cosim evaluate" in result.stdout
+    assert "auc" not in result.stdout  # no AUC/accuracy table without negatives
     assert load_model(model).attrs["settings"]["negatives"] == 2
     result = cosim_main("evaluate", model, store, "--retrieval", "--candidates", "50",
                         "--json", "--scheduler", cluster_address)
