@@ -22,13 +22,15 @@ chromium:
 		SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; }
 
+# Two pytest processes (pytest-xdist), a test module each at a time: most tests wait on
+# processes, sockets and clusters, so two keep both cores busy. Each has its own shared cluster.
 test: $(STAMP) chromium
 	$(BIN)/ruff check cosim_dask tests scripts pipelines
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 # Skips the slow end-to-end tests; CI runs everything through `make test`.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check cosim_dask tests scripts pipelines

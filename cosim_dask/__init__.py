@@ -2,6 +2,7 @@
 from labelled pairs, out of core on Dask."""
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 # First: the modules below read it while the package is being imported.
 try:
@@ -21,7 +22,24 @@ from cosim_dask.core.kernel import (
 from cosim_dask.core.losses import get_loss
 from cosim_dask.core.solvers import get_solver
 from cosim_dask.errors import CosimError
-from cosim_dask.estimator import CosineMetricLearner
+
+if TYPE_CHECKING:
+    from cosim_dask.estimator import CosineMetricLearner
+
+
+def __getattr__(name: str):
+    # The estimator is imported on first use: with scikit-learn installed it imports
+    # scikit-learn (a second or two), which the CLI and Dask workers never need.
+    if name == "CosineMetricLearner":
+        from cosim_dask.estimator import CosineMetricLearner
+
+        return CosineMetricLearner
+    raise AttributeError(f"module 'cosim_dask' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "CosimError",

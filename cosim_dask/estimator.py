@@ -5,14 +5,20 @@ large ones, Dask inputs, or a given ``distributed.Client`` go through the cluste
 the same chunk work (:func:`cosim_dask.dist.tasks.chunk_result`) over the same chunks and add the
 partials in the same tree order, so the two give the same metric on the same data.
 
-scikit-learn is not a dependency: ``get_params``/``set_params`` introspect ``__init__`` the way
-scikit-learn does, so ``sklearn.base.clone`` works when scikit-learn is installed.
+scikit-learn is not a dependency. When it is importable the estimator is a genuine scikit-learn
+binary classifier (``BaseEstimator`` and ``ClassifierMixin``, with tags saying that its input is
+3-D pairs): ``clone``, ``GridSearchCV`` and ``cross_val_score`` with their default (stratified)
+folds, and ``Pipeline`` work. Without it, ``get_params``/``set_params`` introspect ``__init__``
+the way scikit-learn does and everything else works the same. The package imports this module
+lazily (scikit-learn takes a second or two to import; the CLI and Dask workers never need it).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 import os
 from collections.abc import Callable
 from typing import Any
@@ -46,11 +52,65 @@ CLUSTER_MODES = ("auto", "never", "always")
 # ------------------------------------------------------------------------------- estimator
 
 
-class CosineMetricLearner:
+class _Params:
+    """scikit-learn's parameter protocol, for when scikit-learn is not installed."""
+
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return sorted(p.name for p in signature.parameters.values()
+                      if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's parameters by name (``deep`` is accepted for scikit-learn)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params: Any) -> Any:
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = {p.name: p.default
+                    for p in inspect.signature(type(self).__init__).parameters.values()}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
+                   if not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+
+try:
+    from sklearn.base import BaseEstimator, ClassifierMixin
+    from sklearn.exceptions import NotFittedError as _SklearnNotFitted
+
+    _BASES: tuple[type, ...] = (ClassifierMixin, BaseEstimator)
+except ImportError:  # scikit-learn is optional
+    _BASES, _SklearnNotFitted = (_Params,), AttributeError
+
+
+class NotFittedError(CosimError, _SklearnNotFitted):
+    """A method that needs a fitted estimator was called before ``fit`` (scikit-learn's
+    ``NotFittedError`` too, when scikit-learn is installed, as its tools expect)."""
+
+
+def _check_fitted(estimator: Any) -> None:
+    try:
+        check_is_fitted(estimator)
+    except CosimError as error:
+        raise NotFittedError(str(error)) from None
+
+
+class CosineMetricLearner(*_BASES):
     """Learn sim(x, y; A) = xᵀAy / sqrt(xᵀAx · yᵀAy), A ⪰ 0, from labelled pairs.
 
     A pairs learner in metric-learn's style: ``fit(pairs, y)`` with pairs shaped
     (n_pairs, 2, n_features) and y in {−1, +1} (or {0, 1}, or graded in [−1, 1]).
+
+    With binary labels it is a binary classifier of pairs (similar / different): ``predict``
+    returns labels of y's kind and dtype (``classes_``), ``decision_function`` is the learned
+    similarity minus ``threshold_``. ``score`` is ROC AUC, as in metric-learn (ranking quality,
+    independent of the threshold); ``GridSearchCV`` ranks settings by it unless given another
+    ``scoring`` (e.g. ``"accuracy"``). Graded targets make it a similarity regressor: no
+    ``classes_``, and ``predict`` says +1.0 / −1.0 at the threshold calibrated on ``y > 0``.
 
     Parameters
     ----------
@@ -96,7 +156,10 @@ class CosineMetricLearner:
         scale changes no similarity), as in a model file.
     components_ : (k, d) L with A = LᵀL (M for the factor form, A^½ for the full form):
         plain cosine similarity of ``transform(X)`` rows equals the learned similarity.
-    threshold_ : similarity threshold of :meth:`predict`, calibrated on the training pairs.
+    threshold_ : similarity threshold of :meth:`predict`, calibrated for accuracy on the
+        training pairs (:meth:`calibrate_threshold` and :meth:`set_threshold` change it).
+    classes_ : binary labels only: (2,) the labels of y's kind in y's dtype, ``[-1, 1]`` or
+        ``[0, 1]`` (both even if y held one of them); ``classes_[1]`` means similar.
     n_iter_ : solver steps taken.
     loss_history_ : (n_iter_ + 1,) training objective at the start and after every step.
     history_ : one dict per step (loss, gradient norm, validation AUC, timing).
@@ -149,34 +212,38 @@ class CosineMetricLearner:
         self.random_state = random_state
         self.verbose = verbose
 
-    # -- scikit-learn's parameter protocol, without scikit-learn
-
-    @classmethod
-    def _get_param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return sorted(p.name for p in signature.parameters.values()
-                      if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD)
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor's parameters by name (``deep`` is accepted for scikit-learn)."""
-        return {name: getattr(self, name) for name in self._get_param_names()}
+    # -- scikit-learn's protocols
 
     def set_params(self, **params: Any) -> CosineMetricLearner:
         """Set constructor parameters; an unknown name raises :class:`CosimError`."""
         valid = self._get_param_names()
-        for name, value in params.items():
+        for name in params:
             if name not in valid:
                 raise CosimError(f"invalid parameter {name!r} for {type(self).__name__}; "
                                  f"valid parameters: {', '.join(valid)}")
-            setattr(self, name, value)
-        return self
+        return super().set_params(**params)
 
-    def __repr__(self) -> str:
-        defaults = {p.name: p.default
-                    for p in inspect.signature(type(self).__init__).parameters.values()}
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items()
-                   if not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))]
-        return f"{type(self).__name__}({', '.join(changed)})"
+    def __sklearn_clone__(self) -> CosineMetricLearner:
+        """scikit-learn's ``clone``: the parameters copied, except ``client``, which is shared
+        (a live connection to a scheduler, that ``clone``'s deep copy would break)."""
+        from sklearn.base import clone  # only scikit-learn calls this
+
+        params = {name: clone(value, safe=False) if name != "client" else value
+                  for name, value in self.get_params(deep=False).items()}
+        return type(self)(**params)
+
+    def __sklearn_tags__(self) -> Any:
+        """A binary classifier of 3-D pairs (n_pairs, 2, n_features) that needs y.
+
+        Only scikit-learn calls this (so only with scikit-learn installed); scikit-learn's
+        estimator checks feed 2-D X and therefore skip an estimator that does not take it.
+        """
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.three_d_array = True
+        tags.classifier_tags.multi_class = False
+        tags.target_tags.required = True
+        return tags
 
     # -- fitting
 
@@ -214,16 +281,25 @@ class CosineMetricLearner:
         Parameters
         ----------
         pairs : (n_pairs, 2, n_features) NumPy or Dask array
-        y : (n_pairs,) targets: ±1 labels, {0, 1} labels (0 = different), or graded in [−1, 1]
+        y : (n_pairs,) targets: ±1 labels, {0, 1} labels (0 = different), or graded in [−1, 1].
+            Binary labels set ``classes_``; a y holding only 1s reads as ±1 labels.
 
         Returns
         -------
         self
         """
         self._config()  # parameter errors before any work on the data
+        if y is None:  # scikit-learn's wording, which its tools recognise
+            raise CosimError(f"{type(self).__name__} requires y to be passed, but the target "
+                             f"y is None; give one target per pair")
         pairs = check_pairs(pairs)
         n, _, d = pairs.shape
+        raw = y if is_dask(y) else np.asarray(y)
         y, binary = check_targets(y, n)
+        if binary:
+            has_zero = (raw == 0).any()
+            classes = _labels(raw.dtype, bool(self._compute(has_zero) if is_dask(raw)
+                                              else has_zero))
         config = self._config(binary)
         form = config.make_parameterisation()
         params0 = form.initial(d, seed=self.random_state)
@@ -243,6 +319,10 @@ class CosineMetricLearner:
                                       targets="binary" if binary else "graded"),
                           state, d, "in-process" if in_process else "cluster")
         self.targets_binary_ = binary
+        if binary:
+            self.classes_ = classes
+        elif hasattr(self, "classes_"):  # a refit on graded targets: no classes any more
+            del self.classes_
         return self
 
     def _run(self, source, config: TrainConfig, form, params0, binary: bool):
@@ -278,7 +358,8 @@ class CosineMetricLearner:
             source = DaskPairs(client, pieces, form, config.make_loss(_binary(targets)),
                                validation=config.validation, seed=config.seed,
                                batch_chunks=config.batch_chunks, split_every=self.split_every,
-                            negatives=config.negatives, positive_weight=config.positive_weight)
+                               negatives=config.negatives,
+                               positive_weight=config.positive_weight)
             targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
@@ -341,7 +422,7 @@ class CosineMetricLearner:
         (n_pairs,) float64 in [−1, 1] (a Dask array for a Dask input); NaN for pairs with a
         zero vector.
         """
-        check_is_fitted(self)
+        _check_fitted(self)
         pairs = check_pairs(pairs, self.n_features_in_)
         if is_dask(pairs):
             x0, x1, _ = _dask_columns(pairs, None, self.chunk_rows)
@@ -349,18 +430,46 @@ class CosineMetricLearner:
         return pair_similarity(pairs[:, 0, :], pairs[:, 1, :], self.metric_, on_invalid="nan")
 
     def decision_function(self, pairs: Any) -> Any:
-        """Same as :meth:`pair_score` (scikit-learn's name for a ranking score)."""
-        return self.pair_score(pairs)
-
-    def predict(self, pairs: Any) -> Any:
-        """+1 (similar) where the learned similarity is ≥ ``threshold_``, else −1.
+        """Learned similarity minus ``threshold_``: ≥ 0 is predicted similar (``classes_[1]``).
 
         Returns
         -------
-        (n_pairs,) array of ±1 (float64)
+        (n_pairs,) float64 (a Dask array for a Dask input); NaN for pairs with a zero vector.
         """
-        scores = self.pair_score(pairs)
-        return 2.0 * (scores >= self.threshold_) - 1.0
+        return self.pair_score(pairs) - self.threshold_
+
+    def predict(self, pairs: Any) -> Any:
+        """Similar (``classes_[1]``) where the learned similarity is ≥ ``threshold_``, else
+        different (``classes_[0]``); a pair with a zero vector is predicted different.
+
+        Returns
+        -------
+        (n_pairs,) labels of the training y's kind and dtype (a Dask array for a Dask input);
+        ±1.0 (float64) after a fit on graded targets.
+        """
+        similar = self.pair_score(pairs) >= self.threshold_
+        labels = getattr(self, "classes_", None)
+        if labels is None:
+            return np.where(similar, 1.0, -1.0)
+        return np.where(similar, labels[1], labels[0]).astype(labels.dtype, copy=False)
+
+    def set_threshold(self, threshold: float) -> CosineMetricLearner:
+        """Set ``threshold_`` by hand (metric-learn's API); :meth:`fit` calibrates it again.
+
+        Parameters
+        ----------
+        threshold : similarity threshold, a finite number (similarities lie in [−1, 1])
+
+        Returns
+        -------
+        self
+        """
+        _check_fitted(self)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+                or not math.isfinite(threshold):
+            raise CosimError(f"threshold={threshold!r} must be a finite number")
+        self.threshold_ = float(threshold)
+        return self
 
     def _materialised(self, pairs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
         scores = self.pair_score(pairs)
@@ -397,7 +506,9 @@ class CosineMetricLearner:
     def score(self, pairs: Any, y: Any) -> float:
         """ROC AUC of the learned similarity for ``y > 0`` (similar) against the rest.
 
-        Pairs whose similarity is undefined (a zero vector) are left out.
+        metric-learn's score for pair learners, kept rather than scikit-learn's classifier
+        accuracy: it ranks metrics without depending on ``threshold_``. Pairs whose similarity
+        is undefined (a zero vector) are left out.
         """
         scores, y = self._materialised(pairs, y)
         return roc_auc(scores, y)
@@ -440,7 +551,7 @@ class CosineMetricLearner:
         -------
         (n, k) array ``X @ components_.T`` (k = rank for the factor form, else d)
         """
-        check_is_fitted(self)
+        _check_fitted(self)
         if not is_dask(X):
             X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
@@ -450,7 +561,7 @@ class CosineMetricLearner:
 
     def get_metric(self) -> Callable[[np.ndarray, np.ndarray], float]:
         """A function ``(u, v) -> similarity`` of two 1-D vectors under the learned metric."""
-        check_is_fitted(self)
+        _check_fitted(self)
         A, d = self.metric_.copy(), self.n_features_in_
 
         def similarity(u: np.ndarray, v: np.ndarray) -> float:
@@ -463,14 +574,14 @@ class CosineMetricLearner:
 
     def get_mahalanobis_matrix(self) -> np.ndarray:
         """The learned A (metric-learn's name)."""
-        check_is_fitted(self)
+        _check_fitted(self)
         return self.metric_
 
     def to_model(self) -> Model:
         """The fitted metric as a :class:`~cosim_dask.fit.model.Model` (for ``save_model``):
         the same A, M and typed attributes (settings included) as ``cosim train`` writes,
         with the current ``threshold_``."""
-        check_is_fitted(self)
+        _check_fitted(self)
         model = self._model
         attrs = {**model.attrs, "threshold": float(self.threshold_)}
         return Model(A=model.A.copy(), M=None if model.M is None else model.M.copy(),
@@ -484,6 +595,14 @@ class CosineMetricLearner:
 
 
 # --------------------------------------------------------------------------------- helpers
+
+
+def _labels(dtype: np.dtype, has_zero: bool) -> np.ndarray:
+    """(2,) the labels of binary targets in their dtype: ``[0, 1]`` if they hold a 0 or
+    cannot hold −1 (bool, unsigned), else ``[-1, 1]`` (``check_targets`` has checked that
+    they are one or the other)."""
+    zero_one = has_zero or np.dtype(dtype).kind in "bu"
+    return np.array([0 if zero_one else -1, 1]).astype(dtype)
 
 
 def _binary(y: np.ndarray) -> bool:

@@ -22,6 +22,7 @@ import argparse
 import functools
 import inspect
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -147,6 +148,15 @@ def learned(data, **params) -> tuple[Row, CosineMetricLearner]:
 
 #: The cluster of the via-store row: the README's LocalCluster of 2 single-thread workers.
 CLUSTER_ARGS = ("--workers", "2", "--threads-per-worker", "1")
+
+
+def cluster_args() -> tuple[str, ...]:
+    """:data:`CLUSTER_ARGS`, or none when a scheduler is named in the environment
+    (``DASK_SCHEDULER_ADDRESS``): cosim then runs on that cluster, and refuses options that
+    only shape a LocalCluster."""
+    return () if os.environ.get("DASK_SCHEDULER_ADDRESS") else CLUSTER_ARGS
+
+
 #: Train on every train pair, as the other rows do (`cosim train` holds 10% out by default).
 TRAIN_ARGS = ("--validation", "0")
 
@@ -197,10 +207,10 @@ def via_store(data) -> Row:
 
         model = folder / "model.zarr"
         started = time.perf_counter()
-        cosim("train", ingest("train"), "--out", model, *TRAIN_ARGS, *CLUSTER_ARGS)
+        cosim("train", ingest("train"), "--out", model, *TRAIN_ARGS, *cluster_args())
         seconds = time.perf_counter() - started
         report = json.loads(cosim("evaluate", model, ingest("test"), "--split", "all",
-                                  "--json", *CLUSTER_ARGS))
+                                  "--json", *cluster_args()))
         attrs = load_model(model).attrs
     learned = report["learned"]
     if learned["pairs"] != len(y_te):

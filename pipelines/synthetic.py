@@ -37,16 +37,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise", type=float, default=0.3,
                         help="noise on the hidden similarity before its sign is taken")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="LocalCluster workers (default: cosim's, 2); not with a scheduler "
+                             "in DASK_SCHEDULER_ADDRESS, whose own workers are used")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     store, model = args.out / "pairs.zarr", args.out / "model.zarr"
     cosim("generate", store, "--pairs", args.pairs, "--dim", args.dim, "--rank", args.rank,
           "--noise", args.noise, "--targets", "binary", "--seed", 0, "--overwrite")
     cosim("info", store)
+    # cosim refuses LocalCluster options beside a scheduler: pass --workers only if given.
+    workers = () if args.workers is None else ("--workers", args.workers)
     cosim("train", store, "--out", model, "--steps", args.steps, "--validation", 0.1,
-          "--workers", args.workers, "--overwrite")
-    cosim("evaluate", model, store, "--workers", args.workers)
+          *workers, "--overwrite")
+    cosim("evaluate", model, store, *workers)
     cosim("report", model, "--out", args.out / "report.html", "--overwrite")
     print(f"\nThe store and the model are in {args.out}/. Next: `cosim transform {model} "
           "EMBEDDINGS.npy OUT.npy` maps vectors so plain cosine equals the learned similarity.")

@@ -56,7 +56,7 @@ def test_learned_beats_plain_cosine_on_held_out_pairs(binary, fitted):
 def test_scores_agree_across_methods(binary, fitted):
     pairs, _, _ = binary
     s = fitted.pair_score(pairs[:50])
-    np.testing.assert_array_equal(s, fitted.decision_function(pairs[:50]))
+    np.testing.assert_array_equal(fitted.decision_function(pairs[:50]), s - fitted.threshold_)
     np.testing.assert_allclose(s, pair_similarity(pairs[:50, 0], pairs[:50, 1], fitted.metric_))
     metric = fitted.get_metric()
     assert metric(pairs[3, 0], pairs[3, 1]) == pytest.approx(s[3], abs=1e-12)

@@ -1,9 +1,11 @@
 """The `cosim` command line: the Typer app, its commands by group, and the console entry
 point :func:`main`. No math here; each command parses, calls the library, renders.
 
-Commands: ``generate``, ``ingest``, ``info`` (:mod:`cosim_dask.cli.store`); ``train``,
-``evaluate`` (:mod:`cosim_dask.cli.train`); ``transform``, ``report``
-(:mod:`cosim_dask.cli.tools`); ``version``.
+Commands, registered (and so listed by ``cosim --help``) in the order of a workflow:
+``generate``, ``ingest``, ``info`` (:mod:`cosim_dask.cli.store`); ``train``, ``evaluate``
+(:mod:`cosim_dask.cli.train`); ``transform``, ``report`` (:mod:`cosim_dask.cli.tools`); then
+``version``. The root takes ``--version``/``-V``, ``--debug`` and Typer's shell-completion
+options; ``-h`` is ``--help`` on every command.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import typer
 
 from cosim_dask import __version__
 from cosim_dask.cli import store, tools, train
-from cosim_dask.cli.output import Terminated, debugging, echo, set_debug
+from cosim_dask.cli.options import on_off
+from cosim_dask.cli.output import Terminated, debugging, echo, set_debug, set_mode
 
 app = typer.Typer(
     name="cosim",
     help="Learn a cosine-similarity metric from labelled pairs of vectors, at any scale.",
-    add_completion=False,
+    # `cosim --install-completion` / `--show-completion SHELL`: the completion script calls
+    # `cosim` back with _COSIM_COMPLETE set, which Typer answers before any command runs.
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
@@ -32,30 +38,41 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")
+        bool, on_off("--debug", help="Show full tracebacks instead of one-line errors.")
     ] = False,
+    _version: Annotated[bool, on_off(
+        "--version", "-V", is_eager=True, callback=_print_version,
+        help="Print the installed cosim-dask version and exit.")] = False,
 ) -> None:
     """Learn a cosine-similarity metric from labelled pairs of vectors, at any scale."""
     if ctx.invoked_subcommand is None:  # bare `cosim`: the help, as a usage error
         typer.echo(ctx.get_help())
         raise typer.Exit(code=2)
     set_debug(debug)
+    # Back to text for every command; its --quiet / --json set the mode as they are parsed.
+    set_mode(quiet=False, as_json=False)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
 
 
-@app.command()
 def version() -> None:
-    """Print the installed cosim-dask version."""
+    """Print the installed cosim-dask version (as `cosim --version` does)."""
     typer.echo(__version__)
 
 
-for command in (tools.transform, store.generate, store.ingest, store.info, train.train,
-                train.evaluate, tools.report):
+# Typer lists commands in the order they are registered: the order of a workflow.
+for command in (store.generate, store.ingest, store.info, train.train, train.evaluate,
+                tools.transform, tools.report, version):
     app.command()(command)
 
 

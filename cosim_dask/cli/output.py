@@ -8,6 +8,8 @@ one table that maps them to this CLI's flags (``--overwrite``).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -87,13 +89,20 @@ def _escape(match: re.Match) -> str:
 
 def echo(text: object, err: bool = False) -> None:
     """Every human-readable line the CLI prints goes through here (JSON is escaped by
-    json.dumps): one place where text from files and arguments is made printable."""
-    typer.echo(printable(text), err=err)
+    json.dumps): one place where text from files and arguments is made printable.
+
+    Lines for stdout are dropped under ``--quiet`` and go to stderr under ``--json`` (stdout
+    holds the JSON document alone); ``err`` lines (errors) are always printed."""
+    if not err and _mode["quiet"]:
+        return
+    typer.echo(printable(text), err=err or _mode["json"])
 
 
 def say(console: Console, text: object) -> None:
-    """:func:`echo` for a rich console: escaped, and not read as rich markup."""
-    console.print(printable(text), markup=False)
+    """:func:`echo` for a rich console: escaped, not read as rich markup, and dropped under
+    ``--quiet``."""
+    if not _mode["quiet"]:
+        console.print(printable(text), markup=False)
 
 
 #: Set by ``cosim --debug``: errors are raised with their traceback, not turned into a line.
@@ -108,6 +117,40 @@ def set_debug(on: bool) -> None:
 def debugging() -> bool:
     """Whether ``--debug`` was given."""
     return _debug["on"]
+
+
+#: Set by each command's ``--quiet`` and ``--json`` (reset by the root for every command).
+_mode = {"quiet": False, "json": False}
+
+
+def set_mode(*, quiet: bool | None = None, as_json: bool | None = None) -> None:
+    """Set what the command prints; a setting not given keeps its value."""
+    if quiet is not None:
+        _mode["quiet"] = quiet
+    if as_json is not None:
+        _mode["json"] = as_json
+
+
+def is_quiet() -> bool:
+    """Whether ``--quiet`` was given: errors only (and the JSON document under ``--json``);
+    no progress bars, no notes, no tables."""
+    return _mode["quiet"]
+
+
+def print_json(document: Mapping) -> None:
+    """The one JSON document of a ``--json`` command, alone on stdout. Not-a-number and
+    infinite figures (an AUC of one-class rows) are written as null: JSON has no NaN."""
+    typer.echo(json.dumps(_finite(document), indent=2, allow_nan=False))
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run(body: Callable[[], T]) -> T:

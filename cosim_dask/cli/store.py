@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -27,9 +28,11 @@ from cosim_dask.cli.options import (
     CodecOption,
     Json,
     OverwriteStore,
+    Quiet,
     TargetKind,
+    on_off,
 )
-from cosim_dask.cli.output import echo, run
+from cosim_dask.cli.output import echo, is_quiet, print_json, run
 from cosim_dask.data.ingest import (
     IngestReport,
     array_rows,
@@ -48,9 +51,10 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[[int], None
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("pairs"), TimeElapsedColumn(), TimeRemainingColumn()]
     console = Console(stderr=True)
-    # Off when stderr is not a terminal: logs and pipes get the summary line only.
+    # Off when stderr is not a terminal (logs and pipes get the summary line only) and under
+    # --quiet.
     with Progress(*columns, console=console, transient=True,
-                  disable=not console.is_terminal) as bar:
+                  disable=not console.is_terminal or is_quiet()) as bar:
         task = bar.add_task(label, total=total)
         yield lambda rows: bar.advance(task, rows)
 
@@ -80,6 +84,8 @@ def generate(
     chunk_pairs: ChunkPairs = None,
     codec: CodecOption = Codec("none"),
     overwrite: OverwriteStore = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write synthetic pairs whose targets come from a hidden PSD metric A* (kept in the
     store), streaming chunk by chunk."""
@@ -88,7 +94,7 @@ def generate(
             store, pairs=pairs, dim=dim, rank=rank, noise=noise, targets=targets.value,
             seed=seed, chunk_rows=chunk_pairs, codec=codec.value, overwrite=overwrite,
             progress=progress))
-    echo(_report_line(report, "generated"))
+    _print_report(report, "generated", as_json)
 
 
 def ingest(
@@ -110,16 +116,18 @@ def ingest(
     target_column: Annotated[str, typer.Option(help="Pair-list target column.")] = "target",
     targets: Annotated[TargetKind | None, typer.Option(
         help="How to read targets (default: binary when all are ±1, else graded).")] = None,
-    zero_is_negative: Annotated[bool, typer.Option(
+    zero_is_negative: Annotated[bool, on_off(
         "--zero-is-negative", help="Read 0/1 labels as binary, 0 -> -1.")] = False,
-    normalize: Annotated[bool, typer.Option(
+    normalize: Annotated[bool, on_off(
         "--normalize", help="L2-normalise the vectors (no similarity changes).")] = False,
-    drop_invalid: Annotated[bool, typer.Option(
+    drop_invalid: Annotated[bool, on_off(
         "--drop-invalid", help="Skip pairs with NaN/Inf, zero vectors or bad targets "
         "(counted) instead of failing.")] = False,
     chunk_pairs: ChunkPairs = None,
     codec: CodecOption = Codec("none"),
     overwrite: OverwriteStore = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Convert aligned .npy arrays (--x/--y/--target) or an embedding table plus a pair list
     (--embeddings/--pairs) into a pair store, streaming in bounded memory.
@@ -155,7 +163,14 @@ def ingest(
                                     progress=progress, **options)
         raise CosimError("give either --x and --y (and --target), or --embeddings and --pairs")
 
-    echo(_report_line(run(body), "ingested"))
+    _print_report(run(body), "ingested", as_json)
+
+
+def _print_report(report: IngestReport, verb: str, as_json: bool) -> None:
+    if as_json:
+        print_json({**asdict(report), "dropped_total": report.n_dropped})
+    else:
+        echo(_report_line(report, verb))
 
 
 def info(
@@ -164,11 +179,12 @@ def info(
     validation: Annotated[float | None, typer.Option(
         help="Also show the train/validation split this fraction gives.")] = None,
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of that split.")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Describe a pair store: shape, chunks, codec, sizes, targets, provenance."""
     data = run(lambda: store_info(store, validation=validation, seed=seed))
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        print_json(data)
         return
     for line in _format_info(data):
         echo(line)

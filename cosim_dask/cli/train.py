@@ -3,7 +3,6 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +21,7 @@ from cosim_dask.cli.options import (
     MemoryLimit,
     Model,
     Parameterisation,
+    Quiet,
     Scheduler,
     Security,
     Solver,
@@ -30,12 +30,14 @@ from cosim_dask.cli.options import (
     Workers,
     cluster_config,
     connected,
+    on_off,
     overwrite_option,
+    swapped,
 )
-from cosim_dask.cli.output import cli_text, echo, fmt, run, say
+from cosim_dask.cli.output import cli_text, echo, fmt, is_quiet, print_json, run, say
 from cosim_dask.dashboard.publisher import dashboard_url
 from cosim_dask.data.store import open_store
-from cosim_dask.errors import ClusterError
+from cosim_dask.errors import ClusterError, ModelError
 from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
 from cosim_dask.fit.evaluate import DEFAULT_CANDIDATES, evaluate_model, retrieval_model
 from cosim_dask.fit.model import load_model
@@ -55,6 +57,7 @@ def _dashboard_link(client: Client) -> str:
 
 
 def train(
+    ctx: typer.Context,
     store: Annotated[str, typer.Argument(
         metavar="STORE", help="The pair store to learn from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the model.")],
@@ -90,7 +93,7 @@ def train(
         help="Seed for the split, sampling and start.")] = DEFAULTS.seed,
     checkpoint_every: Annotated[int, typer.Option(
         min=1, help="Write a checkpoint every N steps.")] = RUN_DEFAULTS.checkpoint_every,
-    resume: Annotated[bool, typer.Option(
+    resume: Annotated[bool, on_off(
         "--resume", help="Continue the run checkpointed in --out.")] = False,
     overwrite: OverwriteModel = False,
     split_every: Annotated[int | None, typer.Option(
@@ -98,7 +101,7 @@ def train(
     cache: Annotated[CacheMode, typer.Option(
         help="memory: keep the data in cluster memory; stream: read it each step; auto: "
              "memory when it fits in half the cluster.")] = CacheMode(RUN_DEFAULTS.cache),
-    skip_invalid: Annotated[bool, typer.Option(
+    skip_invalid: Annotated[bool, on_off(
         "--skip-invalid",
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
     run_id: Annotated[str | None, typer.Option(
@@ -109,6 +112,8 @@ def train(
     memory_limit: MemoryLimit = CLUSTER.memory_limit,
     dashboard_address: DashboardAddress = CLUSTER.dashboard_address,
     security: Security = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Learn a cosine metric from a pair store on a Dask cluster."""
     config = TrainConfig(
@@ -119,20 +124,19 @@ def train(
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
-    cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
-                              dashboard_address, security)
+    cluster = cluster_config(ctx)
     _, checkpoint = run(lambda: check_request(store, str(out), config, options,
                                               overwrite=overwrite, resume=resume))
     done = finished_message(checkpoint, config) if resume else None
     if done:
-        echo(f"nothing to resume: {cli_text(done)}")
+        _nothing_to_resume(done, checkpoint.model.attrs, out, as_json)
         return
     console = Console(stderr=True)
     with connected(cluster) as client:
         say(console, f"Dask dashboard: {_dashboard_link(client)}")
         progress = Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[status]}"), console=console,
-                            transient=False)
+                            transient=False, disable=is_quiet())
         task = progress.add_task("train", total=steps, status="")
         seen: dict = {}
 
@@ -167,9 +171,13 @@ def train(
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
     if result.resumed_complete:
-        echo(f"nothing to resume: {cli_text(finished_message(checkpoint, config))}")
+        _nothing_to_resume(finished_message(checkpoint, config), result.model.attrs, out,
+                           as_json)
         return
     attrs = result.model.attrs
+    if as_json:
+        print_json(run_summary(out, attrs, trained=True, seconds=result.seconds))
+        return
     say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
                   f"{result.seconds:.1f} s")
     if seen.get("positive_only"):
@@ -181,8 +189,41 @@ def train(
     echo(f"model written to {out}")
 
 
+def _nothing_to_resume(message: object, attrs: dict, out: Path, as_json: bool) -> None:
+    if as_json:
+        print_json({**run_summary(out, attrs, trained=False), "message": cli_text(message)})
+    else:
+        echo(f"nothing to resume: {cli_text(message)}")
+
+
+def run_summary(out: Path, attrs: dict, *, trained: bool,
+                seconds: float | None = None) -> dict:
+    """What `cosim train --json` prints: the model path, steps, passes over the data (every
+    loss evaluation of every step, line-search trials included, counted from the model's
+    history), why it stopped, the final loss, and the figures on the validation rows (or on
+    the training rows when none were held out). ``trained``: whether this run trained (a
+    resume of a complete model trains nothing)."""
+    history = attrs.get("history") or []
+    return {
+        "model": str(out),
+        "store": attrs.get("store_path"),
+        "run_id": attrs.get("run_id"),
+        "trained": trained,
+        "complete": attrs.get("complete"),
+        "steps": attrs.get("steps"),
+        "passes": sum(int(h.get("evaluations") or 0) for h in history),
+        "stop_reason": attrs.get("stop_reason"),
+        "seconds": seconds if seconds is not None else attrs.get("train_seconds"),
+        "final_loss": history[-1].get("loss") if history else attrs.get("train_loss"),
+        "val_loss": attrs.get("val_loss"),
+        "val_auc": attrs.get("val_auc"),
+        "validation_figures": attrs.get("validation_figures"),
+        "train_figures": attrs.get("train_figures"),
+    }
+
+
 def _print_figures(figures: dict | None) -> None:
-    if not figures:
+    if not figures or is_quiet():
         return
     table = Table(title="held-out pairs" if figures else None)
     table.add_column("metric")
@@ -198,12 +239,13 @@ def _print_figures(figures: dict | None) -> None:
 
 
 def evaluate(
+    ctx: typer.Context,
     model: Model,
     store: Annotated[str, typer.Argument(metavar="STORE", help="A pair store to evaluate on.")],
     split: Annotated[Split, typer.Option(
         help="Rows to use: auto = the validation rows when STORE is the training store, "
              "else all rows.")] = Split("auto"),
-    retrieval: Annotated[bool, typer.Option(
+    retrieval: Annotated[bool, on_off(
         "--retrieval", help="Instead: rank each positive pair's y among the y of --candidates "
         "pairs of its chunk (seeded blocks): hit rate@1, recall@10, MRR.")] = False,
     candidates: Annotated[int, typer.Option(
@@ -211,6 +253,7 @@ def evaluate(
     seed: Annotated[int, typer.Option(
         min=0, max=2**32 - 1, help="--retrieval: seed of the candidate blocks.")] = 0,
     as_json: Json = False,
+    quiet: Quiet = False,
     scheduler: Scheduler = None,
     workers: Workers = CLUSTER.workers,
     threads_per_worker: Threads = CLUSTER.threads_per_worker,
@@ -220,10 +263,9 @@ def evaluate(
 ) -> None:
     """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine
     (with --retrieval: hit rate@1, recall@10 and MRR of positive pairs)."""
-    cluster = cluster_config(scheduler, workers, threads_per_worker, memory_limit,
-                              dashboard_address, security)
+    cluster = cluster_config(ctx)
     # Bad paths fail before start-up; the model is read once.
-    loaded, _ = run(lambda: (load_model(model), open_store(store)))
+    loaded, _ = run(lambda: (_load_model(model, store), open_store(store)))
     with connected(cluster) as client:
         if retrieval:
             report = run(lambda: retrieval_model(loaded, store, client=client,
@@ -232,8 +274,9 @@ def evaluate(
         else:
             report = run(lambda: evaluate_model(loaded, store, client=client,
                                                 split=split.value))
+    report["model"] = str(model)  # the library cannot know the path of a loaded model
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        print_json(report)
         return
     if retrieval:
         _print_retrieval(report, store)
@@ -256,3 +299,12 @@ def _print_retrieval(report: dict, store: str) -> None:
         table.add_row(label, *(fmt(report[name][k], ".4f" if k != "mean_rank" else ".2f")
                                for k in keys))
     Console().print(table)
+
+
+def _load_model(model: Path, store: str):
+    """The model; when MODEL is not one, a hint if MODEL and STORE were swapped."""
+    try:
+        return load_model(model)
+    except ModelError:
+        swapped(model, store, "cosim evaluate MODEL STORE")
+        raise

@@ -77,7 +77,8 @@ def evaluate_model(
     split_every: int | None = None,
 ) -> dict[str, Any]:
     """Figures of a saved model (a path, or one already loaded) on a store, beside plain
-    cosine, computed on the cluster.
+    cosine, computed on the cluster. The report's ``"model"`` is the path (None for a
+    loaded model).
 
     ``split="auto"`` uses the validation rows when the store is the one the model was trained
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
@@ -94,7 +95,7 @@ def evaluate_model(
     thresholds = {"learned": model.attrs.get("threshold"),
                   "plain": model.attrs.get("plain_threshold")}
     report = summarize(stats, split, binary=binary, thresholds=thresholds)
-    return {"split": split, "model": str(model_path), "store": str(store_path), **report}
+    return {"split": split, "model": _shown(model_path), "store": str(store_path), **report}
 
 
 def _model_and_rows(model_path: str | Model, store_path: str, split: str
@@ -148,9 +149,14 @@ def retrieval_model(
     pairs = DaskPairs(client, pieces, FullMetric(), validation=fraction,
                       seed=int(settings.get("seed", 0)), split_every=split_every)
     stats = pairs.retrieval(model.A, split, candidates=candidates, seed=seed)
-    return {"split": split, "model": str(model_path), "store": str(store_path),
+    return {"split": split, "model": _shown(model_path), "store": str(store_path),
             "candidates": candidates, "seed": seed,
             **{name: stats[name].summary() for name in ("learned", "plain")}}
+
+
+def _shown(model_path: str | Model) -> str | None:
+    """The model's path for a report; a model already loaded has none to give."""
+    return None if isinstance(model_path, Model) else str(model_path)
 
 
 def _model_loss(attrs: dict, binary: bool) -> Loss:

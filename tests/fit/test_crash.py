@@ -7,6 +7,7 @@ atomic exchange, and two renames whose interruption the next open repairs."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,21 +37,36 @@ def setup(tmp_path_factory, cluster_address):
     return store, cluster_address  # the driver is killed, never the shared cluster
 
 
-def train(store, out, address, kill_at: int, swap: str = "exchange", args=ARGS
+@pytest.fixture(scope="module")
+def driver():
+    """One crash driver for the module: it forks a child per run (see crash_driver.py)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen([sys.executable, str(DRIVER)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    yield server
+    server.stdin.close()
+    server.wait(timeout=30)
+
+
+def train(driver, store, out, address, kill_at: int, swap: str = "exchange", args=ARGS
           ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COSIM_KILL_AT": str(kill_at), "COSIM_SWAP": swap,
-           "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, str(DRIVER), "train", str(store), "--out", str(out),
-                           *args, "--scheduler", address],
-                          capture_output=True, text=True, timeout=180, env=env)
+    """`cosim train` in a child of the crash driver, killed before operation ``kill_at``."""
+    argv = ["train", str(store), "--out", str(out), *args, "--scheduler", address]
+    driver.stdin.write(json.dumps({"argv": argv, "kill_at": kill_at, "swap": swap}) + "\n")
+    driver.stdin.flush()
+    reply = driver.stdout.readline()
+    assert reply, f"the crash driver died (exit {driver.poll()})"
+    done = json.loads(reply)
+    return subprocess.CompletedProcess(argv, done["returncode"], "", done["stderr"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("swap", ["exchange", "renames"])
-def test_kill_at_every_write_operation_resumes_to_the_same_a(setup, tmp_path, swap):
+def test_kill_at_every_write_operation_resumes_to_the_same_a(setup, driver, tmp_path,
+                                                             swap):
     store, address = setup
     reference = tmp_path / "reference.zarr"
-    assert train(store, reference, address, 0, swap).returncode == 0
+    assert train(driver, store, reference, address, 0, swap).returncode == 0
     expected = load_model(reference)
     assert expected.attrs["complete"] and expected.attrs["steps"] == 4
     # Both modes write the first checkpoint the same way (a rename, nothing to swap) and swap
@@ -60,7 +76,7 @@ def test_kill_at_every_write_operation_resumes_to_the_same_a(setup, tmp_path, sw
     kill_at, kills = first, 0
     while True:
         out = tmp_path / f"m{kill_at}.zarr"
-        run = train(store, out, address, kill_at, swap)
+        run = train(driver, store, out, address, kill_at, swap)
         if run.returncode == 0:  # past the last operation: nothing left to kill
             break
         assert run.returncode == -signal.SIGKILL, run.stderr
@@ -88,7 +104,7 @@ def test_kill_at_every_write_operation_resumes_to_the_same_a(setup, tmp_path, sw
     assert kills == (8 if swap == "exchange" else 5), kills
 
 
-def test_a_run_that_stopped_by_itself_resumes_to_nothing_more(setup, tmp_path):
+def test_a_run_that_stopped_by_itself_resumes_to_nothing_more(setup, driver, tmp_path):
     """The stopping rule fires at step k, where a checkpoint is also written; the run is killed
     after the final evaluation pass, before the final write. The resume must not take a step
     k + 1: it ends on the uninterrupted A, bitwise. A complete model then resumes to nothing."""
@@ -102,7 +118,7 @@ def test_a_run_that_stopped_by_itself_resumes_to_nothing_more(setup, tmp_path):
     assert 1 <= k < 40 and expected.attrs["stop_reason"].startswith("relative loss change")
     part = tmp_path / "part.zarr"
     # Operations: the checkpoint at step k (publish, rename), then the final write's publish.
-    run = train(store, part, address, 3, args=[*common, "--checkpoint-every", str(k)])
+    run = train(driver, store, part, address, 3, args=[*common, "--checkpoint-every", str(k)])
     assert run.returncode == -signal.SIGKILL, run.stderr
     checkpoint = load_model(part)
     assert checkpoint.attrs["steps"] == k and not checkpoint.attrs["complete"]
