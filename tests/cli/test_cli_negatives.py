@@ -44,7 +44,8 @@ def test_positive_pairs_train_with_negatives_and_rank_better_than_plain_cosine(
     from cosim_dask.cli.train import _print_retrieval
 
     _print_retrieval(report, str(store))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err  # after a --json run, text lines go to stderr
     assert "candidates each" in out and "hit@1" in out and "learned A" in out
 
 
