@@ -3,6 +3,7 @@ and measure it. Thin: parse, call cosim_dask.fit inside run(), render progress a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -106,6 +107,11 @@ def train(
         help="Skip (and count) pairs with zero/NaN vectors instead of stopping.")] = False,
     run_id: Annotated[str | None, typer.Option(
         help="Name of this run on the live dashboard (default: date-time-random).")] = None,
+    linger: Annotated[float, typer.Option(
+        min=0.0, metavar="SECONDS",
+        help="Keep the local cluster, and so the live page with the run's final state, up "
+             "this many seconds after training (Ctrl-C ends the wait). A page on a running "
+             "cluster (--scheduler) stays up without it.")] = 0.0,
     scheduler: Scheduler = None,
     workers: Workers = CLUSTER.workers,
     threads_per_worker: Threads = CLUSTER.threads_per_worker,
@@ -140,7 +146,10 @@ def train(
         task = progress.add_task("train", total=steps, status="")
         seen: dict = {}
 
+        live: dict = {}
+
         def on_start(info) -> None:
+            live["url"] = info.get("live_url")
             if info.get("live_url"):
                 say(console, f"Live training page: {info['live_url']}")
             if info.get("live_hint"):
@@ -170,23 +179,35 @@ def train(
                 store, str(out), config, client=client, options=options, overwrite=overwrite,
                 resume=resume, checkpoint=checkpoint, on_step=on_step, on_start=on_start,
                 run_id=run_id))
-    if result.resumed_complete:
-        _nothing_to_resume(finished_message(checkpoint, config), result.model.attrs, out,
-                           as_json)
-        return
-    attrs = result.model.attrs
-    if as_json:
-        print_json(run_summary(out, attrs, trained=True, seconds=result.seconds))
-        return
-    say(console, f"stopped: {result.state.stop_reason} after {result.state.step} steps in "
-                  f"{result.seconds:.1f} s")
-    if seen.get("positive_only"):
-        # AUC and accuracy need negatives; the figures of positive pairs are retrieval ones.
-        echo(f"{store} holds positive pairs only: rank them with `cosim evaluate {out} "
-             f"{store} --retrieval`")
-    else:
-        _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
-    echo(f"model written to {out}")
+        if result.resumed_complete:
+            _nothing_to_resume(finished_message(checkpoint, config), result.model.attrs, out,
+                               as_json)
+            return
+        attrs = result.model.attrs
+        if as_json:
+            print_json(run_summary(out, attrs, trained=True, seconds=result.seconds))
+        else:
+            say(console, f"stopped: {result.state.stop_reason} after {result.state.step} "
+                         f"steps in {result.seconds:.1f} s")
+            if seen.get("positive_only"):
+                # AUC and accuracy need negatives; positive pairs have retrieval figures.
+                echo(f"{store} holds positive pairs only: rank them with `cosim evaluate "
+                     f"{out} {store} --retrieval`")
+            else:
+                _print_figures(attrs.get("validation_figures") or attrs.get("train_figures"))
+            echo(f"model written to {out}")
+        # The results are out first; then the page stays up as long as asked.
+        if linger > 0 and scheduler is None and live.get("url"):
+            _linger(console, linger, live["url"])
+
+
+def _linger(console: Console, seconds: float, url: str) -> None:
+    """Wait ``seconds`` (or until Ctrl-C) with the local cluster, and its live page, up."""
+    say(console, f"live page {url} stays up for {seconds:g} s; Ctrl-C closes it sooner")
+    try:
+        time.sleep(seconds)
+    except KeyboardInterrupt:  # the run is done and written: ending the wait is no error
+        say(console, "closing the live page")
 
 
 def _nothing_to_resume(message: object, attrs: dict, out: Path, as_json: bool) -> None:

@@ -39,6 +39,7 @@ from tornado import netutil, web
 from tornado.httpserver import HTTPServer
 
 from cosim_dask.dashboard.runs import (
+    END_STATUSES,
     RUN_ID_PATTERN,
     TIME_KEY,
     RunStore,
@@ -248,6 +249,21 @@ def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
     return out
 
 
+def _clean_info(info: Mapping[str, Any] | None) -> dict[str, str | int | float | None]:
+    """``info`` with strings and finite numbers kept as they are, paths as strings."""
+    out: dict[str, str | int | float | None] = {}
+    for key, value in (info or {}).items():
+        if value is None or isinstance(value, str):
+            out[str(key)] = value
+        elif isinstance(value, numbers.Integral):
+            out[str(key)] = int(value)
+        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+            out[str(key)] = float(value)
+        else:
+            out[str(key)] = str(value)
+    return out
+
+
 class MetricsPublisher:
     """Publish one training run's metrics to the live dashboard.
 
@@ -260,6 +276,10 @@ class MetricsPublisher:
         Publishing under an id already on the dashboard starts that run's curves afresh.
     settings : dict, optional
         Training settings shown beside the curves (JSON-compatible; other values become strings).
+    info : dict, optional
+        What the page shows in its header: ``total_steps`` (the step limit, for "step k of N"
+        and the ETA), ``pairs`` (pairs in one pass over the data, for the passes done),
+        ``model`` (where the model is written); strings and numbers only.
     serve : {"auto", "scheduler", "driver"}
         Where the page lives: ``"auto"`` tries the scheduler plugin and falls back to the driver;
         ``"scheduler"`` raises :class:`ClusterError` if the plugin cannot be installed;
@@ -287,6 +307,7 @@ class MetricsPublisher:
         run_id: str,
         *,
         settings: Mapping[str, Any] | None = None,
+        info: Mapping[str, Any] | None = None,
         serve: Literal["auto", "scheduler", "driver"] = "auto",
         fallback_address: str = DEFAULT_FALLBACK_ADDRESS,
     ) -> None:
@@ -327,7 +348,7 @@ class MetricsPublisher:
         self.json_url = f"{root}cosim/api/runs/{run_id}"
         self.runs_url = f"{root}cosim/api/runs"
         clean = json.loads(json.dumps(dict(settings or {}), default=str))
-        self._send({"kind": "start", "settings": clean})
+        self._send({"kind": "start", "settings": clean, "info": _clean_info(info)})
 
     def _install_plugin(self, link: str | None) -> str | None:
         """Install the plugin (once per scheduler); the reason it failed, or None."""
@@ -376,11 +397,21 @@ class MetricsPublisher:
             raise CosimError(f"run {self.run_id!r} was closed; start a new MetricsPublisher")
         self._send({"kind": "step", "metrics": _clean_metrics(metrics)})
 
-    def close(self) -> None:
-        """Mark the run finished; in the driver fallback, also stop the driver's page server."""
+    def close(self, status: Literal["finished", "failed", "interrupted"] = "finished",
+              reason: str | None = None, info: Mapping[str, Any] | None = None) -> None:
+        """Mark the run ended; in the driver fallback, also stop the driver's page server.
+
+        ``status``: ``"finished"`` (a stopping rule ended it), ``"failed"`` (an error did) or
+        ``"interrupted"`` (a signal did); ``reason`` says which rule, error or signal, in one
+        line; ``info`` adds to what the page shows (``model``, ``report``: their paths).
+        """
         if self._closed:
             return
-        self._send({"kind": "end"})
+        if status not in END_STATUSES:
+            raise CosimError(f"status={status!r} must be one of {', '.join(END_STATUSES)}")
+        first = None if reason is None else (str(reason).splitlines() or [""])[0]
+        self._send({"kind": "end", "status": status, "reason": first,
+                    "info": _clean_info(info)})
         self._closed = True
         if self._server is not None:
             self._server.close()

@@ -78,6 +78,12 @@ class RunHistory:
         self.started = started
         self.updated = started
         self.finished: float | None = None
+        #: How the run ended (:data:`END_STATUSES`) and why, once its end event came.
+        self.outcome = "finished"
+        self.reason: str | None = None
+        #: What the driver said about the run: ``total_steps``, ``pairs`` (per pass over the
+        #: data), ``model`` (where it is written), ``report`` (a report's path or command).
+        self.info: dict[str, Any] = {}
         self.max_steps = max_steps
         self.columns: dict[str, array] = {TIME_KEY: array("d")}
         self._float_columns: set[str] = {TIME_KEY}  # columns that ever held a non-int value
@@ -85,8 +91,9 @@ class RunHistory:
 
     @property
     def status(self) -> str:
-        """``"running"`` until the publisher closes the run, then ``"finished"``."""
-        return "running" if self.finished is None else "finished"
+        """``"running"`` until the publisher closes the run, then how it ended:
+        ``"finished"``, ``"failed"`` or ``"interrupted"``."""
+        return "running" if self.finished is None else self.outcome
 
     def __len__(self) -> int:
         return len(self.columns[TIME_KEY])
@@ -144,10 +151,25 @@ class RunHistory:
             "finished": self.finished,
             "n_steps": self.dropped + len(self),
             "dropped": self.dropped,
+            "reason": self.reason,
+            "info": self.info,
             "last": self.last(),
             "page": f"cosim/runs/{self.run_id}",
             "json": f"cosim/api/runs/{self.run_id}",
         }
+
+
+#: How a run can end: it ran to a stopping rule, an error stopped it, or a signal did.
+END_STATUSES = ("finished", "failed", "interrupted")
+
+
+def _info(value: Any) -> dict[str, Any]:
+    """The JSON-safe scalars of an event's ``info`` (anything else is dropped)."""
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): v for k, v in value.items()
+            if v is None or isinstance(v, str | bool | int)
+            or (isinstance(v, float) and math.isfinite(v))}
 
 
 class RunStore:
@@ -171,7 +193,10 @@ class RunStore:
         self._lock = threading.Lock()
 
     def handle(self, msg: Mapping[str, Any]) -> None:
-        """Apply one event: ``{"kind": "start" | "step" | "end", "run": id, "time": t, ...}``."""
+        """Apply one event: ``{"kind": "start" | "step" | "end", "run": id, "time": t, ...}``.
+
+        ``start`` may carry ``settings`` and ``info``; ``end`` may carry ``status`` (one of
+        :data:`END_STATUSES`, default finished), ``reason`` and more ``info``."""
         run_id = msg.get("run")
         if not isinstance(run_id, str) or not is_valid_run_id(run_id):
             return
@@ -181,7 +206,8 @@ class RunStore:
             if kind == "start":
                 # A new publisher with an existing id starts that run afresh (one run, one curve).
                 self._runs.pop(run_id, None)
-                self._add(run_id, msg.get("settings") or {}, when)
+                run = self._add(run_id, msg.get("settings") or {}, when)
+                run.info.update(_info(msg.get("info")))
                 return
             run = self._runs.get(run_id)
             if run is None:  # its start was missed (plugin installed later, or run evicted)
@@ -191,6 +217,11 @@ class RunStore:
             elif kind == "end":
                 run.finished = when
                 run.updated = when
+                status = msg.get("status", "finished")
+                run.outcome = status if status in END_STATUSES else "finished"
+                reason = msg.get("reason")
+                run.reason = str(reason)[:2000] if reason is not None else None
+                run.info.update(_info(msg.get("info")))
 
     def _add(self, run_id: str, settings: Mapping[str, Any], when: float) -> RunHistory:
         if len(self._runs) >= self.max_runs:
@@ -213,6 +244,7 @@ class RunStore:
             out = run.summary()
             first = max(since, run.dropped)
             out.update(
+                now=time.time(),
                 settings=run.settings,
                 offset=first,
                 next=run.dropped + len(run),

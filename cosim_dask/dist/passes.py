@@ -14,6 +14,7 @@ decides where it runs and how the results add up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import operator
@@ -36,8 +37,8 @@ from cosim_dask.data.reader import StoreSlice, read_group, read_slice, store_ide
 from cosim_dask.data.split import chunk_slices, sample_chunks
 from cosim_dask.dist.tasks import ChunkResult, ChunkSpec, chunks_per_task, fold_task, node_task
 from cosim_dask.dist.tree import Tree, combine_task, resolve_split_every
-from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone
-from cosim_dask.errors import ANY, ClusterError, WorkerLostError
+from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone, wait_future
+from cosim_dask.errors import ANY, ClusterError, CosimError, WorkerLostError
 from cosim_dask.outputs import is_url
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import; in-process fits never need it
@@ -364,14 +365,24 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
             if scheduler_lost(client):
                 raise lost_scheduler_error(client) from None
             raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
             if type(exc).__name__ == "KilledWorker":
                 raise ClusterError(
                     f"workers died again and again running a chunk task "
                     f"({str(exc).splitlines()[0]}); they may be running out of memory: "
                     "use smaller chunks or a larger {memory_limit}",
                     params={"memory_limit": ANY}) from None
-            raise
+            if isinstance(exc, CosimError) or getattr(future, "status", None) == "error":
+                raise  # ours, or the chunk work's own error: reported as it is
+            if scheduler_lost(client):
+                raise lost_scheduler_error(client) from None
+            # Anything else came from distributed itself: one line naming the step.
+            step = ("sending the parameters to the workers" if ref is None else
+                    "submitting the pass" if future is None else "waiting for a pass")
+            first = (str(exc).splitlines() or [""])[0]
+            raise ClusterError(f"a pass failed inside distributed while {step} "
+                               f"({type(exc).__name__}: {first}); run the same command "
+                               "again") from exc
         finally:
             if not scheduler_lost(client):
                 for held in (future, ref):
@@ -382,8 +393,10 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
 def wait_result(client: Client, future):
     """``future.result()`` that gives up when the scheduler is gone or stops answering (a
     future submitted while the client reconnects is never cancelled and would wait forever);
-    a long pass on a scheduler that answers waits as long as it takes."""
-    return guarded(client, future.result, "waiting for a pass")
+    a long pass on a scheduler that answers waits as long as it takes. A wait that distributed
+    cuts short is repeated or ends in a one-line error
+    (:func:`cosim_dask.dist.waits.wait_future`)."""
+    return wait_future(client, future, "waiting for a pass")
 
 
 def store_pieces(path: str, slices: Sequence[slice], identity: str | None = None) -> Pieces:

@@ -18,6 +18,7 @@ Nothing here knows the CLI; the pure math knows nothing of this.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -142,6 +143,57 @@ def guarded(client: Client, call: Callable[[], T], what: str, *,
             raise WorkerLostError(f"worker {gone} left while {what}") from error
         raise error
     return outcome["value"]
+
+
+#: Times a wait on a future is repeated after distributed cut it short while the future
+#: itself was still pending or finished (see :func:`wait_future`).
+WAIT_ATTEMPTS = 3
+
+
+def wait_future(client: Client, future: Any, what: str) -> Any:
+    """``future.result()`` through :func:`guarded`, and nothing else escapes but the
+    future's own outcome or a one-line error.
+
+    distributed runs the wait as a task on the client's event loop; when that task is
+    cancelled (another wait on the same client cancelled by its timeout or a Ctrl-C cancels
+    the gather the two share; the client's loop stopping) its ``sync`` helper ends with
+    ``UnboundLocalError: cannot access local variable 'result'`` (it catches ``Exception``,
+    and a cancelled task raises ``asyncio.CancelledError``, which is not one). That is the
+    wait failing, not the work: the future's status tells which.
+
+    - the task's own error (``status == "error"``: a chunk's error, ``KilledWorker``), a
+      cancelled future (``concurrent.futures.CancelledError``), an ``OSError`` and every
+      cosim error are raised as they are: the caller repeats the pass or reports them;
+    - a wait cut short while the future is pending or finished is repeated, at most
+      :data:`WAIT_ATTEMPTS` times (a finished result is still on the workers);
+    - a future cancelled or lost meanwhile raises ``CancelledError`` (the pass is repeated);
+    - anything else becomes :class:`ClusterError` naming ``what``.
+    """
+    from concurrent.futures import CancelledError
+
+    from cosim_dask.errors import CosimError
+
+    for attempt in range(1, WAIT_ATTEMPTS + 1):
+        try:
+            return guarded(client, future.result, what)
+        except (CosimError, CancelledError, OSError):
+            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            status = getattr(future, "status", None)
+            if status == "error":
+                raise  # the work's own failure, for the caller to report
+            first = (str(exc).splitlines() or [""])[0]
+            logger.warning("%s: distributed ended the wait with %s: %s (future %s, "
+                           "attempt %d/%d)", what, type(exc).__name__, first, status,
+                           attempt, WAIT_ATTEMPTS)
+            if status in ("cancelled", "lost"):
+                raise CancelledError(f"{what}: the result was {status}") from None
+            if status not in ("pending", "finished") or attempt == WAIT_ATTEMPTS:
+                raise ClusterError(
+                    f"{what} failed inside distributed {attempt} time(s) "
+                    f"({type(exc).__name__}: {first}); the cluster may be overloaded or "
+                    "restarting: run the same command again") from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _give_up(client: Client, what: str, why: str | None = None):

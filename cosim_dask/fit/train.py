@@ -8,6 +8,8 @@ each beside plain cosine) whose figures go into the model's attributes.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import CancelledError
@@ -36,6 +38,8 @@ from cosim_dask.fit.evaluate import roc_points, score_pieces, summarize
 from cosim_dask.fit.loop import StepCallback, TrainState, run_solver, state_from_attrs
 from cosim_dask.fit.model import Model, build_model, load_model, write_model
 from cosim_dask.outputs import MODEL, check_output, claim_output, reading, recover
+
+logger = logging.getLogger(__name__)
 
 #: Persist only when the training data takes at most this share of the cluster's memory.
 MEMORY_SHARE = 0.5
@@ -169,7 +173,10 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
     if dashboard:
         publisher = MetricsPublisher(client, run_id or new_run_id(),
                                      settings={**asdict(config), "store": str(store_path),
-                                               "out": str(out), "cache": cache})
+                                               "out": str(out), "cache": cache},
+                                     info={"total_steps": config.steps, "pairs": store.n,
+                                           "model": _where(out),
+                                           "resumed_at": state.step if state else None})
         known["run_id"] = publisher.run_id
     if on_start:
         on_start({"store": store, "cache": cache, "chunks": len(pieces.items),
@@ -193,6 +200,9 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
         progress["checkpoint"] = state_.step
 
     started = time.perf_counter()
+    # How the run ended, for the live page: a failed or interrupted run must not show as
+    # finished (the page cannot tell a driver that died from one that ended).
+    outcome: tuple[str, str | None] = ("failed", "training stopped")
     try:
         state = run_solver(
             objective, solver, form.initial(store.d, seed=config.seed), config, state=state,
@@ -203,16 +213,41 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
         model = build_model(form, solver.params, config, state, complete=True,
                             solver_state=solver.state(), **known)
         model.attrs.update(_final_figures(client, pieces, model.A, config, binary, split_every))
+        model.attrs["train_seconds"] = seconds
+        write_model(target, model)
+        outcome = ("finished", state.stop_reason)
+    except KeyboardInterrupt as exc:
+        # The CLI raises SIGTERM as a KeyboardInterrupt subclass named Terminated.
+        outcome = ("interrupted", "SIGTERM" if type(exc).__name__ == "Terminated"
+                   else "SIGINT (Ctrl-C)")
+        raise
     except Exception as exc:
+        outcome = ("failed", str(exc) if isinstance(exc, CosimError)
+                   else f"{type(exc).__name__}: {exc}")
         if isinstance(exc, ClusterError | OSError | CancelledError) and scheduler_lost(client):
             raise _scheduler_lost(exc, store_path, out, progress, overwrite) from None
         raise
     finally:
         if publisher and not scheduler_lost(client):
-            publisher.close()
-    model.attrs["train_seconds"] = seconds
-    write_model(target, model)
+            _close_publisher(publisher, *outcome, model=_where(out))
     return TrainResult(model, state, cache, seconds)
+
+
+def _where(out: str) -> str:
+    """``out`` as the page shows it: absolute, unless it is a URL."""
+    return str(out) if "://" in str(out) else os.path.abspath(out)
+
+
+def _close_publisher(publisher: MetricsPublisher, status: str, reason: str | None,
+                     model: str) -> None:
+    """Publish how the run ended; on a failed run, a failure to say so never hides the
+    run's own error."""
+    try:
+        publisher.close(status, reason, info={"model": model} if status == "finished" else None)
+    except Exception:
+        if status == "finished":
+            raise
+        logger.debug("could not publish the end of the run", exc_info=True)
 
 
 def _scheduler_lost(exc, store_path, out, progress, overwrite) -> TrainingError:

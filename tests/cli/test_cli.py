@@ -64,6 +64,11 @@ def test_on_off_options_are_single_flags(command):
     assert "--no-" not in result.stdout
 
 
+def test_train_help_offers_linger():
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert "--linger" in result.stdout and "SECONDS" in result.stdout
+
+
 def test_negative_flag_forms_are_gone():
     for option in ("--resume", "--overwrite", "--skip-invalid"):
         assert option in runner.invoke(app, ["train", "--help"]).stdout

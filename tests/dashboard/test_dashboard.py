@@ -7,6 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -429,3 +432,197 @@ def test_live_page_served_by_the_driver(browser, client, tmp_path):
 def test_plugin_is_idempotent_by_name():
     assert CosimDashboardPlugin.idempotent is True
     assert CosimDashboardPlugin().name == PLUGIN_NAME
+
+
+# ----------------------------------------------- the page tells the whole story, in Chromium
+
+E_NOTATION = re.compile(r"\d[eE][+-]?\d")
+
+
+def page_facts(page) -> dict[str, Any]:
+    """What the live page shows: header texts, table headers, chart ids and tick labels."""
+    return page.evaluate("""() => {
+      const text = id => (document.getElementById(id) || {}).textContent || "";
+      const charts = {};
+      for (const box of document.querySelectorAll("#charts .chart")) {
+        charts[box.dataset.chart] = {
+          title: box.querySelector("h2").textContent,
+          legend: box.querySelector(".legend").textContent,
+          x: [...box.querySelectorAll("text.x-tick")].map(t => t.textContent),
+          y: [...box.querySelectorAll("text.y-tick")].map(t => t.textContent)};
+      }
+      return {status: document.getElementById("status").dataset.status,
+              status_text: text("status"), progress: text("progress"), elapsed: text("elapsed"),
+              eta: text("eta"), throughput: text("throughput"), passes: text("passes"),
+              reason: text("reason"), where: text("where"), notice: text("notice"),
+              headers: [...document.querySelectorAll("#latest th")].map(t => t.textContent),
+              body: document.body.innerText, charts};
+    }""")
+
+
+def check_readable(facts: dict[str, Any]) -> None:
+    """No raw names, no NaN, no e-notation, no repeated step ticks, only meaningful charts."""
+    assert "NaN" not in facts["body"] and "undefined" not in facts["body"], facts["body"]
+    assert facts["headers"] and not any("_" in h for h in facts["headers"]), facts["headers"]
+    assert "evaluations" not in facts["charts"]
+    assert {"loss", "grad_norm", "pairs_per_s", "step_seconds"} <= set(facts["charts"])
+    for chart in facts["charts"].values():
+        assert "_" not in chart["title"] + chart["legend"], chart
+        ticks = chart["x"] + chart["y"]
+        assert ticks and not any(E_NOTATION.search(t) or "NaN" in t for t in ticks), chart
+        assert len(set(chart["x"])) == len(chart["x"]), chart  # no step tick twice
+        assert len(set(chart["y"])) == len(chart["y"]), chart
+
+
+@pytest.mark.slow
+def test_live_page_at_the_start_middle_and_end_of_a_run(browser, cluster_address, tmp_path):
+    """A real run on the shared cluster, held at steps 1 and 3 (of 6) by its step callback
+    while the page is read and photographed; then its end."""
+    store = tmp_path / "s.zarr"
+    generate_store(store, pairs=2_000, dim=8, rank=2, targets="binary", seed=5,
+                   chunk_rows=500)
+    hold = {1: (threading.Event(), threading.Event()), 3: (threading.Event(), threading.Event())}
+    started: dict[str, Any] = {}
+
+    def on_step(record: dict) -> None:
+        if record["step"] in hold:
+            reached, go_on = hold[record["step"]]
+            reached.set()
+            go_on.wait(30)
+
+    config = TrainConfig(steps=6, solver="gd", lr=0.2, tol=0.0, gtol=0.0, validation=0.2)
+    out = tmp_path / "m.zarr"
+    errors: list[BaseException] = []
+
+    def train() -> None:
+        try:
+            with Client(cluster_address, set_as_default=False) as c:
+                train_store(str(store), str(out), config, client=c, on_step=on_step,
+                            on_start=started.update, run_id="shots")
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    shots = {}
+    try:
+        for moment, step in (("start", 1), ("middle", 3)):
+            reached, go_on = hold[step]
+            assert reached.wait(60), errors
+            if moment == "start":
+                page.goto(started["live_url"] + "?interval=100")
+            page.wait_for_function(f"() => document.getElementById('progress').textContent"
+                                   f" === 'step {step} of 6'", timeout=10_000)
+            page.wait_for_function("() => document.getElementById('eta').textContent !== ''",
+                                   timeout=10_000)
+            facts = page_facts(page)
+            shots[moment] = tmp_path / f"live-{moment}.png"
+            page.screenshot(path=str(shots[moment]), full_page=True)
+            go_on.set()
+            assert facts["status"] == "running" and facts["status_text"] == "running"
+            assert re.fullmatch(r"elapsed \d+(\.\d)? s", facts["elapsed"]), facts["elapsed"]
+            assert re.fullmatch(r"ETA ≤ \d+(\.\d)? s", facts["eta"]), facts["eta"]
+            assert re.fullmatch(r"[\d,]+ pairs/s", facts["throughput"]), facts["throughput"]
+            assert re.fullmatch(r"\d+\.\d passes over the 2,000 pairs", facts["passes"]), facts
+            assert facts["reason"] == ""
+            assert f"model will be written to {out}" in facts["where"]
+            check_readable(facts)
+        thread.join(60)
+        assert not errors, errors
+        page.wait_for_function("() => document.getElementById('status').dataset.status"
+                               " === 'finished'", timeout=10_000)
+        facts = page_facts(page)
+        shots["end"] = tmp_path / "live-end.png"
+        page.screenshot(path=str(shots["end"]), full_page=True)
+    finally:
+        for _, go_on in hold.values():
+            go_on.set()
+        page.close()
+    assert facts["progress"] == "step 6 of 6" and facts["eta"] == ""
+    assert facts["reason"] == "stopped: max steps"
+    assert f"model written to {out}; report: cosim report {out}" in facts["where"]
+    check_readable(facts)
+    assert not problems, problems
+    for shot in shots.values():
+        assert shot.stat().st_size > 10_000
+    if os.environ.get("COSIM_SHOTS_DIR"):  # to look at them
+        for shot in shots.values():
+            shutil.copy(shot, os.environ["COSIM_SHOTS_DIR"])
+
+
+def test_failed_and_interrupted_runs_on_an_external_cluster_say_so(cluster_address, tmp_path):
+    store = tmp_path / "s.zarr"
+    generate_store(store, pairs=600, dim=4, rank=2, targets="binary", seed=6, chunk_rows=300)
+    seen: dict[str, Any] = {}
+
+    def interrupt(record: dict) -> None:
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    with Client(cluster_address, set_as_default=False) as c:
+        with pytest.raises(CosimError, match="diverged"):
+            train_store(str(store), str(tmp_path / "a.zarr"),
+                        TrainConfig(steps=5, solver="gd", lr=1e9), client=c,
+                        on_start=seen.update, run_id="diverges")
+        failed = get_json(seen["live_url"].replace("/cosim/runs/", "/cosim/api/runs/"))
+        with pytest.raises(KeyboardInterrupt):
+            train_store(str(store), str(tmp_path / "b.zarr"), TrainConfig(steps=5, tol=0.0),
+                        client=c, on_step=interrupt, on_start=seen.update, run_id="stopped")
+        stopped = get_json(seen["live_url"].replace("/cosim/runs/", "/cosim/api/runs/"))
+    assert failed["status"] == "failed", failed
+    assert "diverged" in failed["reason"] and "\n" not in failed["reason"]
+    assert stopped["status"] == "interrupted" and stopped["reason"] == "SIGINT (Ctrl-C)"
+    assert stopped["n_steps"] == 3  # steps 0, 1 and 2 were logged
+
+
+@pytest.mark.slow
+def test_after_the_cluster_closes_the_page_keeps_the_end_and_points_to_the_results(
+        browser, tmp_path):
+    model = str(tmp_path / "m.zarr")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        pub = MetricsPublisher(c, "gone", info={"total_steps": 3, "pairs": 100, "model": model})
+        for i in range(3):
+            pub.publish(synthetic_step(i))
+        pub.close("finished", "max steps", info={"report": str(tmp_path / "r.html")})
+        page = browser.new_page()
+        page.goto(pub.url + "?interval=100")
+        page.wait_for_function("() => document.getElementById('status').dataset.status"
+                               " === 'finished'", timeout=10_000)
+    page.wait_for_function("() => document.getElementById('notice').textContent !== ''",
+                           timeout=10_000)
+    facts = page_facts(page)
+    page.close()
+    assert facts["status_text"] == "finished" and facts["reason"] == "stopped: max steps"
+    assert "dashboard has closed" in facts["notice"] and "retrying" not in facts["body"]
+    assert facts["where"] == f"model written to {model}; report: {tmp_path / 'r.html'}"
+
+
+@pytest.mark.slow
+def test_linger_keeps_a_local_clusters_page_up_with_the_final_state(tmp_path):
+    """`cosim train --linger`: after the run the local cluster's page says finished and
+    where the model is, until Ctrl-C ends the wait (exit 0, the page is gone)."""
+    from helpers import cosim_cmd, wait_for
+
+    store, out, log = tmp_path / "s.zarr", tmp_path / "m.zarr", tmp_path / "stderr.txt"
+    generate_store(store, pairs=600, dim=4, rank=2, targets="binary", seed=7, chunk_rows=300)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cosim_cmd("train", store, "--out", out, "--steps", "3",
+                                          "--workers", "1", "--run-id", "lg", "--linger", "120"),
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        wait_for(lambda: "stays up" in log.read_text(), 120, "the run to end and linger")
+        url = re.search(r"(http://\S+/cosim/runs/lg)", log.read_text())[1]
+        data = get_json(url.replace("/cosim/runs/", "/cosim/api/runs/"))
+        assert data["status"] == "finished" and data["reason"], data
+        assert data["info"]["model"] == str(out) and out.exists()
+        proc.send_signal(2)  # Ctrl-C ends the wait
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        proc.kill()
+    with pytest.raises(OSError):
+        get_json(url.replace("/cosim/runs/", "/cosim/api/runs/"))

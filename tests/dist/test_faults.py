@@ -4,6 +4,7 @@ test_resume_after_sigkill_equals_uninterrupted.)"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
@@ -407,3 +408,65 @@ def test_ctrl_c_on_a_local_cluster_is_one_line(small_store, tmp_path):
     model = load_model(out, with_solver=True)  # the last checkpoint is intact
     assert model.attrs["steps"] >= 2 and not model.attrs["complete"]
     assert leftovers(tmp_path) == []
+
+
+# --- 9. a wait on a pass cut short inside distributed -----------------------------------
+
+
+def _slow_double(params, token, seconds):
+    time.sleep(seconds)
+    return params * 2
+
+
+def _cut_waits_short(client: Client, every: float, times: int) -> threading.Thread:
+    """Cancel ``times`` times, ``every`` s apart, the event-loop task that waits for a
+    future's result: what distributed does to it when another wait sharing its gather is
+    cancelled (a timeout, a Ctrl-C) or the client's loop stops. distributed's ``sync`` then
+    raises ``UnboundLocalError: cannot access local variable 'result'``."""
+    import asyncio
+
+    async def cancel() -> int:
+        waits = [task for task in asyncio.all_tasks()
+                 if getattr(task.get_coro(), "__qualname__", "") == "Future._result"]
+        for task in waits:
+            task.cancel()
+        return len(waits)
+
+    def cut() -> None:
+        done, deadline = 0, time.monotonic() + 30
+        while done < times and time.monotonic() < deadline and client.status == "running":
+            time.sleep(every if done else 0.05)
+            with contextlib.suppress(RuntimeError):  # the client closed meanwhile
+                done += bool(client.sync(cancel))
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_wait_cut_short_by_distributed_is_waited_again(cluster_address):
+    """The pass's result is fetched again: the right value, no raw UnboundLocalError."""
+    from cosim_dask.dist.passes import run_pass
+
+    params = np.arange(6.0)
+    root = lambda ref, token: dask.delayed(_slow_double)(ref, token, 1.0)  # noqa: E731
+    with Client(cluster_address, set_as_default=False) as client:
+        cutter = _cut_waits_short(client, every=0.3, times=1)
+        result = run_pass(client, params, root)
+        cutter.join()
+    np.testing.assert_array_equal(result, params * 2)
+
+
+def test_a_wait_cut_short_again_and_again_is_one_line_naming_the_step(cluster_address):
+    from cosim_dask.dist.passes import run_pass
+    from cosim_dask.errors import ClusterError
+
+    root = lambda ref, token: dask.delayed(_slow_double)(ref, token, 2.0)  # noqa: E731
+    with Client(cluster_address, set_as_default=False) as client:
+        cutter = _cut_waits_short(client, every=0.25, times=3)
+        with pytest.raises(ClusterError) as err:
+            run_pass(client, np.arange(3.0), root)
+        cutter.join()
+    message = str(err.value)
+    assert "\n" not in message
+    assert "waiting for a pass" in message and "UnboundLocalError" in message, message
