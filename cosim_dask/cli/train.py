@@ -145,7 +145,6 @@ def train(
                             transient=False, disable=is_quiet())
         task = progress.add_task("train", total=steps, status="")
         seen: dict = {}
-
         live: dict = {}
 
         def on_start(info) -> None:
