@@ -27,6 +27,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cosim_dask.core.checks import check_is_fitted, check_pairs, check_targets, is_dask
+from cosim_dask.core.forms import FullMetric
 from cosim_dask.core.kernel import pair_similarity
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
@@ -134,6 +135,9 @@ class CosineMetricLearner(*_BASES):
     validation : fraction of pairs held out (seeded per chunk) for a validation score.
     patience : stop after this many steps without a better validation score.
     batch_chunks : chunks per mini-batch for stochastic solvers.
+    negatives : K > 0 gives every positive pair K negatives made inside its chunk, by
+        pairing its x with the y of other positive pairs of the chunk (seeded; never the
+        pair itself), with the target of a label −1: for positive pairs only (``y`` all +1).
     chunk_rows : pairs per chunk (None: 65,536 for NumPy inputs, a Dask input's own chunks).
     split_every : fan-in of the reduction tree (None: Dask's ``split_every`` config, or 8).
     client : a ``distributed.Client`` to fit on; always used when given.
@@ -180,6 +184,7 @@ class CosineMetricLearner(*_BASES):
         validation: float = TrainConfig.validation,
         patience: int | None = TrainConfig.patience,
         batch_chunks: int | None = TrainConfig.batch_chunks,
+        negatives: int = TrainConfig.negatives,
         chunk_rows: int | None = None,
         split_every: int | None = None,
         client: Any = None,
@@ -200,6 +205,7 @@ class CosineMetricLearner(*_BASES):
         self.validation = validation
         self.patience = patience
         self.batch_chunks = batch_chunks
+        self.negatives = negatives
         self.chunk_rows = chunk_rows
         self.split_every = split_every
         self.client = client
@@ -263,8 +269,12 @@ class CosineMetricLearner(*_BASES):
             solver=self.solver, lr=self.lr, steps=int(self.max_iter), tol=self.tol,
             regularization=self.regularization, validation=self.validation,
             patience=self.patience, batch_chunks=self.batch_chunks, seed=self.random_state,
+            negatives=self.negatives,
         )
         config.check()
+        if config.negatives and not binary:
+            raise CosimError(f"negatives={config.negatives} needs positive pairs (y all +1, "
+                             "or ±1 labels); got graded targets")
         return config
 
     def fit(self, pairs: Any, y: Any) -> CosineMetricLearner:
@@ -333,7 +343,8 @@ class CosineMetricLearner(*_BASES):
         source = LocalPairs(x0, x1, y, form, config.make_loss(_binary(y)),
                             chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
                             validation=config.validation, seed=config.seed,
-                            batch_chunks=config.batch_chunks, split_every=self.split_every)
+                            batch_chunks=config.batch_chunks, split_every=self.split_every,
+                            negatives=config.negatives, positive_weight=config.positive_weight)
 
         with threadpool_limits(limits=self.blas_threads):
             state, solver = self._run(source, config, form, params0, _binary(y))
@@ -348,7 +359,9 @@ class CosineMetricLearner(*_BASES):
             targets = client.compute(pieces.held[2]).result()
             source = DaskPairs(client, pieces, form, config.make_loss(_binary(targets)),
                                validation=config.validation, seed=config.seed,
-                               batch_chunks=config.batch_chunks, split_every=self.split_every)
+                               batch_chunks=config.batch_chunks, split_every=self.split_every,
+                               negatives=config.negatives,
+                               positive_weight=config.positive_weight)
             targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
             scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
@@ -501,6 +514,33 @@ class CosineMetricLearner(*_BASES):
         """
         scores, y = self._materialised(pairs, y)
         return roc_auc(scores, y)
+
+    def score_retrieval(self, pairs: Any, *, candidates: int = 1000, seed: int = 0
+                        ) -> dict[str, dict[str, float]]:
+        """Retrieval figures of positive pairs, learned metric beside plain cosine.
+
+        Each pair's x is a query whose true partner is its own y, ranked among the y of
+        ``candidates`` pairs (a seeded block holding it, cut within chunks of ``chunk_rows``
+        pairs; fewer when there are fewer pairs). Ties count against the query.
+
+        Returns
+        -------
+        ``{"learned": {...}, "plain": {...}}``, each with ``hit_at_1``, ``recall_at_10``,
+        ``mrr``, ``mean_rank``, ``queries``, ``candidates`` (mean), ``min_candidates`` and
+        ``skipped`` (queries whose own similarity is undefined).
+        """
+        check_is_fitted(self)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+            raise CosimError(f"candidates={candidates!r} must be a whole number >= 2")
+        pairs = check_pairs(pairs)
+        if is_dask(pairs):
+            pairs = check_pairs(pairs.compute())
+        x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
+        source = LocalPairs(x0, x1, np.ones(len(pairs)), FullMetric(), "mse",
+                            chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS)
+        with threadpool_limits(limits=self.blas_threads):
+            stats = source.retrieval(self.metric_, candidates=candidates, seed=seed)
+        return {name: stats[name].summary() for name in ("learned", "plain")}
 
     def transform(self, X: Any) -> Any:
         """Map vectors so that their plain cosine similarity is the learned similarity.

@@ -9,7 +9,9 @@ For each d, float32 pairs, and each threading mode, timed side by side in one ru
 * ``factor``    :func:`cosim_dask.core.kernel.factor_chunk_partial` at k = d/4;
 * ``torch``     PyTorch CPU autograd of the same summed MSE loss with respect to a symmetric A
   (A enters as (A + Aᵀ)/2), if torch is importable (``pip install torch==2.13.0``);
-* ``loop``      a per-pair Python loop over the seed's per-element formula, on a small b.
+* ``loop``      a per-pair Python loop over the seed's per-element formula, on a small b;
+* ``neg K``     (``--negatives K ...``, one thread) the partial with K in-chunk negatives per
+  pair (:func:`cosim_dask.core.negatives.augmented_partial`), per augmented pair (b·(K + 1)).
 
 Threading modes: ``1 thread`` (BLAS and torch at one thread), ``2 BLAS thr`` (BLAS/torch at two
 threads), ``2 py thr`` (two Python threads, each on half of the pairs, BLAS at one thread).
@@ -63,7 +65,13 @@ from operator import add  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
-from cosim_dask.core.kernel import chunk_partial, factor_chunk_partial  # noqa: E402
+from cosim_dask.core.kernel import (  # noqa: E402
+    as_pair_arrays,
+    chunk_partial,
+    factor_chunk_partial,
+)
+from cosim_dask.core.losses import get_loss  # noqa: E402
+from cosim_dask.core.negatives import augmented_partial, negative_partners  # noqa: E402
 
 try:  # optional bench extra, never a core dependency
     import torch  # noqa: E402
@@ -117,8 +125,10 @@ def make_torch_partial(z: np.ndarray, t: np.ndarray, A32: np.ndarray):
 class Case:
     """Data and callables for one d and one threading mode."""
 
-    def __init__(self, d: int, b: int, b_loop: int, mode: str, pool: ThreadPoolExecutor):
+    def __init__(self, d: int, b: int, b_loop: int, mode: str, pool: ThreadPoolExecutor,
+                 negatives: tuple[int, ...] = ()):
         rng = np.random.default_rng(d)
+        self.negatives = negatives
         self.d, self.b, self.b_loop, self.mode = d, b, b_loop, mode
         self.k = max(1, d // 4)
         # Both halves of one stacked array: x, y are contiguous views (the fwd GEMM baseline
@@ -178,13 +188,23 @@ class Case:
         if self.mode == "1 thread":
             bl = self.b_loop
             v["loop"] = lambda: seed_loop_partial(x[:bl], y[:bl], t[:bl], A)
+            loss = get_loss("mse", negative_target=0.0)
+            for K in self.negatives:
+                partners = negative_partners(np.ones(self.b, bool), K, 0, 0)
+                v[f"neg {K}"] = (lambda p=partners: augmented_partial(
+                    *as_pair_arrays(x, y, np.ones(self.b)), A, loss, p, via_factor=False))
         return v
 
     def pairs(self, name: str) -> int:
+        if name.startswith("neg "):
+            return self.b * (int(name.split()[1]) + 1)
         return self.b_loop if name == "loop" else self.b
 
     def flops(self, name: str) -> float:
         b, d, k = self.pairs(name), self.d, self.k
+        if name.startswith("neg "):  # forward 4bd², then one GEMM of (K + 2)·b rows
+            K = int(name.split()[1])
+            return (4 + 2 * (K + 2)) * self.b * d * d
         return {"fwd GEMM": 4 * b * d * d, "partial": 6 * b * d * d, "factor": 8 * b * d * k,
                 "torch": 8 * b * d * d, "loop": 6 * b * d * d}[name]
 
@@ -282,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pairs for the Python loop (default 512, 256 at d = 512)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--negatives", type=int, nargs="*", default=[],
+                    help="also time in-chunk negatives with these K (one thread)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 4,096 pairs, 64 loop pairs, 2 repeats")
     ap.add_argument("--keep-blas-env", action="store_true",
@@ -309,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             b -= b % 2
             for mode in args.modes:
                 b_loop = args.loop_pairs or min(512, 2**17 // d)
-                case = Case(d, b, min(b_loop, b), mode, pool)
+                case = Case(d, b, min(b_loop, b), mode, pool, tuple(args.negatives))
                 if mode == "1 thread":
                     print(f"d={d} b={b} checks: " + "; ".join(case.check()))
                 med = time_case(case, args.repeats)
@@ -335,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             return f"{pp[a] / pp[b]:.2f}" if a in pp and b in pp else "-"
         print(f"{d:>4} {mode:<11} {r('partial', 'fwd GEMM'):>12} {r('torch', 'partial'):>13} "
               f"{r('factor', 'fwd GEMM'):>11} {r('loop', 'partial'):>12}")
+    if args.negatives:
+        print("In-chunk negatives, time per augmented pair over partial's per pair (1 thread):")
+        for d, mode, pp in summary:
+            if mode == "1 thread":
+                print(f"{d:>4} " + "  ".join(f"K={K}: {pp[f'neg {K}'] / pp['partial']:.2f}"
+                                             for K in args.negatives))
     one = {d: pp for d, mode, pp in summary if mode == "1 thread"}
     if 128 in one:
         pp = one[128]

@@ -246,3 +246,23 @@ def test_in_process_fit_makes_no_full_copy_of_the_pairs():
     bound = 4 * chunk_bytes + 40 * n
     assert peak <= bound, (peak, bound, pairs.nbytes)
     assert bound < 0.6 * pairs.nbytes  # the test could see a copy of x and y
+
+
+def test_positive_pairs_with_negatives_rank_their_partners_better_than_plain_cosine():
+    """negatives=K fits on positive pairs alone (y all +1); score_retrieval ranks the
+    partners of held-out pairs, beside plain cosine."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1200, 6))
+    y = np.concatenate([3 * x[:, :2], 4 * rng.standard_normal((1200, 4))], axis=1)
+    pairs = np.stack([x, y], axis=1)
+    model = CosineMetricLearner(negatives=3, max_iter=10, cluster="never").fit(
+        pairs[:800], np.ones(800))
+    assert model._model.attrs["settings"]["negatives"] == 3
+    figures = model.score_retrieval(pairs[800:], candidates=100)
+    learned, plain = figures["learned"], figures["plain"]
+    assert learned["queries"] == plain["queries"] == 400
+    assert learned["min_candidates"] == 100
+    assert learned["mrr"] > plain["mrr"] + 0.1
+    assert learned["hit_at_1"] > plain["hit_at_1"]
+    with pytest.raises(CosimError, match="needs positive pairs"):
+        CosineMetricLearner(negatives=1).fit(pairs[:10], np.linspace(-1, 1, 10))

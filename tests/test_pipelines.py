@@ -94,3 +94,19 @@ def test_digits_quick_via_store_matches_the_estimator(cluster_address, monkeypat
     assert abs(via_store.auc - in_memory.auc) < 5e-4
     assert abs(via_store.accuracy - in_memory.accuracy) < 5e-3
     assert "| cosim train (via store) | 4,000 |" in digits.render([plain, via_store])
+
+
+@pytest.mark.slow  # two fits and two retrieval passes on the shared cluster
+def test_retrieval_pipeline_learned_metrics_rank_better_than_plain_cosine(tmp_path, client,
+                                                                           capsys):
+    retrieval = load("retrieval")
+    rows = retrieval.main(["--quick", "--steps", "6", "--negatives", "2", "--candidates", "60",
+                           "--store", str(tmp_path / "stores"), "--out", str(tmp_path / "m")],
+                          client=client)
+    plain, positive, labelled = rows
+    assert plain.method.startswith("plain") and "--negatives 2" in positive.method
+    assert positive.fit_pairs == labelled.fit_pairs == 420 * 3
+    for learned in (positive, labelled):
+        assert learned.mrr > plain.mrr + 0.05
+    assert "| positive pairs, --negatives 2 |" in capsys.readouterr().out
+    assert (tmp_path / "stores" / "test.zarr").is_dir()

@@ -30,6 +30,7 @@ FLAGS: dict[str, str] = {
     "lr": "--lr",
     "memory_limit": "--memory-limit",
     "negative_target": "--negative-target",
+    "negatives": "--negatives",
     "overwrite": "--overwrite",
     "png_dir": "--png-dir",
     "regularization": "--regularization",

@@ -78,8 +78,9 @@ def ingest(
         metavar="STORE", help="Pair store to create (directory or URL).")],
     x: Annotated[Path | None, typer.Option("--x", help="x vectors, (n, d) .npy.")] = None,
     y: Annotated[Path | None, typer.Option("--y", help="y vectors, (n, d) .npy.")] = None,
-    target: Annotated[Path | None, typer.Option("--target", help="Targets, (n,) .npy.")
-                      ] = None,
+    target: Annotated[Path | None, typer.Option(
+        "--target", help="Targets, (n,) .npy; without it every pair is positive (+1), for "
+        "`cosim train --negatives`.")] = None,
     embeddings: Annotated[Path | None, typer.Option(
         "--embeddings", help="Embedding table, (m, d) .npy, indexed by the pair list.")
     ] = None,
@@ -127,8 +128,9 @@ def ingest(
                "overwrite": overwrite}
 
     def body() -> IngestReport:
-        if all(a is not None for a in aligned) and all(t is None for t in table):
-            with progress("ingest", array_rows(target), "pairs") as tracker:
+        if x is not None and y is not None and all(t is None for t in table):
+            total = array_rows(target if target is not None else x)
+            with progress("ingest", total, "pairs") as tracker:
                 return ingest_arrays(store, x, y, target, progress=tracker.advance,
                                      **options)
         if all(t is not None for t in table) and all(a is None for a in aligned):
@@ -138,7 +140,7 @@ def ingest(
                 return ingest_pairs(store, embeddings, pairs, i_column=i_column,
                                     j_column=j_column, target_column=target_column,
                                     progress=tracker.advance, n_pairs=total, **options)
-        raise CosimError("give either --x, --y and --target, or --embeddings and --pairs")
+        raise CosimError("give either --x and --y (and --target), or --embeddings and --pairs")
 
     _print_report(run(body), "ingested", as_json)
 

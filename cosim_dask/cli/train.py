@@ -41,7 +41,12 @@ from cosim_dask.dashboard.publisher import dashboard_url
 from cosim_dask.data.store import open_store
 from cosim_dask.errors import ClusterError, ModelError
 from cosim_dask.fit.config import LIVE_VALIDATION, TrainConfig
-from cosim_dask.fit.evaluate import evaluate_model, split_title
+from cosim_dask.fit.evaluate import (
+    DEFAULT_CANDIDATES,
+    evaluate_model,
+    retrieval_model,
+    split_title,
+)
 from cosim_dask.fit.model import load_model
 from cosim_dask.fit.train import RunOptions, check_request, finished_message, train_store
 
@@ -68,6 +73,10 @@ def train(
     negative_target: Annotated[float | None, typer.Option(
         help="mse on binary labels: the target for label −1 (default 0: unrelated; "
              "−1: opposite).")] = None,
+    negatives: Annotated[int, typer.Option(
+        min=0, help="Negatives per positive pair, made inside each chunk by pairing x with "
+        "the y of other pairs (for stores of positive pairs only; 0: none).")
+        ] = DEFAULTS.negatives,
     param: Annotated[Parameterisation, typer.Option(
         help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
              "the PSD cone after each step.")] = Parameterisation(DEFAULTS.param),
@@ -126,7 +135,8 @@ def train(
     config = TrainConfig(
         loss=loss.value, negative_target=negative_target, param=param.value, rank=rank,
         solver=solver.value, lr=lr, steps=steps, tol=tol, regularization=regularization,
-        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed)
+        validation=validation, patience=patience, batch_chunks=batch_chunks, seed=seed,
+        negatives=negatives)
     options = RunOptions(cache=cache.value, split_every=split_every,
                          checkpoint_every=checkpoint_every,
                          on_invalid="skip" if skip_invalid else "raise")
@@ -158,10 +168,16 @@ def train(
         else:
             say(console, f"stopped: {result.state.stop_reason} after {result.state.step} "
                          f"steps in {result.seconds:.1f} s")
-            held_out = attrs.get("validation_figures")
-            _print_figures(held_out or attrs.get("train_figures"),
-                           split_title("validation" if held_out else "train",
-                                       (attrs.get("settings") or {}).get("validation") or 0.0))
+            if live.get("positive_only"):
+                # AUC and accuracy need negatives; positive pairs have retrieval figures.
+                echo(f"{store} holds positive pairs only: rank them with `cosim evaluate "
+                     f"{out} {store} --retrieval`")
+            else:
+                held_out = attrs.get("validation_figures")
+                _print_figures(held_out or attrs.get("train_figures"),
+                               split_title("validation" if held_out else "train",
+                                           (attrs.get("settings") or {}).get("validation")
+                                           or 0.0))
             echo(f"model written to {out}")
         # The results are out first; then the page stays up as long as asked.
         if linger > 0 and scheduler is None and live.get("url"):
@@ -178,7 +194,8 @@ def _linger(console: Console, seconds: float, url: str) -> None:
 
 
 def _on_start(console: Console, tracker: Tracker, live: dict) -> Callable[[dict], None]:
-    """What train prints when the run starts (the live page's URL also goes into ``live``);
+    """What train prints when the run starts (the live page's URL, and whether the store
+    holds positive pairs only, also go into ``live``);
     the clock starts there (after the cluster and the data are ready), at the step a resumed
     run continues from."""
 
@@ -189,6 +206,7 @@ def _on_start(console: Console, tracker: Tracker, live: dict) -> Callable[[dict]
         if info.get("live_hint"):
             say(console, info["live_hint"])
         s = info["store"]
+        live["positive_only"] = s.attrs.get("target_stats", {}).get("count_neg") == 0
         resumed = info["resumed_at"]
         say(console,
             f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "
@@ -272,6 +290,13 @@ def evaluate(
     split: Annotated[Split, typer.Option(
         help="Rows to use: auto = the validation rows when STORE is the training store, "
              "else all rows.")] = Split("auto"),
+    retrieval: Annotated[bool, on_off(
+        "--retrieval", help="Instead: rank each positive pair's y among the y of --candidates "
+        "pairs of its chunk (seeded blocks): hit rate@1, recall@10, MRR.")] = False,
+    candidates: Annotated[int, typer.Option(
+        min=2, help="--retrieval: candidates per query.")] = DEFAULT_CANDIDATES,
+    seed: Annotated[int, typer.Option(
+        min=0, max=2**32 - 1, help="--retrieval: seed of the candidate blocks.")] = 0,
     as_json: Json = False,
     quiet: Quiet = False,
     scheduler: Scheduler = None,
@@ -281,22 +306,48 @@ def evaluate(
     dashboard_address: DashboardAddress = CLUSTER.dashboard_address,
     security: Security = None,
 ) -> None:
-    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine."""
+    """Loss, ROC AUC, accuracy and Spearman of a model on a store, beside plain cosine
+    (with --retrieval: hit rate@1, recall@10 and MRR of positive pairs)."""
     cluster = cluster_config(ctx)
     # Bad paths fail before start-up; the model is read once.
     loaded, opened = run(lambda: (_load_model(model, store), open_store(store)))
     # One pass that tells nothing until it ends: the time going by, then the count.
     with connected(cluster) as client, \
             progress("evaluate", opened.n_chunks, "chunks", counted=False) as tracker:
-        report = run(lambda: evaluate_model(loaded, store, client=client, split=split.value))
+        if retrieval:
+            report = run(lambda: retrieval_model(loaded, store, client=client,
+                                                 split=split.value, candidates=candidates,
+                                                 seed=seed))
+        else:
+            report = run(lambda: evaluate_model(loaded, store, client=client,
+                                                split=split.value))
         tracker.update(opened.n_chunks)
     report["model"] = str(model)  # the library cannot know the path of a loaded model
     if as_json:
         print_json(report)
         return
+    if retrieval:
+        _print_retrieval(report, store)
+        return
     echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
     fraction = (loaded.attrs.get("settings") or {}).get("validation") or 0.0
     _print_figures(report, split_title(report["split"], fraction))
+
+
+def _print_retrieval(report: dict, store: str) -> None:
+    learned = report["learned"]
+    echo(f"{report['split']} rows of {store}: {learned['queries']:,} positive pairs as queries, "
+         f"{fmt(learned['candidates'], ',.0f')} candidates each (at least "
+         f"{learned['min_candidates']:,}; ties count against the query)")
+    table = Table(title="retrieval of the true partner")
+    table.add_column("metric")
+    keys = ("hit_at_1", "recall_at_10", "mrr", "mean_rank")
+    for label in ("hit@1", "recall@10", "MRR", "mean rank"):
+        table.add_column(label, justify="right")
+    for name, label in (("plain", "plain cosine"), ("learned", "learned A")):
+        table.add_row(label, *(fmt(report[name][k], ".4f" if k != "mean_rank" else ".2f")
+                               for k in keys))
+    Console().print(table)
 
 
 def _load_model(model: Path, store: str):

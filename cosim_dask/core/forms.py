@@ -13,7 +13,8 @@ from typing import ClassVar
 import numpy as np
 
 from cosim_dask.core.kernel import Partial, chunk_partial, factor_chunk_partial
-from cosim_dask.core.losses import Loss
+from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.negatives import augmented_partial
 from cosim_dask.errors import CosimError, UnknownNameError
 
 
@@ -55,6 +56,12 @@ class Parameterisation:
     def chunk_partial(self, x, y, target, params, loss: str | Loss, **kw) -> Partial:
         raise NotImplementedError
 
+    def negatives_partial(self, x, y, target, params, loss: str | Loss, partners: np.ndarray,
+                          **kw) -> Partial:
+        """The partial of the stored pairs and their in-chunk negatives ``partners``
+        (:func:`cosim_dask.core.negatives.augmented_partial`); ``x``, ``y`` aligned rows."""
+        raise NotImplementedError
+
     def regularization(
         self, params: np.ndarray, strength: float, A0: np.ndarray | None
     ) -> tuple[float, np.ndarray]:
@@ -80,6 +87,10 @@ class FullMetric(Parameterisation):
 
     def chunk_partial(self, x, y, target, params, loss, **kw) -> Partial:
         return chunk_partial(x, y, target, params, loss, **kw)
+
+    def negatives_partial(self, x, y, target, params, loss, partners, **kw) -> Partial:
+        return augmented_partial(x, y, target, np.asarray(params, dtype=np.float64),
+                                 get_loss(loss), partners, via_factor=False, **kw)
 
     def regularization(self, params, strength, A0):
         return regularization(params, strength, A0)
@@ -117,6 +128,11 @@ class FactorMetric(Parameterisation):
 
     def chunk_partial(self, x, y, target, params, loss, **kw) -> Partial:
         return factor_chunk_partial(x, y, target, params, loss, **kw)
+
+    def negatives_partial(self, x, y, target, params, loss, partners, **kw) -> Partial:
+        Mt = np.ascontiguousarray(np.asarray(params, dtype=np.float64).T)
+        return augmented_partial(x, y, target, Mt, get_loss(loss), partners, via_factor=True,
+                                 **kw)
 
     def regularization(self, params, strength, A0):
         if strength == 0.0:

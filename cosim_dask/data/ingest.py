@@ -218,7 +218,7 @@ def _write(
 
 
 def ingest_arrays(
-    store: str | os.PathLike, x: ArrayLike, y: ArrayLike, target: ArrayLike, *,
+    store: str | os.PathLike, x: ArrayLike, y: ArrayLike, target: ArrayLike | None, *,
     targets: str | None = None, zero_is_negative: bool = False, drop_invalid: bool = False,
     normalize: bool = False, chunk_rows: int | None = None, codec: str = DEFAULT_CODEC,
     overwrite: bool = False, progress: Progress | None = None,
@@ -227,6 +227,8 @@ def ingest_arrays(
 
     Each of ``x``, ``y``, ``target`` is a ``.npy`` path (memory-mapped, read one chunk at a
     time) or an array. See the module docstring for dtype, target and invalid-row rules.
+    ``target=None`` makes a store of positive pairs only (every target +1), for training
+    with in-chunk negatives.
 
     Parameters
     ----------
@@ -241,10 +243,15 @@ def ingest_arrays(
     -------
     IngestReport
     """
-    xs, ys, ts = _load(x, "x"), _load(y, "y"), _load(target, "target")
+    xs, ys = _load(x, "x"), _load(y, "y")
     _check_vectors(xs, f"x {_describe(x, 'x')}")
     _check_vectors(ys, f"y {_describe(y, 'y')}")
-    _check_targets(ts, f"target {_describe(target, 'target')}")
+    if target is None:
+        # Broadcast, not allocated: a view of one +1 per row.
+        ts = np.broadcast_to(np.float32(1.0), (len(xs),))
+    else:
+        ts = _load(target, "target")
+        _check_targets(ts, f"target {_describe(target, 'target')}")
     if xs.shape != ys.shape:
         raise ShapeError(f"x has shape {xs.shape} but y has shape {ys.shape}; they must match")
     if len(ts) != len(xs):
@@ -262,11 +269,14 @@ def ingest_arrays(
 
     provenance = {"command": "ingest", "kind": "arrays", "normalize": normalize,
                   "sources": {k: _source(v) for k, v in (("x", x), ("y", y),
-                                                         ("target", target))}}
+                                                         ("target", target))
+                              if v is not None}}
+    if target is None:
+        provenance["positive_only"] = True
     return _write(store, d, blocks(), targets=targets, zero_is_negative=zero_is_negative,
                   drop_invalid=drop_invalid, normalize=normalize, chunk_rows=rows,
                   codec=codec, overwrite=overwrite, provenance=provenance, progress=progress,
-                  inputs=(x, y, target))
+                  inputs=[p for p in (x, y, target) if p is not None])
 
 
 def _source(src: ArrayLike) -> Any:

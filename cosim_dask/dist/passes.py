@@ -35,6 +35,7 @@ from cosim_dask.core.forms import FullMetric, Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays
 from cosim_dask.core.local import LocalFit, MetricSum, local_runs, plan_run
 from cosim_dask.core.losses import Loss, get_loss
+from cosim_dask.core.retrieval import RetrievalStats
 from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, read_group, read_slice, store_identity
 from cosim_dask.data.split import chunk_slices, sample_chunks
@@ -98,9 +99,11 @@ class Pairs:
 
     def __init__(self, rows: list[int], parameterisation: Parameterisation, loss: Loss | str,
                  *, validation: float = 0.0, seed: int = 0, batch_chunks: int | None = None,
-                 split_every: int | None = None, on_invalid: str = "raise") -> None:
+                 split_every: int | None = None, on_invalid: str = "raise",
+                 negatives: int = 0, positive_weight: int = 1) -> None:
         self.rows = rows
-        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid)
+        self.spec = ChunkSpec(parameterisation, get_loss(loss), validation, seed, on_invalid,
+                              negatives=negatives, positive_weight=positive_weight)
         self.batch_chunks = batch_chunks
         self.split_every = resolve_split_every(split_every)
         #: Validation statistics of the last full pass (None before one).
@@ -128,7 +131,10 @@ class Pairs:
         full = batch is None or self.batch_chunks is None
         chunks = (list(range(self.n_chunks)) if full
                   else sample_chunks(self.n_chunks, self.batch_chunks, self.spec.seed, batch))
-        spec = replace(self.spec, with_validation=full and self.spec.validation > 0)
+        # Negatives are drawn anew for each mini-batch, and stay fixed across the passes of
+        # a full-batch solver (L-BFGS's line search and steps need one objective).
+        spec = replace(self.spec, with_validation=full and self.spec.validation > 0,
+                       epoch=0 if batch is None else batch)
         result = self.run(params, spec, chunks)
         self.last_pairs = sum(self.rows[i] for i in chunks)
         self.pairs_read += self.last_pairs
@@ -164,6 +170,15 @@ class Pairs:
                        splits=tuple(splits), joint=joint)
         return self.run(np.asarray(A, dtype=np.float64), spec, range(self.n_chunks)).scores
 
+    def retrieval(self, A: np.ndarray, split: str = "all", *, candidates: int = 1000,
+                  seed: int = 0) -> dict[str, RetrievalStats]:
+        """Retrieval statistics of the metric ``A`` and of plain cosine over the positive
+        pairs of ``split``'s rows, among seeded in-chunk candidate blocks of ``candidates``
+        (:mod:`cosim_dask.core.retrieval`), keyed ``"learned"`` and ``"plain"`` (one pass)."""
+        spec = replace(self.spec, parameterisation=FullMetric(), with_train=False,
+                       splits=(split,), retrieval=candidates, retrieval_seed=seed)
+        return self.run(np.asarray(A, dtype=np.float64), spec, range(self.n_chunks)).retrieval
+
 
 class LocalPairs(Pairs):
     """The in-process twin of :class:`DaskPairs`: the same chunk work on the same chunks and
@@ -178,13 +193,14 @@ class LocalPairs(Pairs):
     def __init__(self, x, y, target, parameterisation: Parameterisation, loss: Loss | str,
                  *, chunk_rows: int = 65536, validation: float = 0.0,
                  seed: int = 0, batch_chunks: int | None = None, split_every: int | None = None,
-                 on_invalid: str = "raise") -> None:
+                 on_invalid: str = "raise", negatives: int = 0, positive_weight: int = 1) -> None:
         # Each chunk is made contiguous and aligned once, not on every pass.
         self.chunks = [as_pair_arrays(x[s], y[s], target[s])
                        for s in chunk_slices(len(x), chunk_rows)]
         super().__init__([len(c[0]) for c in self.chunks], parameterisation, loss,
                          validation=validation, seed=seed, batch_chunks=batch_chunks,
-                         split_every=split_every, on_invalid=on_invalid)
+                         split_every=split_every, on_invalid=on_invalid, negatives=negatives,
+                         positive_weight=positive_weight)
 
     def run(self, params: np.ndarray, spec: ChunkSpec, chunks: Sequence[int]) -> ChunkResult:
         chunks = list(chunks)
@@ -234,10 +250,13 @@ class DaskPairs(Pairs):
         chunks_per_task: int | None = None,
         read_ahead: int | None = None,
         worker_runs: bool = True,
+        negatives: int = 0,
+        positive_weight: int = 1,
     ) -> None:
         super().__init__(pieces.rows, parameterisation, loss, validation=validation, seed=seed,
                          batch_chunks=batch_chunks, split_every=split_every,
-                         on_invalid=on_invalid)
+                         on_invalid=on_invalid, negatives=negatives,
+                         positive_weight=positive_weight)
         self.client = client
         self.source = pieces
         self.pieces = pieces.items

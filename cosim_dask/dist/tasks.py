@@ -24,6 +24,8 @@ from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays, pair_similarity
 from cosim_dask.core.local import LocalFit, LocalState, MetricSum, local_steps, metric_sum
 from cosim_dask.core.losses import Loss
+from cosim_dask.core.negatives import negative_partners
+from cosim_dask.core.retrieval import RetrievalStats, candidate_blocks, retrieval_stats
 from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
 from cosim_dask.data.split import validation_mask
@@ -50,6 +52,13 @@ class ChunkSpec:
     and of plain cosine (A = I) on the rows of each split (:data:`SPLITS`), keyed
     ``"learned/<split>"`` and ``"plain/<split>"``.
     ``joint``: keep the joint histogram of scores and targets (for Spearman's rho).
+    ``negatives``: K negatives per positive training pair, made inside the chunk
+    (:mod:`cosim_dask.core.negatives`), drawn from (``seed``, chunk, ``epoch``); the stored
+    pairs weigh ``positive_weight`` each, a negative 1.
+    ``retrieval``: evaluation, with the parameters being A: retrieval statistics
+    (:mod:`cosim_dask.core.retrieval`) of A and of plain cosine over the positive pairs of
+    the rows of ``splits[0]``, among candidate blocks of this size drawn from
+    ``retrieval_seed``, keyed ``"learned"`` and ``"plain"``.
     """
 
     parameterisation: Parameterisation
@@ -61,6 +70,11 @@ class ChunkSpec:
     with_validation: bool = False
     joint: bool = False
     splits: tuple[str, ...] = ()
+    negatives: int = 0
+    positive_weight: int = 1
+    epoch: int = 0
+    retrieval: int = 0
+    retrieval_seed: int = 0
 
 
 @dataclass
@@ -70,11 +84,13 @@ class ChunkResult:
     train: Partial | None
     validation: ScoreStats | None
     scores: dict[str, ScoreStats] | None = None
+    retrieval: dict[str, RetrievalStats] | None = None
 
     def __add__(self, other: ChunkResult) -> ChunkResult:
         return ChunkResult(_add(self.train, other.train),
                            _add(self.validation, other.validation),
-                           _add(self.scores, other.scores))
+                           _add(self.scores, other.scores),
+                           _add(self.retrieval, other.retrieval))
 
 
 def _add(a, b):
@@ -93,12 +109,22 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
     x, y, t = as_pair_arrays(x, y, t)  # aligned, contiguous: arrays off the wire may not be
     val = validation_mask(index, len(x), spec.validation, spec.seed)
     train = validation = scores = None
-    if spec.with_train:
+    if spec.with_train and spec.negatives:
+        # Partners among the positive training rows only: a validation row's y never
+        # trains, a labelled negative is no one's positive partner.
+        partners = negative_partners(~val & (t > 0), spec.negatives, spec.seed, index,
+                                     spec.epoch)
+        train = spec.parameterisation.negatives_partial(
+            x, y, t, params, spec.loss, partners, positive_weight=spec.positive_weight,
+            on_invalid=spec.on_invalid, chunk_id=index, include=~val if val.any() else None)
+    elif spec.with_train:
         # A mask rather than x[~val]: no copy of the chunk (16 MiB and more) every step.
         train = spec.parameterisation.chunk_partial(
             x, y, t, params, spec.loss, on_invalid=spec.on_invalid, chunk_id=index,
             include=~val if val.any() else None,
         )
+    if spec.retrieval:
+        return ChunkResult(None, None, None, _retrieval(x, y, t, val, params, spec, index))
     if spec.with_validation or spec.splits:
         A = spec.parameterisation.metric(params)
     if spec.with_validation:
@@ -116,6 +142,18 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
                 scores[f"{name}/{split}"] = score_rows(xs, ys, ts, metric, spec.loss,
                                                        spec.joint)
     return ChunkResult(train, validation, scores)
+
+
+def _retrieval(x, y, t, val, params, spec: ChunkSpec, index: int) -> dict[str, RetrievalStats]:
+    """Retrieval statistics of the chunk's positive pairs in split ``spec.splits[0]``."""
+    split = spec.splits[0] if spec.splits else "all"
+    rows = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}[split]
+    queries = np.flatnonzero(rows & (t > 0))
+    xq, yq = x[queries], y[queries]
+    blocks = candidate_blocks(len(queries), spec.retrieval, spec.retrieval_seed, index)
+    A = spec.parameterisation.metric(params)
+    return {"learned": retrieval_stats(xq, yq, A, blocks),
+            "plain": retrieval_stats(xq, yq, None, blocks)}
 
 
 def score_rows(x: np.ndarray, y: np.ndarray, t: np.ndarray, A: np.ndarray | None, loss: Loss,

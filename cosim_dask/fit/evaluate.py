@@ -1,7 +1,8 @@
 """Out-of-core evaluation of a metric on a pair dataset, beside plain cosine (A = I).
 
 One pass on the cluster: each chunk scores its rows under the learned metric and under the
-identity and returns histogram statistics per split; the tree reduction adds them.
+identity and returns histogram statistics per split; the tree reduction adds them. Retrieval
+figures of positive pairs (:func:`retrieval_model`) are one such pass as well.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from distributed import Client
 from cosim_dask.core.forms import FullMetric
 from cosim_dask.core.losses import Loss
 from cosim_dask.core.stats import ScoreStats
-from cosim_dask.data.store import open_store
+from cosim_dask.data.store import PairStore, open_store
 from cosim_dask.dist.passes import DaskPairs, Pieces, store_pieces
 from cosim_dask.dist.tasks import SPLITS
 from cosim_dask.errors import CosimError, ModelError
 from cosim_dask.fit.config import TrainConfig
 from cosim_dask.fit.model import Model, load_model
+
+#: Candidates per query of retrieval figures (:func:`retrieval_model`).
+DEFAULT_CANDIDATES = 1000
 
 
 def score_pieces(
@@ -94,6 +98,24 @@ def evaluate_model(
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
     training rows at training time.
     """
+    model, store, split, fraction = _model_and_rows(model_path, store_path, split)
+    settings = model.attrs.get("settings", {})
+    binary = store.targets == "binary"
+    loss = _model_loss(model.attrs, binary)
+    pieces = store_pieces(store.source, store.chunk_slices(), identity=store.fingerprint)
+    stats = score_pieces(client, pieces, model.A,
+                         loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
+                         splits=(split,), joint=not binary, split_every=split_every)
+    thresholds = {"learned": model.attrs.get("threshold"),
+                  "plain": model.attrs.get("plain_threshold")}
+    report = summarize(stats, split, binary=binary, thresholds=thresholds)
+    return {"split": split, "model": _shown(model_path), "store": str(store_path), **report}
+
+
+def _model_and_rows(model_path: str | Model, store_path: str, split: str
+                    ) -> tuple[Model, PairStore, str, float]:
+    """The model, the opened store, the split to score (``"auto"`` resolved) and the
+    model's validation share; errors for a split the store cannot give."""
     model = model_path if isinstance(model_path, Model) else load_model(model_path)
     store = open_store(store_path)
     if store.d != model.d:
@@ -114,18 +136,41 @@ def evaluate_model(
     if split == "validation" and fraction == 0:
         raise CosimError("the model was trained without validation rows; use {split}",
                          params={"split": "all"})
-    binary = store.targets == "binary"
-    loss = _model_loss(model.attrs, binary)
+    return model, store, split, fraction
+
+
+def retrieval_model(
+    model_path: str | Model, store_path: str, *, client: Client, split: str = "auto",
+    candidates: int = DEFAULT_CANDIDATES, seed: int = 0, split_every: int | None = None,
+) -> dict[str, Any]:
+    """Retrieval figures of a saved model on the positive pairs of a store, beside plain
+    cosine, computed chunk by chunk on the cluster (:mod:`cosim_dask.core.retrieval`).
+
+    Each query x_i is ranked against the y of ``candidates`` positive pairs of its chunk
+    (a seeded block that holds its own partner; fewer when the chunk's split has fewer
+    positive pairs): hit rate@1, recall@10, MRR and mean rank; ties count against the
+    query. ``split`` chooses the rows as for :func:`evaluate_model`.
+    """
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
+        raise CosimError(f"candidates={candidates!r} must be a whole number >= 2")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise CosimError(f"seed={seed!r} must be a whole number in [0, 2**32)")
+    model, store, split, fraction = _model_and_rows(model_path, store_path, split)
+    settings = model.attrs.get("settings", {})
+    if store.targets != "binary":
+        raise CosimError(f"retrieval needs positive pairs; {store_path!r} has graded targets")
     pieces = store_pieces(store.source, store.chunk_slices(), identity=store.fingerprint)
-    stats = score_pieces(client, pieces, model.A,
-                         loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
-                         splits=(split,), joint=not binary, split_every=split_every)
-    thresholds = {"learned": model.attrs.get("threshold"),
-                  "plain": model.attrs.get("plain_threshold")}
-    report = summarize(stats, split, binary=binary, thresholds=thresholds)
-    # The path when given one; a model already loaded has none to give.
-    path = None if isinstance(model_path, Model) else str(model_path)
-    return {"split": split, "model": path, "store": str(store_path), **report}
+    pairs = DaskPairs(client, pieces, FullMetric(), validation=fraction,
+                      seed=int(settings.get("seed", 0)), split_every=split_every)
+    stats = pairs.retrieval(model.A, split, candidates=candidates, seed=seed)
+    return {"split": split, "model": _shown(model_path), "store": str(store_path),
+            "candidates": candidates, "seed": seed,
+            **{name: stats[name].summary() for name in ("learned", "plain")}}
+
+
+def _shown(model_path: str | Model) -> str | None:
+    """The model's path for a report; a model already loaded has none to give."""
+    return None if isinstance(model_path, Model) else str(model_path)
 
 
 def _model_loss(attrs: dict, binary: bool) -> Loss:

@@ -169,6 +169,7 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
         client, pieces, form, config.make_loss(binary), validation=config.validation,
         seed=config.seed, batch_chunks=config.batch_chunks if solver.stochastic else None,
         split_every=options.split_every, on_invalid=options.on_invalid,
+        negatives=config.negatives, positive_weight=config.positive_weight,
     )
     objective = Objective(form, pairs, config.regularization)
     known = {"store_fingerprint": store.fingerprint, "store_path": str(store_path),
@@ -312,6 +313,10 @@ def check_request(
         raise CosimError(
             f"{{negative_target}} applies to binary targets; {store_path!r} has graded "
             "targets", params={"negative_target": ANY})
+    if config.negatives and store.targets != "binary":
+        raise CosimError(
+            f"{{negatives}} needs positive pairs (a binary or positive-only store); "
+            f"{store_path!r} has graded targets", params={"negatives": ANY})
     if not resume:
         return store, None
     if checkpoint is None or not checkpoint.is_current(out):

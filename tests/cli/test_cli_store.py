@@ -155,7 +155,7 @@ def test_bad_ingest(tmp_path, rng, case, existing):
      "1 pairs in chunk 0 point outside the embedding table (rows 0..9)"),
     (["ingest", "{s}", "--embeddings", "{t}/E.npy", "--pairs", "{t}/missing.csv"],
      "pair list '{t}/missing.csv' does not exist"),
-    (["ingest", "{s}", "--x", "{t}/x.npy"], "give either --x, --y and --target"),
+    (["ingest", "{s}", "--x", "{t}/x.npy"], "give either --x and --y (and --target)"),
     (["ingest", "{s}", "--x", "{t}/x.npy", "--y", "{t}/y.npy", "--target", "{t}/t.npy",
       "--embeddings", "{t}/E.npy", "--pairs", "{t}/p.csv"], "give either"),
     (["ingest", "{s}", "--x", "{t}/nope.npy", "--y", "{t}/y.npy", "--target", "{t}/t.npy"],

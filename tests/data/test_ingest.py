@@ -395,3 +395,14 @@ def test_fuzz_ingest_pairs(inputs):
         if not flags["drop_invalid"] and not flags["normalize"]:
             with np.errstate(over="ignore"):
                 np.testing.assert_array_equal(store.x.compute(), E[i].astype(np.float32))
+
+
+def test_arrays_without_targets_make_a_store_of_positive_pairs(tmp_path, rng):
+    x, y = rng.standard_normal((300, 4)), rng.standard_normal((300, 4))
+    report = ingest_arrays(tmp_path / "pos.zarr", x, y, None, chunk_rows=128)
+    store = open_store(tmp_path / "pos.zarr")
+    assert report.n == store.n == 300 and store.targets == "binary"
+    assert store.attrs["target_stats"]["count_pos"] == 300
+    assert store.attrs["provenance"]["positive_only"] is True
+    np.testing.assert_array_equal(store.target.compute(), np.ones(300, np.float32))
+    np.testing.assert_array_equal(store.y.compute(), y.astype(np.float32))
