@@ -90,8 +90,9 @@ def test_digits_quick_via_store_matches_the_estimator(cluster_address, monkeypat
     # Same settings (--validation 0), chunk and tree: the A is the estimator's fit on float32
     # copies (the store keeps float32) to 1e-16; that and the 8,192-bin histogram AUC are the
     # difference. Measured |ΔAUC| ≤ 4.3e-5, |Δaccuracy| ≤ 1.5e-3 over seeds 0-4 (quick),
-    # ≤ 9.5e-5 and 1e-4 over seeds 0-1 of the full run.
-    assert abs(via_store.auc - in_memory.auc) < 5e-4
+    # ≤ 9.5e-5 and 1e-4 over seeds 0-1 of the full run with plain L-BFGS. The default's first
+    # pass (hundreds of local Adam steps) lets roundoff grow more: 5.4e-4 seen once.
+    assert abs(via_store.auc - in_memory.auc) < 1e-3
     assert abs(via_store.accuracy - in_memory.accuracy) < 5e-3
     assert "| cosim train (via store) | 4,000 |" in digits.render([plain, via_store])
 

@@ -98,8 +98,8 @@ def train(
         min=1, help="Stop after this many steps without a better validation score.")] = None,
     batch_chunks: Annotated[int | None, typer.Option(
         min=1, help="adam: chunks per mini-batch.")] = None,
-    tol: Annotated[float, typer.Option(min=0.0, help="Relative loss-change tolerance.")
-                   ] = DEFAULTS.tol,
+    tol: Annotated[float, typer.Option(
+        min=0.0, help="Relative loss-change tolerance; 0 runs every step.")] = DEFAULTS.tol,
     seed: Annotated[int, typer.Option(
         help="Seed for the split, sampling and start.")] = DEFAULTS.seed,
     checkpoint_every: Annotated[int, typer.Option(

@@ -77,11 +77,15 @@ def scheduler_gone(client: Client) -> bool:
     return client.status not in ("running", "newly-created") or gave_up_on(client)
 
 
+#: Each client's scheduler address, seen while it was connected: a closed client has none.
+_addresses: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def lost_scheduler_error(client: Client, why: str | None = None) -> SchedulerLostError:
     """The error of a lost scheduler, naming its address and what was seen."""
     why = why or f"client {client.status}"
-    return SchedulerLostError(f"lost the Dask scheduler at {client.scheduler.address!r} "
-                              f"({why})")
+    address = getattr(client.scheduler, "address", None) or _addresses.get(client, "?")
+    return SchedulerLostError(f"lost the Dask scheduler at {address!r} ({why})")
 
 
 def probe(client: Client, timeout: float = PROBE_TIMEOUT) -> dict[str, Any] | None:
@@ -113,6 +117,8 @@ def guarded(client: Client, call: Callable[[], T], what: str, *,
     """
     if gave_up_on(client):
         raise lost_scheduler_error(client, f"it stopped answering before {what}")
+    with contextlib.suppress(AttributeError, TypeError):
+        _addresses[client] = client.scheduler.address
     before = None
     if watch_workers:
         before = probe(client)
@@ -166,6 +172,7 @@ def wait_future(client: Client, future: Any, what: str) -> Any:
       cosim error are raised as they are: the caller repeats the pass or reports them;
     - a wait cut short while the future is pending or finished is repeated, at most
       :data:`WAIT_ATTEMPTS` times (a finished result is still on the workers);
+    - a scheduler lost meanwhile raises :class:`SchedulerLostError`;
     - a future cancelled or lost meanwhile raises ``CancelledError`` (the pass is repeated);
     - anything else becomes :class:`ClusterError` naming ``what``.
     """
@@ -182,6 +189,8 @@ def wait_future(client: Client, future: Any, what: str) -> Any:
             status = getattr(future, "status", None)
             if status == "error":
                 raise  # the work's own failure, for the caller to report
+            if scheduler_gone(client):  # the wait failed because the scheduler went away
+                raise lost_scheduler_error(client) from None
             first = (str(exc).splitlines() or [""])[0]
             logger.warning("%s: distributed ended the wait with %s: %s (future %s, "
                            "attempt %d/%d)", what, type(exc).__name__, first, status,

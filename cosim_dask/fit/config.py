@@ -118,7 +118,8 @@ class TrainConfig:
     solver: str = "stream+lbfgs"
     lr: float | None = None
     steps: int = 50
-    tol: float = 1e-5  # stop when the relative loss change is below this
+    tol: float = 1e-5  # stop when the relative loss change is below this (0: never; also
+    # turns off the default solver's stop on stalled validation figures)
     gtol: float = 1e-7  # stop when the gradient norm is below this
     regularization: float = 0.0
     validation: float = 0.0

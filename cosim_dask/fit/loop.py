@@ -205,7 +205,8 @@ def _stop_reason(config, solver, state, before, info, record) -> str | None:
         return f"relative loss change below tol {config.tol:g}"
     if config.patience is not None and state.since_best >= config.patience:
         return f"no better validation score in {config.patience} steps"
-    tol = getattr(solver, "val_tol", None)
+    # tol = 0 asks for every step: no tolerance stops the run, the solver's own neither.
+    tol = getattr(solver, "val_tol", None) if config.tol > 0 else None
     gain = validation_gain(state.history[-2], record) if len(state.history) >= 2 else None
     if tol is not None and gain is not None and 0.0 <= gain[0] <= tol:
         return f"{gain[1]} gained {gain[0]:.2g} <= {tol:g} in one step"

@@ -129,7 +129,7 @@ def test_train_logs_every_step_and_titles_its_table(store, tmp_path, cluster_add
     steps = 4
     out = tmp_path / "m.zarr"
     result = ok("train", store, "--out", out, "--steps", steps, "--tol", 0,
-                "--scheduler", cluster_address)
+                "--scheduler", cluster_address)  # tol 0: every step runs
     lines = lines_of(result.stderr, "train")
     # One line a step (step 0 is the start); the last one says done.
     counts = [int(re.match(r"train: (\d+)/4 steps · ", line).group(1)) for line in lines]
