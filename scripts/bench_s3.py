@@ -27,6 +27,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from bench_train import median_time  # scripts/ is on sys.path when a script runs
 
 
 def free_port() -> int:
@@ -55,15 +56,6 @@ def start_moto() -> subprocess.Popen:
                 server.kill()
                 raise SystemExit("moto server did not start") from None
             time.sleep(0.2)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _ahead_stats() -> dict:
