@@ -13,7 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, NoReturn
 
 import typer
@@ -71,9 +71,15 @@ def version() -> None:
 
 
 # Typer lists commands in the order they are registered: the order of a workflow.
+def short_help(command: Callable) -> str:
+    """A command's summary for `cosim --help`: its docstring's first paragraph on one line
+    (the docstring's own line breaks would otherwise break the listing mid-sentence)."""
+    return " ".join((command.__doc__ or "").strip().split("\n\n")[0].split())
+
+
 for command in (store.generate, store.ingest, store.info, train.train, train.evaluate,
                 tools.transform, tools.report, version):
-    app.command()(command)
+    app.command(short_help=short_help(command))(command)
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

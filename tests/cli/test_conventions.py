@@ -45,6 +45,16 @@ def test_h_is_help_and_commands_in_workflow_order():
     assert ok("train", "-h").stdout == ok("train", "--help").stdout
 
 
+def test_command_summaries_wrap_as_one_paragraph():
+    """The listing flows each docstring's first paragraph as one paragraph: no line ends
+    where the docstring's own line ended ("... metric A* (kept in the" / "store), ...")."""
+    text = cosim_main("--help", env={"COLUMNS": "250"}).stdout
+    rows = {m[1]: m[2].strip() for m in re.finditer(r"^│ (\w+) +(.*?)│$", text, re.M)}
+    assert rows["generate"] == ("Write synthetic pairs whose targets come from a hidden PSD "
+                                "metric A* (kept in the store), streaming chunk by chunk.")
+    assert rows["ingest"].endswith("into a pair store, streaming in bounded memory.")
+
+
 def test_completion_answers_through_the_entry_point(tmp_path):
     # What the installed script does on <TAB>: call `cosim` back with _COSIM_COMPLETE set.
     env = {"_COSIM_COMPLETE": "complete_bash", "COMP_WORDS": "cosim tr", "COMP_CWORD": "1"}
