@@ -85,6 +85,20 @@ def negative_partners(eligible: np.ndarray, k: int, seed: int, chunk: int, epoch
     return out
 
 
+def _zero_nonfinite(v: np.ndarray, vB: np.ndarray, norms: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``v`` whose squared norm ``norms`` is not finite (skipped pairs, validation
+    rows) become zero rows, in ``v`` (a copy), ``vB`` and ``norms`` (in place): 0 · NaN is
+    NaN, and their pairs are invalid anyway, so zero coefficients must clear them. Returns
+    ``v`` and the mask of finite rows."""
+    finite = np.isfinite(norms)
+    if not finite.all():
+        v = np.where(finite[:, None], v, 0).astype(v.dtype)
+        vB[~finite] = 0
+        norms[~finite] = 0.0
+    return v, finite
+
+
 def augmented_partial(x: np.ndarray, y: np.ndarray, t: np.ndarray, B: np.ndarray,
                       loss_fn: Loss, partners: np.ndarray, *, via_factor: bool,
                       positive_weight: int = 1, on_invalid: str = "raise",
@@ -124,13 +138,7 @@ def augmented_partial(x: np.ndarray, y: np.ndarray, t: np.ndarray, B: np.ndarray
         for lo in range(0, n_rows, block_rows):
             np.matmul(y[lo : lo + block_rows], B_c, out=yB[lo : lo + block_rows])
         m_all = np.einsum("ij,ij->i", yB if via_factor else y, yB).astype(np.float64)
-    y_fin = np.isfinite(m_all)
-    if not y_fin.all():
-        # 0 · NaN is NaN: a non-finite y (skipped, or a validation row) becomes a zero row,
-        # whose pairs are invalid anyway, so that zero coefficients clear it.
-        y = np.where(y_fin[:, None], y, 0).astype(x.dtype)
-        yB[~y_fin] = 0
-        m_all[~y_fin] = 0.0
+    y, y_fin = _zero_nonfinite(y, yB, m_all)
     y_ok = m_all > 0
     m_safe = np.where(y_ok, m_all, 1.0)
     left_y = yB if via_factor else y
@@ -150,11 +158,7 @@ def augmented_partial(x: np.ndarray, y: np.ndarray, t: np.ndarray, B: np.ndarray
         with np.errstate(invalid="ignore", over="ignore"):
             np.matmul(xb, B_c, out=xB)
             n = np.einsum("ij,ij->i", xB if via_factor else xb, xB).astype(np.float64)
-        x_fin = np.isfinite(n)
-        if not x_fin.all():
-            xb = np.where(x_fin[:, None], xb, 0).astype(x.dtype)
-            xB[~x_fin] = 0
-            n[~x_fin] = 0.0
+        xb, x_fin = _zero_nonfinite(xb, xB, n)
         left_x = xB if via_factor else xb
         with np.errstate(invalid="ignore", over="ignore"):
             cross = np.einsum("ij,ij->i", left_x, yB[lo:hi]).astype(np.float64)

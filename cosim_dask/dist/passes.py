@@ -47,7 +47,7 @@ from cosim_dask.dist.tasks import (
     local_task,
     node_task,
 )
-from cosim_dask.dist.tree import Tree, add, resolve_split_every
+from cosim_dask.dist.tree import Tree, add, combine_key, resolve_split_every
 from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone, wait_future
 from cosim_dask.errors import ANY, ClusterError, CosimError, WorkerLostError
 from cosim_dask.outputs import is_url
@@ -366,8 +366,7 @@ class DaskPairs(Pairs):
                                              allow_other_workers=True)
 
         def make_node(node, children):
-            level, j = node
-            key = f"cosim-combine-{token}-{level}-{j * tree.fan_in}"
+            key = combine_key(tree, token, node)
             dsk[key] = Task(key, add, *map(TaskRef, children))
             return key
 

@@ -142,12 +142,17 @@ def tree_reduce(leaves: list, split_every: int, token: str, combine: Callable = 
                       combine_task(tree, token, combine))
 
 
+def combine_key(tree: Tree, token: str, node: Node) -> str:
+    """The key of the task combining ``node``'s children: ``cosim-combine-{token}-{level}-
+    {first child}`` (the same name whichever way the graph is written)."""
+    level, j = node
+    return f"cosim-combine-{token}-{level}-{j * tree.fan_in}"
+
+
 def combine_task(tree: Tree, token: str, combine: Callable = add) -> Callable[[Node, list], Any]:
     """``make_node`` for :meth:`Tree.build` that makes each missing node a delayed task."""
 
     def make_node(node: Node, children: list) -> Any:
-        level, j = node
-        return dask.delayed(combine)(
-            *children, dask_key_name=f"cosim-combine-{token}-{level}-{j * tree.fan_in}")
+        return dask.delayed(combine)(*children, dask_key_name=combine_key(tree, token, node))
 
     return make_node
