@@ -28,9 +28,10 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cosim_dask.errors import ANY, ClusterError, SchedulerLostError, WorkerLostError
+from cosim_dask.errors import ANY, ClusterError, CosimError, SchedulerLostError, WorkerLostError
 
 if TYPE_CHECKING:  # distributed costs ~1 s to import
     from distributed import Client
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # distributed costs ~1 s to import
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
 
 
 def _seconds_from_env(name: str, default: float) -> float:
@@ -176,10 +176,6 @@ def wait_future(client: Client, future: Any, what: str) -> Any:
     - a future cancelled or lost meanwhile raises ``CancelledError`` (the pass is repeated);
     - anything else becomes :class:`ClusterError` naming ``what``.
     """
-    from concurrent.futures import CancelledError
-
-    from cosim_dask.errors import CosimError
-
     for attempt in range(1, WAIT_ATTEMPTS + 1):
         try:
             return guarded(client, future.result, what)
