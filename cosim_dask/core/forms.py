@@ -114,7 +114,9 @@ class FactorMetric(Parameterisation):
             # The best rank-k factor of A0: its top-k eigenpairs.
             w, V = np.linalg.eigh(0.5 * (A0 + A0.T))
             w, V = np.maximum(w[::-1][:k], 0.0), V[:, ::-1][:, :k]
-            return np.sqrt(w)[:, None] * V.T
+            # C order, as a restored checkpoint's: NumPy's sums (norms, dot products) run
+            # in memory order, so a resumed run would drift from an uninterrupted one.
+            return np.ascontiguousarray(np.sqrt(w)[:, None] * V.T)
         if k == d:
             return np.eye(d)
         # Rows of a random orthogonal matrix: A = MᵀM is a projection, cosine-like on a

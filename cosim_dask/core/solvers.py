@@ -53,7 +53,9 @@ class Solver:
         self.iteration = 0
 
     def start(self, params: np.ndarray, evaluate: Evaluate) -> StepInfo:
-        self.params = params
+        # C-ordered float64, as restore() gives: NumPy sums in memory order, and a resumed
+        # run must take the same steps to the bit.
+        self.params = np.ascontiguousarray(params, dtype=np.float64)
         self.loss, self.grad = evaluate(params, None if not self.stochastic else 0)
         return StepInfo(self.loss, float(np.linalg.norm(self.grad)), 0.0, 1)
 
@@ -66,7 +68,7 @@ class Solver:
                 "iteration": self.iteration}
 
     def restore(self, state: dict) -> None:
-        self.params = np.asarray(state["params"], dtype=np.float64)
+        self.params = np.ascontiguousarray(state["params"], dtype=np.float64)
         self.loss = float(state["loss"])
         self.grad = np.asarray(state["grad"], dtype=np.float64)
         self.iteration = int(state["iteration"])
