@@ -56,7 +56,7 @@ class Solver:
         # C-ordered float64, as restore() gives: NumPy sums in memory order, and a resumed
         # run must take the same steps to the bit.
         self.params = np.ascontiguousarray(params, dtype=np.float64)
-        self.loss, self.grad = evaluate(params, None if not self.stochastic else 0)
+        self.loss, self.grad = evaluate(self.params, None if not self.stochastic else 0)
         return StepInfo(self.loss, float(np.linalg.norm(self.grad)), 0.0, 1)
 
     def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
