@@ -5,12 +5,13 @@ large ones, Dask inputs, or a given ``distributed.Client`` go through the cluste
 the same chunk work (:func:`cosim_dask.dist.tasks.chunk_result`) over the same chunks and add the
 partials in the same tree order, so the two give the same metric on the same data.
 
-scikit-learn is not a dependency. When it is importable the estimator is a genuine scikit-learn
-binary classifier (``BaseEstimator`` and ``ClassifierMixin``, with tags saying that its input is
-3-D pairs): ``clone``, ``GridSearchCV`` and ``cross_val_score`` with their default (stratified)
-folds, and ``Pipeline`` work. Without it, ``get_params``/``set_params`` introspect ``__init__``
-the way scikit-learn does and everything else works the same. The package imports this module
-lazily (scikit-learn takes a second or two to import; the CLI and Dask workers never need it).
+scikit-learn is not a dependency, and importing this module does not import it (scikit-learn
+and the SciPy it pulls in take ~0.8 s to import, more than a small fit). The estimator is a
+scikit-learn binary classifier by protocol rather than by inheritance: ``get_params`` /
+``set_params``, ``__sklearn_tags__`` (a classifier whose input is 3-D pairs, built when
+scikit-learn asks for it) and ``__sklearn_clone__``; ``clone``, ``GridSearchCV`` and
+``cross_val_score`` with their default (stratified) folds, and ``Pipeline`` work. The CLI and
+Dask workers never import this module.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +57,7 @@ CLUSTER_MODES = ("auto", "never", "always")
 
 
 class _Params:
-    """scikit-learn's parameter protocol, for when scikit-learn is not installed."""
+    """scikit-learn's parameter protocol (``BaseEstimator``'s, without importing it)."""
 
     @classmethod
     def _get_param_names(cls) -> list[str]:
@@ -80,28 +82,36 @@ class _Params:
         return f"{type(self).__name__}({', '.join(changed)})"
 
 
-try:
-    from sklearn.base import BaseEstimator, ClassifierMixin
-    from sklearn.exceptions import NotFittedError as _SklearnNotFitted
-
-    _BASES: tuple[type, ...] = (ClassifierMixin, BaseEstimator)
-except ImportError:  # scikit-learn is optional
-    _BASES, _SklearnNotFitted = (_Params,), AttributeError
+class NotFittedError(CosimError, AttributeError):
+    """A method that needs a fitted estimator was called before ``fit`` (a ValueError and an
+    AttributeError, as scikit-learn's ``NotFittedError``; raised as one of those too when
+    scikit-learn has been imported, so that its tools and ``except`` clauses catch it)."""
 
 
-class NotFittedError(CosimError, _SklearnNotFitted):
-    """A method that needs a fitted estimator was called before ``fit`` (scikit-learn's
-    ``NotFittedError`` too, when scikit-learn is installed, as its tools expect)."""
+_NOT_FITTED: dict[type, type] = {}
+
+
+def _not_fitted(message: str) -> NotFittedError:
+    """The error to raise: ours, and scikit-learn's too if scikit-learn is imported (looked
+    up, never imported: a user who catches its error has imported it)."""
+    sklearn_exceptions = sys.modules.get("sklearn.exceptions")
+    base = getattr(sklearn_exceptions, "NotFittedError", None)
+    if not isinstance(base, type):
+        return NotFittedError(message)
+    if base not in _NOT_FITTED:
+        _NOT_FITTED[base] = type("NotFittedError", (NotFittedError, base),
+                                 {"__module__": __name__, "__doc__": NotFittedError.__doc__})
+    return _NOT_FITTED[base](message)
 
 
 def _check_fitted(estimator: Any) -> None:
     try:
         check_is_fitted(estimator)
     except CosimError as error:
-        raise NotFittedError(str(error)) from None
+        raise _not_fitted(str(error)) from None
 
 
-class CosineMetricLearner(*_BASES):
+class CosineMetricLearner(_Params):
     """Learn sim(x, y; A) = xᵀAy / sqrt(xᵀAx · yᵀAy), A ⪰ 0, from labelled pairs.
 
     A pairs learner in metric-learn's style: ``fit(pairs, y)`` with pairs shaped
@@ -237,17 +247,18 @@ class CosineMetricLearner(*_BASES):
         return type(self)(**params)
 
     def __sklearn_tags__(self) -> Any:
-        """A binary classifier of 3-D pairs (n_pairs, 2, n_features) that needs y.
+        """A binary classifier of 3-D pairs (n_pairs, 2, n_features) that needs y: the tags
+        of ``ClassifierMixin`` and ``BaseEstimator`` with those four changes.
 
-        Only scikit-learn calls this (so only with scikit-learn installed); scikit-learn's
+        Only scikit-learn calls this (so only with scikit-learn imported); scikit-learn's
         estimator checks feed 2-D X and therefore skip an estimator that does not take it.
         """
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.classifier_tags.multi_class = False
-        tags.target_tags.required = True
-        return tags
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    transformer_tags=None, regressor_tags=None,
+                    classifier_tags=ClassifierTags(multi_class=False),
+                    input_tags=InputTags(two_d_array=False, three_d_array=True))
 
     # -- fitting
 
