@@ -26,6 +26,7 @@ a larger scale must not weigh more.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,24 +37,33 @@ from cosim_dask.core.losses import Loss
 
 @dataclass(frozen=True)
 class LocalFit:
-    """How the first pass fits: runs of about ``run_rows`` rows, ``epochs`` over each
-    chunk's training rows in seeded mini-batches of ``batch_rows`` (more epochs when a run
-    would take fewer than ``min_steps`` steps: small data), Adam with step ``lr`` in units
-    of the parameters' RMS (as the ``adam`` solver's). A run's result is the average of its
-    parameters over the second half of its steps (Polyak averaging): Adam at a constant step
-    ends in noise around the optimum, which the average removes.
+    """How the first pass fits: runs of about ``run_rows`` rows, each walking its chunks'
+    training rows in seeded mini-batches, with Adam (step ``lr`` in units of the parameters'
+    RMS, as the ``adam`` solver's), ``batch_rows`` rows a step. A run takes at least
+    ``max(min_steps, steps_per_dim · d)`` steps: more epochs over each chunk (up to
+    MAX_EPOCHS) when one epoch of its rows has fewer (small data, large d). A run's result
+    is the average of its parameters over the second half of its steps (Polyak averaging):
+    Adam at a constant step ends in noise around the optimum, which the average removes.
 
-    Measured on the demo's synthetic pairs (200,000 × d = 64, one run; held-out AUC after
-    the first pass, the optimum's 0.9647): the run's last parameters gave 0.962 (lr 0.3);
-    a step decaying linearly to 0 gave 0.952, 0.964, 0.963 for lr 0.3, 0.6, 1.0 (and 0.961,
-    0.951, 0.962 at d = 128): fragile; the second-half average gave 0.9640, 0.9642, 0.9641.
+    Measured on the synthetic pairs of ``scripts/bench_converge.py`` (rank 8, noise 0.3,
+    binary; held-out AUC of the first pass's average against the best any method reaches):
+    the last parameters instead of the average: 0.962 against 0.9640 (200,000 × 64); a step
+    decaying linearly to 0 was fragile (0.952–0.964 by lr). Batches of 8,192 rather than
+    4,096 (lr 0.6): 2M × 128 in two runs 0.96453 against 0.96325 (best 0.96496); one run of
+    2M 0.96490 against 0.96417. The number of steps must grow with d: at 600k × 256 (best
+    0.96066) 73 steps of 8,192 gave 0.95593, 146 steps 0.96016; at 200k × 64, 64–98 steps
+    reach 0.9635–0.9637 (best 0.96418). lr 0.8 rather than 0.6: 0.96346 against 0.96312 at
+    200k × 64 with batches of 8,192, 0.96460 against 0.96453 at 2M × 128. Smaller batches
+    rather than more epochs, for the same steps, lost: 0.96248 (200k × 64, 64 steps of
+    3,125) and 0.95810 (600k × 256, 128 steps of 4,218).
     """
 
     run_rows: int = 1_048_576
     epochs: int = 1
     min_steps: int = 64
-    batch_rows: int = 4096
-    lr: float = 0.6
+    steps_per_dim: float = 0.5
+    batch_rows: int = 8192
+    lr: float = 0.8
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -76,11 +86,12 @@ class LocalState:
     tail_steps: int = 0
 
     @classmethod
-    def start(cls, params: np.ndarray, plan: tuple[int, int] = (1, 0)) -> LocalState:
+    def start(cls, params: np.ndarray, plan: RunPlan | None = None) -> LocalState:
         """A run's start from ``params``, with its ``plan`` (:func:`plan_run`)."""
-        params = np.array(params, dtype=np.float64)
+        params = np.array(params, dtype=np.float64, order="C")
+        plan = plan or RunPlan()
         return cls(params, np.zeros_like(params), np.zeros_like(params),
-                   epochs=plan[0], planned=plan[1])
+                   epochs=plan.epochs, planned=plan.steps)
 
 
 @dataclass
@@ -175,12 +186,21 @@ def local_steps(x: np.ndarray, y: np.ndarray, t: np.ndarray, state: LocalState,
 MAX_EPOCHS = 16
 
 
-def plan_run(rows: int, validation: float, fit: LocalFit) -> tuple[int, int]:
-    """(epochs, steps, about) of a run over ``rows`` rows: ``fit.epochs``, or more (up to
-    MAX_EPOCHS) until the run takes ``fit.min_steps`` steps of its training rows."""
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's epochs over each chunk and its steps (about: the second half is averaged)."""
+
+    epochs: int = 1
+    steps: int = 0
+
+
+def plan_run(rows: int, validation: float, fit: LocalFit, d: int) -> RunPlan:
+    """The plan of a run over ``rows`` rows at dimension ``d``: ``fit.epochs``, or more (up
+    to MAX_EPOCHS) until the run takes ``max(min_steps, steps_per_dim · d)`` steps."""
     per_epoch = max(1, round(rows * (1.0 - validation) / fit.batch_rows))
-    epochs = max(fit.epochs, min(MAX_EPOCHS, -(-fit.min_steps // per_epoch)))
-    return epochs, epochs * per_epoch
+    wanted = max(fit.min_steps, math.ceil(fit.steps_per_dim * d))
+    epochs = max(fit.epochs, min(MAX_EPOCHS, -(-wanted // per_epoch)))
+    return RunPlan(epochs, epochs * per_epoch)
 
 
 def metric_sum(state: LocalState, form: Parameterisation) -> MetricSum:

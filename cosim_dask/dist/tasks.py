@@ -22,7 +22,14 @@ import numpy as np
 
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import Partial, as_pair_arrays, pair_similarity
-from cosim_dask.core.local import LocalFit, LocalState, MetricSum, local_steps, metric_sum
+from cosim_dask.core.local import (
+    LocalFit,
+    LocalState,
+    MetricSum,
+    RunPlan,
+    local_steps,
+    metric_sum,
+)
 from cosim_dask.core.losses import Loss
 from cosim_dask.core.negatives import negative_partners
 from cosim_dask.core.retrieval import RetrievalStats, candidate_blocks, retrieval_stats
@@ -197,7 +204,7 @@ def node_task(data: list, params: np.ndarray, spec: ChunkSpec, tree: Tree, start
 
 def local_task(data, state: LocalState | np.ndarray, spec: ChunkSpec, fit: LocalFit,
                index: int, ahead: Sequence[StoreSlice] = (), finish: bool = False,
-               plan: tuple[int, int] = (1, 0)) -> LocalState | MetricSum:
+               plan: RunPlan | None = None) -> LocalState | MetricSum:
     """One chunk of a first-pass run (:mod:`cosim_dask.core.local`): Adam steps over the
     training rows of chunk ``index`` (``data``: a store slice to read, or (x, y, target) in
     memory), continuing ``state`` (for a run's first chunk: the start parameters, and

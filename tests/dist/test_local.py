@@ -10,7 +10,7 @@ import zarr
 from threadpoolctl import threadpool_limits
 
 from cosim_dask.core.forms import FactorMetric, FullMetric
-from cosim_dask.core.local import LocalFit, local_runs, plan_run
+from cosim_dask.core.local import MAX_EPOCHS, LocalFit, RunPlan, local_runs, plan_run
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.solvers import get_solver
 from cosim_dask.data.synthetic import synthetic_chunk, synthetic_pairs
@@ -39,9 +39,11 @@ def test_runs_cover_every_chunk_once_in_a_seeded_order():
     assert local_runs(rows, 2000, seed=0) == runs
     assert local_runs(rows, 2000, seed=1) != runs
     assert local_runs([10], 2000, seed=0) == [[0]]
-    # Small data takes more epochs, up to the cap, to make its steps.
-    assert plan_run(1_000_000, 0.0, LocalFit()) == (1, 244)
-    assert plan_run(40_000, 0.0, LocalFit())[0] == 7
+    # Small data and large d take more epochs, up to the cap, to make their steps.
+    assert plan_run(1_000_000, 0.0, LocalFit(), 16) == RunPlan(epochs=1, steps=122)
+    assert plan_run(1_000_000, 0.0, LocalFit(), 512) == RunPlan(epochs=3, steps=366)
+    assert plan_run(40_000, 0.0, LocalFit(), 16).epochs == 13
+    assert plan_run(1_000, 0.0, LocalFit(), 16).epochs == MAX_EPOCHS
 
 
 def local_pairs(data, form, **kw):
