@@ -572,6 +572,25 @@ class Output:
         _sync_folder(self.path.parent)
 
 
+def room_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
+    """Why a local output of about ``nbytes`` cannot fit on its file system (None if it can,
+    or for a URL: object storage has no free space to ask). The new version is complete
+    before an old one is removed, so an output being replaced needs the whole room too.
+    Writers ask before they write: otherwise a write fails only when the disk is full,
+    after minutes, having filled it for every other program meanwhile."""
+    shown = os.fspath(path)
+    if is_url(shown):
+        return None
+    folder = real_path(path).parent
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if nbytes <= free:
+        return None
+    return (f"{shown!r} would need about {nbytes / 2**30:.3g} GiB but the file system of "
+            f"{str(folder)!r} has {free / 2**30:.3g} GiB free")
+
+
 @contextmanager
 def claim_output(
     path: str | os.PathLike, kind: Kind, *, overwrite: bool = False,

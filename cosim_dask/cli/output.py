@@ -32,6 +32,7 @@ FLAGS: dict[str, str] = {
     "negative_target": "--negative-target",
     "negatives": "--negatives",
     "overwrite": "--overwrite",
+    "pairs": "--pairs",
     "png_dir": "--png-dir",
     "regularization": "--regularization",
     "resume": "--resume",

@@ -35,7 +35,8 @@ import numpy as np
 
 from cosim_dask.data.store import DEFAULT_CODEC, TARGET_KINDS, choose_chunk_rows, create_store
 from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
-from cosim_dask.errors import ANY, CosimError, InvalidPairsError, ShapeError
+from cosim_dask.errors import ANY, CosimError, InvalidPairsError, ShapeError, StoreError
+from cosim_dask.outputs import room_shortfall
 
 Progress = Callable[[int], None]
 ArrayLike = np.ndarray | str | os.PathLike
@@ -550,6 +551,10 @@ def generate_store(
     if not noise >= 0:
         raise CosimError(f"noise={noise!r} must be >= 0")
     rows = choose_chunk_rows(dim, pairs, chunk_rows)
+    # Random floats barely compress: the raw size is known only without a codec.
+    if codec == "none" and (short := room_shortfall(store, pairs * (2 * dim + 1) * 4)):
+        raise StoreError(f"{short}; generate fewer {{pairs}} or write elsewhere",
+                         params={"pairs": ANY})
     rank = dim if rank is None else rank
     A_star = hidden_metric(dim, rank, seed)
     started = time.perf_counter()

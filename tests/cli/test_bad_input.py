@@ -244,6 +244,13 @@ CLI_CASES = [
                               "--target", "{w}/t.npy", "--overwrite"], ["refusing to replace"]),
     ("generate-dim-0", ["generate", "{w}/g.zarr", "--pairs", "10", "--dim", "0"], ["dim=0"]),
     ("generate-over-store", ["generate", S, "--pairs", "10", "--dim", "2"], ["already exists"]),
+    # Refused before a byte is written (it used to write until the disk was full).
+    ("generate-larger-than-the-disk", ["generate", "{w}/huge.zarr", "--pairs", str(10**15),
+                                       "--dim", "64"], ["would need about", "GiB free",
+                                                        "generate fewer --pairs"]),
+    ("generate-larger-than-the-disk-over-a-store", ["generate", S, "--pairs", str(10**15),
+                                                    "--dim", "6", "--overwrite"],
+     ["would need about"]),
     ("info-missing", ["info", "{w}/none.zarr"], ["does not exist"]),
     # The output policy: never an input, never another kind of artifact, even with --overwrite.
     ("out-is-the-store", ["train", S, "--out", S, "--overwrite"], ["is the input"]),
