@@ -87,6 +87,9 @@ class NotFittedError(CosimError, AttributeError):
     AttributeError, as scikit-learn's ``NotFittedError``; raised as one of those too when
     scikit-learn has been imported, so that its tools and ``except`` clauses catch it)."""
 
+    def __reduce__(self):  # rebuilt where it lands (the class made for scikit-learn's too)
+        return _not_fitted, (str(self),)
+
 
 _NOT_FITTED: dict[type, type] = {}
 

@@ -278,6 +278,7 @@ def test_importing_the_estimator_does_not_import_scikit_learn():
     """scikit-learn (and SciPy) cost ~0.8 s to import, more than a small fit: ours does not
     import it; once the user has, an unfitted call raises scikit-learn's NotFittedError."""
     script = textwrap.dedent("""
+        import pickle
         import sys
         from cosim_dask import CosineMetricLearner
         from cosim_dask.estimator import NotFittedError as Ours
@@ -288,6 +289,8 @@ def test_importing_the_estimator_does_not_import_scikit_learn():
                 call(CosineMetricLearner())
             except NotFittedError as error:
                 assert isinstance(error, Ours) and isinstance(error, ValueError)
+                again = pickle.loads(pickle.dumps(error))  # as from a joblib worker
+                assert isinstance(again, NotFittedError) and str(again) == str(error)
         print("ok")
     """)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
