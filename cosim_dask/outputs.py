@@ -587,8 +587,8 @@ def room_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
     free = shutil.disk_usage(folder).free
     if nbytes <= free:
         return None
-    return (f"{shown!r} would need about {nbytes / 2**30:.3g} GiB but the file system of "
-            f"{str(folder)!r} has {free / 2**30:.3g} GiB free")
+    return (f"{shown!r} would need about {nbytes / 2**30:,.1f} GiB but the file system of "
+            f"{str(folder)!r} has {free / 2**30:,.1f} GiB free")
 
 
 @contextmanager
