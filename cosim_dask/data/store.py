@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +106,12 @@ def choose_chunk_rows(d: int, n: int | None, chunk_rows: int | None) -> int:
 
 @dataclass(frozen=True)
 class PairStore:
-    """An opened pair store: metadata plus lazily read Dask arrays in the store's chunks."""
+    """An opened pair store: metadata plus lazily read Dask arrays in the store's chunks.
+
+    The Dask arrays (:attr:`x`, :attr:`y`, :attr:`target`) are made on first use: training
+    reads chunks through :mod:`cosim_dask.data.reader` and never needs them, and importing
+    ``dask.array`` (SciPy with it, when installed) costs ~0.5 s of every run's start-up.
+    """
 
     path: str
     n: int
@@ -113,14 +119,28 @@ class PairStore:
     chunk_rows: int
     targets: str
     attrs: dict
-    x: dask.array.Array
-    y: dask.array.Array
-    target: dask.array.Array
+    #: The zarr arrays x, y and target, checked by :func:`open_store`.
+    arrays: tuple = field(repr=False, compare=False)
     hidden_metric: np.ndarray | None
     fingerprint: str
     #: Where the arrays are read from: ``path`` itself, or for a URL the published version
     #: its pointer names (immutable: a replacement is a new version).
     location: str | None = None
+
+    @cached_property
+    def x(self) -> dask.array.Array:
+        """x vectors, (n, d) float32, in the store's row chunks."""
+        return _from_zarr(self.arrays[0])
+
+    @cached_property
+    def y(self) -> dask.array.Array:
+        """y vectors, (n, d) float32, in the store's row chunks."""
+        return _from_zarr(self.arrays[1])
+
+    @cached_property
+    def target(self) -> dask.array.Array:
+        """Targets, (n,) float32, in the store's row chunks."""
+        return _from_zarr(self.arrays[2])
 
     @property
     def source(self) -> str:
@@ -135,6 +155,12 @@ class PairStore:
     def chunk_slices(self) -> list[slice]:
         """The row range of each chunk, in order: ``[slice(0, c), slice(c, 2c), ...]``."""
         return chunk_slices(self.n, self.chunk_rows)
+
+
+def _from_zarr(array: zarr.Array) -> dask.array.Array:
+    import dask.array as da  # deferred: see PairStore
+
+    return da.from_zarr(array)
 
 
 def fingerprint(attrs: dict) -> str:
@@ -191,8 +217,6 @@ def open_store(path: str | os.PathLike) -> PairStore:
 def _open_store(spath: str, location: str) -> PairStore:
     """:func:`open_store` of the Zarr group at ``location`` (``spath`` for a local store),
     shown to the user as ``spath``."""
-    import dask.array as da
-
     try:
         # A URL: Zarr v3 only, sparing zarr's requests for v2 metadata (.zgroup, ...).
         group = zarr.open_group(location, mode="r",
@@ -253,8 +277,7 @@ def _open_store(spath: str, location: str) -> PairStore:
         hidden = np.asarray(stored[...], dtype=np.float64)
     return PairStore(
         path=spath, n=n, d=d, chunk_rows=rows, targets=kind, attrs=attrs,
-        x=da.from_zarr(arrays["x"]), y=da.from_zarr(arrays["y"]),
-        target=da.from_zarr(arrays["target"]),
+        arrays=(arrays["x"], arrays["y"], arrays["target"]),
         hidden_metric=hidden, fingerprint=fingerprint(attrs),
         location=None if location == spath else location,
     )
