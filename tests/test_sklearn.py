@@ -274,6 +274,16 @@ def test_sklearn_estimator_checks(estimator, check):
 # -------------------------------------------------------------------- without scikit-learn
 
 
+def run_python(script: str) -> None:
+    """Run ``script`` in a fresh Python with this checkout importable; it must print ok."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
 def test_importing_the_estimator_does_not_import_scikit_learn():
     """scikit-learn (and SciPy) cost ~0.8 s to import, more than a small fit: ours does not
     import it; once the user has, an unfitted call raises scikit-learn's NotFittedError."""
@@ -293,12 +303,7 @@ def test_importing_the_estimator_does_not_import_scikit_learn():
                 assert isinstance(again, NotFittedError) and str(again) == str(error)
         print("ok")
     """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    run_python(script)
 
 
 def test_works_without_scikit_learn(tmp_path):
@@ -324,10 +329,5 @@ def test_works_without_scikit_learn(tmp_path):
         print("ok")
     """)
     started = time.perf_counter()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env=env)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    run_python(script)
     assert time.perf_counter() - started < 60
