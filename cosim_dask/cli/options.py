@@ -86,7 +86,8 @@ Json = Annotated[bool, on_off(
 ChunkPairs = Annotated[int | None, typer.Option(
     "--chunk-pairs", help="Pairs per chunk (default: ~16 MiB of x per chunk, 32,768 at "
     "d=128, evened out over the pairs).")]
-CodecOption = Annotated[Codec, typer.Option(help="Chunk codec (see README, Store format).")]
+CodecOption = Annotated[Codec, typer.Option(
+    help="Chunk codec (none reads fastest; measured in scripts/README.md, Codec and chunk size).")]
 #: Every positional has an upper-case metavar (MODEL, STORE, IN, OUT), the name its help
 #: text and the other options' help refer to.
 Model = Annotated[str, typer.Argument(

@@ -94,7 +94,7 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
                 raise
             raise ClusterError(
                 f"the scheduler at {address!r} speaks TLS but no certificates were given: pass "
-                "{security} (see README, Training on a cluster)",
+                "{security} (see README, Running on a cluster)",
                 params={"security": "CONFIG.yaml"}) from None
         except (OSError, TimeoutError) as exc:
             raise ClusterError(
