@@ -587,8 +587,15 @@ def room_shortfall(path: str | os.PathLike, nbytes: int) -> str | None:
     free = shutil.disk_usage(folder).free
     if nbytes <= free:
         return None
-    return (f"{shown!r} would need about {nbytes / 2**30:,.1f} GiB but the file system of "
-            f"{str(folder)!r} has {free / 2**30:,.1f} GiB free")
+    return (f"{shown!r} would need about {_size(nbytes)} but the file system of "
+            f"{str(folder)!r} has {_size(free)} free")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,} bytes"
 
 
 @contextmanager
