@@ -48,7 +48,13 @@ from cosim_dask.dist.tasks import (
     node_task,
 )
 from cosim_dask.dist.tree import Tree, add, combine_key, resolve_split_every
-from cosim_dask.dist.waits import guarded, lost_scheduler_error, scheduler_gone, wait_future
+from cosim_dask.dist.waits import (
+    guarded,
+    lost_scheduler_error,
+    probe,
+    scheduler_gone,
+    wait_future,
+)
 from cosim_dask.errors import ANY, ClusterError, CosimError, WorkerLostError
 from cosim_dask.outputs import is_url
 
@@ -507,8 +513,9 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
     """Compute ``root(ref, token)``, a reduction over tasks that use the parameters ``ref``.
 
     The parameters are scattered to every worker (``send`` may choose otherwise). The pass is
-    repeated when a lost worker took them along (scattered data has no lineage) or died
-    while they were being sent, and a scheduler that is lost or stops answering becomes a
+    repeated when a lost worker took them along (scattered data has no lineage), died
+    while they were being sent, or a connection broke while the scheduler still answers; a
+    scheduler that is lost or stops answering becomes a
     :class:`~cosim_dask.errors.SchedulerLostError` instead of a hang
     (:mod:`cosim_dask.dist.waits` has the bound).
     """
@@ -530,10 +537,21 @@ def run_pass(client: Client, params: np.ndarray, root: Callable, *, send: Callab
                            "a pass was cancelled (a worker holding the parameters died)"
                            if isinstance(exc, CancelledError) else exc,
                            attempt + 1, PASS_ATTEMPTS)
-        except OSError:
-            if scheduler_lost(client):
-                raise lost_scheduler_error(client) from None
-            raise
+        except OSError as exc:
+            if getattr(future, "status", None) == "error":
+                raise  # the chunk work's own error, reported as it is
+            # A connection broke: the scheduler's (the client may not have noticed its death
+            # yet, so ask it) or a worker's (the pass is repeated, as for a lost worker).
+            if scheduler_lost(client) or probe(client) is None:
+                raise lost_scheduler_error(
+                    client, f"{type(exc).__name__}, then no answer to a probe") from None
+            first = (str(exc).splitlines() or [""])[0]
+            if attempt == PASS_ATTEMPTS:
+                raise ClusterError(f"a pass failed {attempt} times in a row on a broken "
+                                   f"connection ({type(exc).__name__}: {first}); run the "
+                                   "same command again") from None
+            logger.warning("a connection broke during a pass (%s: %s); repeating the pass "
+                           "(%d/%d)", type(exc).__name__, first, attempt + 1, PASS_ATTEMPTS)
         except (Exception, asyncio.CancelledError) as exc:
             if type(exc).__name__ == "KilledWorker":
                 raise ClusterError(

@@ -476,3 +476,45 @@ def test_a_wait_cut_short_again_and_again_is_one_line_naming_the_step(cluster_ad
     message = str(err.value)
     assert "\n" not in message
     assert "waiting for a pass" in message and "UnboundLocalError" in message, message
+
+
+def _breaking_send(client: Client, times: int):
+    """A ``send`` for run_pass whose first ``times`` calls fail as a connection reset by a
+    peer does (what distributed raises when a connection it gathers over breaks)."""
+    calls = []
+
+    def send(params):
+        calls.append(1)
+        if len(calls) <= times:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return passes.broadcast_params(client, params)
+
+    return send
+
+
+def test_a_connection_broken_mid_pass_repeats_the_pass(cluster_address):
+    """The scheduler still answers: a worker's connection broke, and the pass is repeated."""
+    root = lambda ref, token: dask.delayed(_slow_double)(ref, token, 0.0)  # noqa: E731
+    with Client(cluster_address, set_as_default=False) as client:
+        result = passes.run_pass(client, np.arange(4.0), root, send=_breaking_send(client, 1))
+    np.testing.assert_array_equal(result, np.arange(4.0) * 2)
+
+
+def test_a_connection_broken_by_a_lost_scheduler_says_so():
+    """A connection error that arrives before the client has noticed its scheduler is gone
+    (here frozen, so the client's status stays "running") is the lost scheduler's one-line
+    error, not a raw ConnectionResetError (it leaked when the scheduler was killed mid-pass)."""
+    from cosim_dask.errors import SchedulerLostError
+
+    root = lambda ref, token: dask.delayed(_slow_double)(ref, token, 0.0)  # noqa: E731
+    with dask_processes(workers=1) as (address, procs), \
+            Client(address, set_as_default=False, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        procs[0].send_signal(signal.SIGSTOP)
+        try:
+            assert client.status == "running"
+            with pytest.raises(SchedulerLostError, match="lost the Dask scheduler") as err:
+                passes.run_pass(client, np.arange(4.0), root, send=_breaking_send(client, 1))
+        finally:
+            procs[0].send_signal(signal.SIGCONT)
+    assert "ConnectionResetError" in str(err.value) and "\n" not in str(err.value)
