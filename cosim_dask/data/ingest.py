@@ -60,6 +60,14 @@ class IngestReport:
         return sum(self.dropped.values())
 
 
+def _room_shortfall(store: str | os.PathLike, n: int, d: int, codec: str) -> str | None:
+    """Why ``n`` pairs at dimension ``d`` cannot fit where ``store`` goes (None if they can,
+    or with a codec: float vectors compress little, but by how much is not known ahead)."""
+    if codec != "none":
+        return None
+    return room_shortfall(store, n * (2 * d + 1) * 4)  # x, y and target in float32
+
+
 def _describe(src: ArrayLike, name: str) -> str:
     return repr(os.fspath(src)) if isinstance(src, str | os.PathLike) else f"{name} array"
 
@@ -259,6 +267,8 @@ def ingest_arrays(
         raise ShapeError(f"target has {len(ts)} rows but x has {len(xs)}; they must match")
     n, d = xs.shape
     rows = choose_chunk_rows(d, n, chunk_rows)
+    if short := _room_shortfall(store, n, d, codec):
+        raise StoreError(f"{short}; free some space or write the store elsewhere")
 
     def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for lo in range(0, n, rows):
@@ -466,6 +476,8 @@ def ingest_pairs(
     if n_pairs is None:
         n_pairs = pair_list_rows(pairs)
     rows = choose_chunk_rows(d, n_pairs, chunk_rows)
+    if n_pairs and (short := _room_shortfall(store, n_pairs, d, codec)):
+        raise StoreError(f"{short}; free some space or write the store elsewhere")
     columns = [i_column, j_column, target_column]
     if len(set(columns)) != 3:
         raise CosimError(f"the index and target columns must differ, got {columns}")
@@ -551,8 +563,7 @@ def generate_store(
     if not noise >= 0:
         raise CosimError(f"noise={noise!r} must be >= 0")
     rows = choose_chunk_rows(dim, pairs, chunk_rows)
-    # Random floats barely compress: the raw size is known only without a codec.
-    if codec == "none" and (short := room_shortfall(store, pairs * (2 * dim + 1) * 4)):
+    if short := _room_shortfall(store, pairs, dim, codec):
         raise StoreError(f"{short}; generate fewer {{pairs}} or write elsewhere",
                          params={"pairs": ANY})
     rank = dim if rank is None else rank

@@ -332,6 +332,21 @@ def test_cli_bad_input(world, cluster_address, argv, fragments):
     assert tree_hash(world) == before  # nothing that existed changed, nothing was added
 
 
+def test_ingest_larger_than_the_disk_is_refused_before_writing(tmp_path):
+    """x and y twice the file system's free space (a sparse .npy: no real disk used) are
+    refused up front, instead of written until the disk is full."""
+    free = shutil.disk_usage(tmp_path).free
+    d = 256
+    rows = free // (4 * d) + 1  # each of x and y alone is larger than the free space
+    big = tmp_path / "x.npy"
+    np.lib.format.open_memmap(big, mode="w+", dtype=np.float32, shape=(rows, d))
+    out = tmp_path / "big.zarr"
+    result = cosim_main("ingest", out, "--x", big, "--y", big)
+    assert result.exit_code == 2, (result.output, result.exception)
+    one_line_error(result.stderr, "would need about", "GiB free", "write the store elsewhere")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
 def test_a_damaged_store_can_be_regenerated_over(tmp_path):
     """open_store refuses a store with a missing chunk; --overwrite still replaces it, as
     the error message advises."""
