@@ -419,7 +419,7 @@ class DaskPairs(Pairs):
             for r, run in enumerate(runs):
                 state = ref
                 plan = plan_run(sum(self.rows[i] for i in run), self.spec.validation, fit,
-                            np.shape(params)[-1])
+                                np.shape(params)[-1])
                 for k, i in enumerate(run):
                     later = self.pieces[run[k + 1]] if k + 1 < len(run) else None
                     ahead = [later] if isinstance(later, StoreSlice) else []
