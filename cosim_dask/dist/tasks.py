@@ -135,19 +135,19 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
     if spec.with_validation or spec.splits:
         A = spec.parameterisation.metric(params)
     if spec.with_validation:
-        rows = val if spec.validation > 0 else np.ones(len(x), bool)
-        validation = score_rows(x[rows], y[rows], t[rows], A, spec.loss, spec.joint)
+        rows = np.flatnonzero(val) if spec.validation > 0 else None
+        validation = score_rows(x, y, t, A, spec.loss, spec.joint, rows=rows)
     if spec.splits:
         scores = {}
         for split in spec.splits:
             # Each split scores its own rows: a pair's learned similarity can differ in its
             # last bit with the other rows of its BLAS block, and these figures must be the
             # ones the training passes and `cosim evaluate` report.
-            rows = {"train": ~val, "validation": val, "all": slice(None)}[split]
-            xs, ys, ts = x[rows], y[rows], t[rows]
+            rows = {"train": np.flatnonzero(~val), "validation": np.flatnonzero(val),
+                    "all": None}[split]
             for name, metric in (("learned", A), ("plain", None)):
-                scores[f"{name}/{split}"] = score_rows(xs, ys, ts, metric, spec.loss,
-                                                       spec.joint)
+                scores[f"{name}/{split}"] = score_rows(x, y, t, metric, spec.loss,
+                                                       spec.joint, rows=rows)
     return ChunkResult(train, validation, scores)
 
 
@@ -164,10 +164,13 @@ def _retrieval(x, y, t, val, params, spec: ChunkSpec, index: int) -> dict[str, R
 
 
 def score_rows(x: np.ndarray, y: np.ndarray, t: np.ndarray, A: np.ndarray | None, loss: Loss,
-               joint: bool = False) -> ScoreStats:
-    """Score statistics of the pairs under ``A`` (None: plain cosine); invalid pairs and
-    targets are left out."""
-    s = pair_similarity(x, y, A, on_invalid="nan")
+               joint: bool = False, rows: np.ndarray | None = None) -> ScoreStats:
+    """Score statistics of the pairs (those of ``rows`` only, when given: the same figures
+    as for ``x[rows]``, without the copy) under ``A`` (None: plain cosine); invalid pairs
+    and targets are left out."""
+    s = pair_similarity(x, y, A, on_invalid="nan", rows=rows)
+    if rows is not None:
+        t = t[rows]
     ok = np.isfinite(s) & np.isfinite(t)
     s, t = s[ok], t[ok]
     values, _ = loss.pointwise(s, t)
@@ -230,6 +233,20 @@ def local_task(data, state: LocalState | np.ndarray, spec: ChunkSpec, fit: Local
         spec.parameterisation.chunk_partial(x, y, t, state.params, spec.loss, chunk_id=index,
                                             include=include)
     return metric_sum(state, spec.parameterisation) if finish else state
+
+
+def local_chain_task(data: Sequence, state: LocalState | np.ndarray, spec: ChunkSpec,
+                     fit: LocalFit, indices: Sequence[int], ahead: Sequence[StoreSlice] = (),
+                     finish: bool = False, plan: RunPlan | None = None
+                     ) -> LocalState | MetricSum:
+    """:func:`local_task` over consecutive chunks of one run (``data``, ``indices``), in
+    order, each starting to read the next (the last, ``ahead``). With ``finish``, the last
+    chunk ends the run."""
+    for k, (piece, index) in enumerate(zip(data, indices, strict=True)):
+        last = k == len(indices) - 1
+        later = ahead if last else [p for p in data[k + 1: k + 2] if isinstance(p, StoreSlice)]
+        state = local_task(piece, state, spec, fit, index, later, finish and last, plan)
+    return state
 
 
 def chunks_per_task(n_chunks: int, chunk_bytes: int, split_every: int) -> int:

@@ -371,3 +371,34 @@ def test_row_strided_views_are_used_as_they_are_with_the_same_bits(dtype):
     a, b = chunk_partial(xv, yv, t, A), chunk_partial(xc, yc, t, A)
     assert a.loss == b.loss and np.array_equal(a.grad, b.grad)
     assert np.array_equal(pair_similarity(xv, yv, A), pair_similarity(xc, yc, A))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("learned", [True, False])
+def test_similarity_of_chosen_rows_has_the_bits_of_the_copied_rows(rng, dtype, learned):
+    """``rows=`` gathers each block into a reused buffer: the same bits as scoring
+    ``x[rows], y[rows]``, in the rows' order, across block edges and after calls of other
+    sizes (buffer reuse)."""
+    x, y, _ = random_pairs(rng, 3000, 24, dtype)
+    A = random_spd(rng, 24) if learned else None
+    x[17] = 0.0  # an invalid pair, chosen and not
+    for rows in (np.flatnonzero(rng.random(3000) < 0.6), rng.permutation(3000)[:700],
+                 np.array([17, 5, 2999]), np.array([], dtype=np.intp), np.arange(3000)):
+        got = pair_similarity(x, y, A, on_invalid="nan", block_rows=256, rows=rows)
+        want = pair_similarity(x[rows], y[rows], A, on_invalid="nan", block_rows=256)
+        assert got.shape == (len(rows),)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ShapeError, match="rows must index the 3000 pairs"):
+        pair_similarity(x, y, A, rows=np.array([0, 3000]))
+
+
+def test_first_pass_batches_gathered_into_reused_buffers_are_the_rows(rng):
+    from cosim_dask.core.local import gather_rows
+
+    x, y, _ = random_pairs(rng, 4000, 16, np.float32)
+    for size in (8192 // 4, 7, 2048, 1):
+        rows = np.sort(rng.permutation(4000)[:size])
+        gx, gy = gather_rows(x, y, rows)
+        np.testing.assert_array_equal(gx, x[rows])
+        np.testing.assert_array_equal(gy, y[rows])
+        assert gx.flags.c_contiguous and gx.dtype == np.float32

@@ -14,7 +14,14 @@ from cosim_dask.core.local import MAX_EPOCHS, LocalFit, RunPlan, local_runs, pla
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.solvers import get_solver
 from cosim_dask.data.synthetic import synthetic_chunk, synthetic_pairs
-from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces, store_pieces
+from cosim_dask.dist import passes
+from cosim_dask.dist.passes import (
+    DaskPairs,
+    LocalPairs,
+    persisted_pieces,
+    store_pieces,
+    task_groups,
+)
 from cosim_dask.dist.tasks import score_rows
 from cosim_dask.errors import InvalidPairsError
 from cosim_dask.fit.config import TrainConfig
@@ -46,6 +53,14 @@ def test_runs_cover_every_chunk_once_in_a_seeded_order():
     assert plan_run(1_000, 0.0, LocalFit(), 16).epochs == MAX_EPOCHS
 
 
+def test_task_groups_cut_a_run_into_consecutive_chunks_of_about_the_rows():
+    assert task_groups([500] * 4, 1000) == [(0, 2), (2, 4)]
+    assert task_groups([500] * 5, 1000) == [(0, 2), (2, 4), (4, 5)]
+    assert task_groups([500, 300, 900, 100], 1000) == [(0, 3), (3, 4)]
+    assert task_groups([5000, 10], 1000) == [(0, 1), (1, 2)]  # never an empty group
+    assert task_groups([500] * 3, 10**9) == [(0, 3)]
+
+
 def local_pairs(data, form, **kw):
     x, y, t = data
     return LocalPairs(x, y, t, form, "mse", chunk_rows=500, **kw)
@@ -71,7 +86,10 @@ def test_first_pass_same_in_process_and_on_the_cluster(client, data, form):
     assert not np.allclose(other.total, local.total)  # the seed matters
 
 
-def test_first_pass_streamed_from_a_store(client, data, tmp_path):
+@pytest.mark.parametrize("task_rows", [500, 1000, 1500, 10**9])
+def test_first_pass_streamed_from_a_store(client, data, tmp_path, monkeypatch, task_rows):
+    # A task per chunk, per two chunks, per uneven groups, per run: the same fit.
+    monkeypatch.setattr(passes, "LOCAL_TASK_ROWS", task_rows)
     root = zarr.open_group(tmp_path / "s.zarr", mode="w")
     for name, a in zip(("x", "y", "target"), data, strict=True):
         root.create_array(name, shape=a.shape, dtype=a.dtype,
