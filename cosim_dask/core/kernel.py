@@ -211,6 +211,20 @@ def work_buffers(n_rows: int, block_rows: int, shapes: list[tuple[int, int]], dt
             for slot, (factor, cols) in enumerate(shapes)]
 
 
+def take_rows(a: np.ndarray, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``a[rows]`` written into ``out`` (C-contiguous, ``(len(rows), a.shape[1])``).
+
+    ``np.take`` with ``mode="clip"`` writes straight into ``out`` (the default mode buffers
+    it); the indices must be in range. It first makes a C-contiguous copy of a whole
+    non-contiguous input, though: a row-strided view (the x of an (n, 2, d) array) is
+    gathered by fancy indexing instead.
+    """
+    if a.flags.c_contiguous:
+        return np.take(a, rows, axis=0, out=out, mode="clip")
+    out[...] = a[rows]
+    return out
+
+
 def scratch_array(key: tuple, shape: tuple[int, int], dtype, reserve: int = 0) -> np.ndarray:
     """This thread's buffer for ``key``, at least ``shape`` (rows reserved up to
     ``reserve``), as a C-contiguous view of exactly ``shape``."""
@@ -284,7 +298,7 @@ def pair_similarity(
             xb, yb = x[lo : lo + block_rows], y[lo : lo + block_rows]
         else:
             take = rows[lo : lo + block_rows]
-            xb, yb = (np.take(a, take, axis=0, out=buf[: len(take)], mode="clip")
+            xb, yb = (take_rows(a, take, buf[: len(take)])
                       for a, buf in zip((x, y), picked, strict=True))
         if A_c is None:
             n, m, cross = _similarity_terms(xb, yb, xb, yb)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosim_dask.core.forms import Parameterisation
-from cosim_dask.core.kernel import scratch_array
+from cosim_dask.core.kernel import scratch_array, take_rows
 from cosim_dask.core.losses import Loss
 
 
@@ -189,14 +189,12 @@ def gather_rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray
 
     A fresh 4 MiB batch every step is page-faulted in, and evicts the cache the kernel then
     reads it back through: gathering into the same buffers instead made the first pass's
-    steps 13-15% faster (d = 128, batches of 8,192, one thread). ``np.take`` with
-    ``mode="clip"`` writes straight into ``out`` (the default mode buffers it); the indices
-    are in range by construction.
+    steps 13-15% faster (d = 128, batches of 8,192, one thread).
     """
     bufs = []
     for name, a in (("x", x), ("y", y)):
         out = scratch_array(("batch", name), (len(rows), a.shape[1]), a.dtype)
-        bufs.append(np.take(a, rows, axis=0, out=out, mode="clip"))
+        bufs.append(take_rows(a, rows, out))
     return bufs[0], bufs[1]
 
 

@@ -402,3 +402,26 @@ def test_first_pass_batches_gathered_into_reused_buffers_are_the_rows(rng):
         np.testing.assert_array_equal(gx, x[rows])
         np.testing.assert_array_equal(gy, y[rows])
         assert gx.flags.c_contiguous and gx.dtype == np.float32
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_gathered_rows_never_copy_the_whole_input(rng, strided):
+    """``np.take`` copies a non-contiguous input whole before gathering: a row-strided view
+    (the x of an (n, 2, d) array, as the estimator holds pairs) must not pay that per batch."""
+    import tracemalloc
+
+    from cosim_dask.core.kernel import take_rows
+
+    pairs = rng.standard_normal((200_000, 2, 16)).astype(np.float32)
+    x = pairs[:, 0, :] if strided else np.ascontiguousarray(pairs[:, 0, :])
+    rows = np.sort(rng.permutation(len(x))[:100])
+    out = np.empty((100, 16), np.float32)
+    tracemalloc.start()
+    try:
+        got = take_rows(x, rows, out)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, x[rows])
+    assert got is out
+    assert peak < x.nbytes // 100  # about the rows gathered, not the 12.8 MB input
