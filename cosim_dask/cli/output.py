@@ -24,6 +24,7 @@ T = TypeVar("T")
 #: Library parameter -> the flag that sets it. Every parameter a library message names is
 #: here (a test checks), so that an error tells the user what to type.
 FLAGS: dict[str, str] = {
+    "batch_chunks": "--batch-chunks",
     "drop_invalid": "--drop-invalid",
     "i_column": "--i-column",
     "j_column": "--j-column",
@@ -33,16 +34,20 @@ FLAGS: dict[str, str] = {
     "negatives": "--negatives",
     "overwrite": "--overwrite",
     "pairs": "--pairs",
+    "patience": "--patience",
     "png_dir": "--png-dir",
+    "rank": "--rank",
     "regularization": "--regularization",
     "resume": "--resume",
     "scheduler": "--scheduler",
     "security": "--security",
+    "seed": "--seed",
     "split": "--split",
     "split_every": "--split-every",
     "steps": "--steps",
     "target_column": "--target-column",
     "targets": "--targets",
+    "tol": "--tol",
     "validation": "--validation",
     "zero_is_negative": "--zero-is-negative",
 }

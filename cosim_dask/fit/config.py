@@ -61,7 +61,7 @@ from cosim_dask.core.forms import Parameterisation, get_parameterisation
 from cosim_dask.core.losses import Loss, get_loss
 from cosim_dask.core.solvers import Solver, get_solver
 from cosim_dask.dist.tree import resolve_split_every
-from cosim_dask.errors import ANY, CosimError
+from cosim_dask.errors import ANY, CosimError, Message
 
 #: mse target for label −1 on binary pairs when ``negative_target`` is None (see above).
 DEFAULT_NEGATIVE_TARGET = 0.0
@@ -86,22 +86,36 @@ CACHE_MODES = ("auto", "memory", "stream")
 
 
 def _real(value: object, name: str) -> float:
-    """``value`` as a finite float, or a CosimError naming it."""
+    """``value`` as a finite float, or a CosimError naming it (``{name}``: the parameter
+    in Python, its flag in the CLI)."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise CosimError(f"{name}={value!r} must be a number")
+        raise _bad(name, value, "must be a number")
     if not math.isfinite(value):
-        raise CosimError(f"{name}={value} must be a finite number")
+        raise _bad(name, value, "must be a finite number")
     return float(value)
 
 
 def _whole(value: object, name: str, low: int, high: int | None) -> int:
     """``value`` as an int in [low, high], or a CosimError naming it and the range."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise CosimError(f"{name}={value!r} must be a whole number")
+        raise _bad(name, value, "must be a whole number")
     if value < low or (high is not None and value > high):
         where = f"between {low:,} and {high:,}" if high is not None else f">= {low}"
-        raise CosimError(f"{name}={value} must be {where}")
+        raise _bad(name, value, f"must be {where}")
     return int(value)
+
+
+def _bad(name: str, value: object, complaint: str) -> CosimError:
+    """``lr=0.0 must be > 0`` in Python, ``--lr 0.0 must be > 0`` in the CLI. Every name
+    passed here is one of :data:`CHECKED`, which a test holds to the CLI's flags."""
+    assert name in CHECKED, name
+    return CosimError(Message("{" + name + "} " + complaint, {name: value}))
+
+
+#: The settings :meth:`TrainConfig.check` names in its errors.
+CHECKED = ("steps", "seed", "lr", "tol", "gtol", "regularization", "negative_target",
+           "pos_margin", "neg_margin", "validation", "negatives", "rank", "patience",
+           "batch_chunks")
 
 
 @dataclass
@@ -139,18 +153,16 @@ class TrainConfig:
         value and the range it must be in."""
         _whole(self.steps, "steps", 0, MAX_STEPS)
         _whole(self.seed, "seed", 0, MAX_SEED)
-        if self.lr is not None:
-            _real(self.lr, "lr")
-            if not self.lr > 0:
-                raise CosimError(f"lr={self.lr} must be > 0")
+        if self.lr is not None and not _real(self.lr, "lr") > 0:
+            raise _bad("lr", self.lr, "must be > 0 (omit it for the solver's default)")
         for name in ("tol", "gtol", "regularization"):
             if not _real(getattr(self, name), name) >= 0:
-                raise CosimError(f"{name}={getattr(self, name)} must be >= 0")
+                raise _bad(name, getattr(self, name), "must be >= 0")
         for name in ("negative_target", "pos_margin", "neg_margin"):
             if getattr(self, name) is not None:
                 _real(getattr(self, name), name)
         if not 0.0 <= _real(self.validation, "validation") < 1.0:
-            raise CosimError(f"validation={self.validation} must be in [0, 1)")
+            raise _bad("validation", self.validation, "must be in [0, 1)")
         _whole(self.negatives, "negatives", 0, MAX_NEGATIVES)
         for name in ("rank", "patience", "batch_chunks"):
             if getattr(self, name) is not None:

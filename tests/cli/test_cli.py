@@ -115,11 +115,32 @@ def test_every_parameter_a_message_names_has_a_flag():
                 dicts.append(node.args[1])
             for d in dicts:
                 assert isinstance(d, ast.Dict), ast.unparse(node)
-                named |= {(k.value, getattr(v, "value", None))
-                          for k, v in zip(d.keys, d.values, strict=True) if k is not None}
+                for k, v in zip(d.keys, d.values, strict=True):
+                    if k is None:  # {**others, ...}: the others are named where they are made
+                        continue
+                    if isinstance(k, ast.Constant):
+                        named.add((k.value, getattr(v, "value", None)))
+                    else:  # the one computed name: TrainConfig's checks (CHECKED, below)
+                        assert path.name == "config.py" and ast.unparse(k) == "name", path
     assert len(named) > 15
     for name, value in named:
         assert name in FLAGS or (name, value) in SETTING_FLAGS or name in COMMANDS, name
+
+
+def test_every_setting_the_config_checks_is_named_by_its_flag_where_the_cli_has_one():
+    from cosim_dask.fit.config import CHECKED
+
+    train = typer.main.get_command(app).commands["train"]
+    options = {opt for param in train.params for opt in param.opts}
+    for name in CHECKED:
+        option = "--" + name.replace("_", "-")
+        assert (FLAGS.get(name) == option) == (option in options), name
+    result = cosim_main("train", "s.zarr", "--out", "m.zarr", "--lr", "0")
+    assert result.exit_code == 2
+    assert one_line_error(result.stderr) == (
+        "error: --lr 0.0 must be > 0 (omit it for the solver's default)")
+    with pytest.raises(CosimError, match=r"^rank=0 must be >= 1$"):
+        TrainConfig(rank=0).check()
 
 
 def test_an_error_names_the_parameter_in_python_and_the_flag_in_the_cli(tmp_path):
