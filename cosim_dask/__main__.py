@@ -1,5 +1,5 @@
 """`python -m cosim_dask` runs the CLI."""
 
-from cosim_dask.cli import main
+from cosim_dask.console import main
 
 main()

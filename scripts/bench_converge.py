@@ -54,6 +54,12 @@ MSE_SLACK = 0.01
 def _child(spec: dict) -> None:
     """One timed run; prints one JSON line: the held-out figures after each step/pass."""
     t0 = spec["t0"]  # the parent's time at launch: interpreter start-up counts
+    if spec["kind"] == "ours-disk":
+        # As `cosim train` does first thing: the LocalCluster's workers are forked from a
+        # server that imports what they need while this process imports.
+        from cosim_dask.dist import warm
+
+        warm.start()
     import numpy as np
 
     points: list[dict] = []

@@ -20,7 +20,7 @@ LAYERS = [
     {"fit"},
     {"transform", "estimator", "report"},
     {"cli"},
-    {"__init__", "__main__"},
+    {"console", "__init__", "__main__"},
 ]
 
 

@@ -19,11 +19,12 @@ from distributed import Client, LocalCluster
 from distributed.comm.registry import backends
 from distributed.security import Security
 
+from cosim_dask.dist import warm
 from cosim_dask.dist.waits import close_client, close_cluster, guarded, start_local
 from cosim_dask.errors import ANY, ClusterError
 
 #: BLAS threads in processes that share cores collapse (measured: one GEMM ran 50× slower).
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_BLAS_ENV = warm.BLAS_ENV
 
 
 @dataclass
@@ -109,7 +110,10 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
         )
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {})
     env.update({name: str(config.threads_per_worker) for name in _BLAS_ENV})
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+    # Workers forked from a warm server when one was started for exactly this environment
+    # (cosim_dask.dist.warm: the CLI starts it before its imports), else spawned.
+    fork = warm.cluster_config(env) if config.processes else {}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **fork}):
         cluster = start_local(lambda: LocalCluster(
             n_workers=config.workers,
             threads_per_worker=config.threads_per_worker,

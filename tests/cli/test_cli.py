@@ -97,7 +97,10 @@ def _messages(path: Path):
 
 def test_library_messages_name_parameters_not_flags():
     leaks = [f"{path.relative_to(LIBRARY)}:{line}: {text!r}"
-             for path in sorted(LIBRARY.rglob("*.py")) if path.parent.name != "cli"
+             for path in sorted(LIBRARY.rglob("*.py"))
+             # console.py is the CLI's entry point: it reads the command line before the
+             # CLI's imports (to start the workers' fork server)
+             if path.parent.name != "cli" and path.name != "console.py"
              for line, text in _messages(path) if FLAG.search(text)]
     assert not leaks, "\n".join(leaks)
 
