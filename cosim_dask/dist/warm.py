@@ -45,11 +45,11 @@ def available() -> bool:
 
 def worker_environ(pre_spawn: Mapping[str, object]) -> dict[str, str]:
     """The environment Dask's nanny sets for a worker before it starts, from the
-    ``pre-spawn-environ`` settings: a variable already set in this process wins over the
-    setting (as the nanny does), and the hash seed is fixed unless one is set."""
+    ``pre-spawn-environ`` settings, as the nanny computes it: a variable already set in this
+    process wins over its setting, and the hash seed is fixed unless the settings give one."""
     env = {k: os.environ.get(k, str(v)) for k, v in pre_spawn.items() if v is not None}
-    seed = os.environ.get("PYTHONHASHSEED")
-    env["PYTHONHASHSEED"] = HASH_SEED if seed in (None, "0") else seed
+    if env.get("PYTHONHASHSEED") in (None, "0"):
+        env["PYTHONHASHSEED"] = HASH_SEED
     return env
 
 
