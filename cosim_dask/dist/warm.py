@@ -55,7 +55,8 @@ def worker_environ(pre_spawn: Mapping[str, object]) -> dict[str, str]:
 
 def start(threads_per_worker: int = 1) -> bool:
     """Launch the fork server for workers of ``threads_per_worker`` threads, and return at
-    once (it imports :data:`PRELOAD` meanwhile). False where there is no fork server.
+    once (it imports :data:`PRELOAD` meanwhile). False where there is no fork server, or it
+    could not start (the workers are then spawned as usual).
 
     Call it before the heavy imports. Its forks ignore the terminal's Ctrl-C, as spawned
     workers do (:func:`cosim_dask.dist.waits.start_local`): the driver alone handles it.
@@ -77,6 +78,8 @@ def start(threads_per_worker: int = 1) -> bool:
             from multiprocessing import forkserver
 
             forkserver.ensure_running()
+        except Exception:  # noqa: BLE001 - an optimisation: the workers are spawned instead
+            return False
         finally:
             for k, v in saved.items():
                 if v is None:

@@ -86,3 +86,23 @@ def test_the_entry_point_warms_up_only_for_local_clusters(monkeypatch):
     assert threads_per_worker(["train"]) == 1
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://h:8786")
     assert not wants_local_cluster(["train", "s.zarr", "--out", "m.zarr"])
+
+
+def test_a_server_that_cannot_start_leaves_the_workers_spawned(monkeypatch):
+    """An optimisation must not become an error: no server, no change to this process."""
+    import signal
+    from multiprocessing import forkserver
+
+    from cosim_dask.dist import warm
+
+    def refuse():
+        raise OSError("no room for a socket")
+
+    monkeypatch.setattr(forkserver, "ensure_running", refuse)
+    monkeypatch.setattr(warm, "_server_environ", None)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    handler = signal.getsignal(signal.SIGINT)
+    assert warm.start(1) is False
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert warm.cluster_config({"OPENBLAS_NUM_THREADS": 1}) == {}
