@@ -77,7 +77,7 @@ PARAMS_IN_GRAPH_BYTES = 2**20
 PASS_ATTEMPTS = 3
 #: Rows a streamed first-pass task fits (whole chunks of one run, at least one): a run of
 #: a task per chunk waited a scheduler round trip between its tasks, ~0.15 s of a 2.3 s
-#: run of 1M rows in 31 chunks (d = 128); a quarter of a run's rows per task (9 tasks for
+#: run of 1M rows in 31 chunks (d = 128); a quarter of a run's rows per task (8 tasks for
 #: 62 chunks) gave those back and still shows the pass's progress.
 LOCAL_TASK_ROWS = 262_144
 

@@ -109,6 +109,8 @@ def _bad(name: str, value: object, complaint: str) -> CosimError:
     """``lr=0.0 must be > 0`` in Python, ``--lr 0.0 must be > 0`` in the CLI. Every name
     passed here is one of :data:`CHECKED`, which a test holds to the CLI's flags."""
     assert name in CHECKED, name
+    if isinstance(value, np.generic):  # lr=0.0, not lr=np.float64(0.0)
+        value = value.item()
     return CosimError(Message("{" + name + "} " + complaint, {name: value}))
 
 

@@ -3,6 +3,7 @@ import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer.main
 from helpers import cosim_main, one_line_error
@@ -144,6 +145,8 @@ def test_every_setting_the_config_checks_is_named_by_its_flag_where_the_cli_has_
         "error: --lr 0.0 must be > 0 (omit it for the solver's default)")
     with pytest.raises(CosimError, match=r"^rank=0 must be >= 1$"):
         TrainConfig(rank=0).check()
+    with pytest.raises(CosimError, match=r"^lr=-0\.5 must be > 0"):  # a grid's NumPy value
+        TrainConfig(lr=np.float64(-0.5)).check()
 
 
 def test_an_error_names_the_parameter_in_python_and_the_flag_in_the_cli(tmp_path):
