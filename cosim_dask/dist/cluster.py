@@ -112,7 +112,8 @@ def connect(config: ClusterConfig) -> tuple[Client, LocalCluster | None]:
     env.update({name: str(config.threads_per_worker) for name in _BLAS_ENV})
     # Workers forked from a warm server when one was started for exactly this environment
     # (cosim_dask.dist.warm: the CLI starts it before its imports), else spawned.
-    fork = warm.cluster_config(env) if config.processes else {}
+    fork = warm.cluster_config(env, dask.config.get(
+        "distributed.worker.multiprocessing-method")) if config.processes else {}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env, **fork}):
         cluster = start_local(lambda: LocalCluster(
             n_workers=config.workers,

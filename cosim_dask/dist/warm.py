@@ -92,11 +92,14 @@ def start(threads_per_worker: int = 1) -> bool:
         return True
 
 
-def cluster_config(pre_spawn: Mapping[str, object]) -> dict[str, object]:
+def cluster_config(pre_spawn: Mapping[str, object], method: str = "spawn"
+                   ) -> dict[str, object]:
     """Dask settings that make a LocalCluster fork its workers from the running server: only
-    when one runs and its environment is what the nanny would set (``pre_spawn``); else
-    none (the workers are spawned)."""
-    if _server_environ is None or _server_environ != worker_environ(pre_spawn):
+    when one runs, its environment is what the nanny would set (``pre_spawn``), and the
+    configured start ``method`` is Dask's default (``spawn``: a user's own choice stands);
+    else none."""
+    if (method != "spawn" or _server_environ is None
+            or _server_environ != worker_environ(pre_spawn)):
         return {}
     try:  # distributed would otherwise import every optional package to preload them
         import distributed.utils

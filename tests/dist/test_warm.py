@@ -106,3 +106,18 @@ def test_a_server_that_cannot_start_leaves_the_workers_spawned(monkeypatch):
     assert "OPENBLAS_NUM_THREADS" not in os.environ
     assert signal.getsignal(signal.SIGINT) is handler
     assert warm.cluster_config({"OPENBLAS_NUM_THREADS": 1}) == {}
+
+
+def test_a_running_server_serves_only_clusters_it_fits(monkeypatch):
+    from cosim_dask.dist import warm
+
+    pre_spawn = {**warm.TRIM_ENV, **dict.fromkeys(warm.BLAS_ENV, 1)}
+    for name in (*pre_spawn, "PYTHONHASHSEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(warm, "_server_environ", warm.worker_environ(pre_spawn))
+    forkserver = {"distributed.worker.multiprocessing-method": "forkserver"}
+    assert warm.cluster_config(pre_spawn) == forkserver
+    assert warm.cluster_config({**pre_spawn, "OMP_NUM_THREADS": 2}) == {}
+    assert warm.cluster_config(pre_spawn, method="fork") == {}  # the user's choice stands
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the environment wins, as in the nanny
+    assert warm.cluster_config(pre_spawn) == {}
