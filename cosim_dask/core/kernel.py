@@ -251,6 +251,26 @@ def cosine(n: np.ndarray, m: np.ndarray, cross: np.ndarray, ok: np.ndarray) -> n
     return np.clip(s, -1.0, 1.0)  # roundoff can leave |s| a hair above 1
 
 
+def _row_indices(rows, n: int) -> np.ndarray:
+    """``rows`` as in-range integer indices: a boolean mask of the n pairs is taken as the
+    pairs it marks; anything else (floats, out-of-range indices) is an error, never a
+    silent cast."""
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n,):
+            raise ShapeError(f"a boolean rows mask must have one entry per pair ({n}); got "
+                             f"shape {rows.shape}")
+        return np.flatnonzero(rows)
+    if rows.ndim != 1 or not (np.issubdtype(rows.dtype, np.integer) or rows.size == 0):
+        raise ShapeError(f"rows must be a 1-D array of pair indices (or a boolean mask); got "
+                         f"dtype {rows.dtype} and shape {rows.shape}")
+    rows = rows.astype(np.intp, copy=False)
+    if rows.size and (rows.min() < -n or rows.max() >= n):
+        raise ShapeError(f"rows must index the {n} pairs; got indices {rows.min()} … "
+                         f"{rows.max()}")
+    return np.where(rows < 0, rows + n, rows) if rows.size and rows.min() < 0 else rows
+
+
 def pair_similarity(
     x: np.ndarray,
     y: np.ndarray,
@@ -278,12 +298,9 @@ def pair_similarity(
     """
     x, y, _ = as_pair_arrays(x, y)
     d = x.shape[1]
-    count = x.shape[0] if rows is None else len(rows)
     if rows is not None:
-        rows = np.asarray(rows, dtype=np.intp)
-        if count and (rows.min() < 0 or rows.max() >= x.shape[0]):
-            raise ShapeError(f"rows must index the {x.shape[0]} pairs; got indices "
-                             f"{rows.min()} … {rows.max()}")
+        rows = _row_indices(rows, x.shape[0])
+    count = x.shape[0] if rows is None else len(rows)
     block_rows = block_rows or default_block_rows(d)
     # Plain cosine (A = I) needs no products: x·I is x exactly, so skipping the d × d
     # matmul changes no bit and halves an evaluation pass, which scores both metrics.

@@ -390,6 +390,18 @@ def test_similarity_of_chosen_rows_has_the_bits_of_the_copied_rows(rng, dtype, l
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ShapeError, match="rows must index the 3000 pairs"):
         pair_similarity(x, y, A, rows=np.array([0, 3000]))
+    # A boolean mask selects what it marks (not rows 0 and 1); floats are refused, not cut.
+    mask = rng.random(3000) < 0.3
+    np.testing.assert_array_equal(
+        pair_similarity(x, y, A, on_invalid="nan", block_rows=256, rows=mask),
+        pair_similarity(x[mask], y[mask], A, on_invalid="nan", block_rows=256))
+    with pytest.raises(ShapeError, match="one entry per pair"):
+        pair_similarity(x, y, A, rows=mask[:10])
+    with pytest.raises(ShapeError, match="pair indices"):
+        pair_similarity(x, y, A, rows=np.array([0.5, 2.0]))
+    np.testing.assert_array_equal(  # negative indices count from the end, as x[rows] does
+        pair_similarity(x, y, A, on_invalid="nan", rows=np.array([-1, 5])),
+        pair_similarity(x[[-1, 5]], y[[-1, 5]], A, on_invalid="nan"))
 
 
 def test_first_pass_batches_gathered_into_reused_buffers_are_the_rows(rng):
