@@ -178,8 +178,11 @@ class CosineMetricLearner(_Params):
     classes_ : binary labels only: (2,) the labels of y's kind in y's dtype, ``[-1, 1]`` or
         ``[0, 1]`` (both even if y held one of them); ``classes_[1]`` means similar.
     n_iter_ : solver steps taken.
-    loss_history_ : (n_iter_ + 1,) training objective at the start and after every step.
-    history_ : one dict per step (loss, gradient norm, validation AUC, timing).
+    loss_history_ : (n_iter_ + 1,) training objective at the start and after every step;
+        NaN at the start of the default solver with validation rows, whose step 0 reports
+        the first pass's validation figures before its training loss is computed.
+    history_ : one dict per step (loss, gradient norm, validation AUC, timing; None for a
+        figure the step did not compute).
     stop_reason_ : why training stopped.
     fit_backend_ : ``"in-process"`` or ``"cluster"``.
     n_features_in_ : d.
@@ -415,7 +418,8 @@ class CosineMetricLearner(_Params):
         self.components_ = model.components()
         self.n_iter_ = state.step
         self.history_ = state.history
-        self.loss_history_ = np.array([r["loss"] for r in state.history])
+        self.loss_history_ = np.array([np.nan if r["loss"] is None else r["loss"]
+                                       for r in state.history], dtype=np.float64)
         self.stop_reason_ = state.stop_reason
         self.fit_backend_ = backend
         self.n_features_in_ = d
@@ -423,8 +427,11 @@ class CosineMetricLearner(_Params):
     @staticmethod
     def _log_step(record: dict[str, Any]) -> None:
         val = record.get("val_auc")
-        logger.info("step %d  loss %.6g  |grad| %.3g%s", record["step"], record["loss"],
-                    record["grad_norm"], "" if val is None else f"  val AUC {val:.4f}")
+        loss, grad = record["loss"], record["grad_norm"]  # None: not computed at this step
+        logger.info("step %d%s%s%s", record["step"],
+                    "" if loss is None else f"  loss {loss:.6g}",
+                    "" if grad is None else f"  |grad| {grad:.3g}",
+                    "" if val is None else f"  val AUC {val:.4f}")
 
     # -- using the metric
 

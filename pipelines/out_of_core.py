@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)
 
         def on_step(r) -> None:
-            print(f"step {r['step']:3d}  loss {r['loss']:.5f}  "
+            loss = "—" if r["loss"] is None else f"{r['loss']:.5f}"  # step 0: not yet known
+            print(f"step {r['step']:3d}  loss {loss}  "
                   f"{(r['pairs_per_s'] or 0):12,.0f} pairs/s", flush=True)
 
         with WorkerMemorySampler(client, interval=0.1) as peak:

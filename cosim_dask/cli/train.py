@@ -221,13 +221,16 @@ def _on_step(tracker: Tracker) -> Callable[[dict], None]:
     """Each step's figures on the progress line, the most useful first."""
 
     def on_step(r: dict) -> None:
-        status = [f"loss {fmt(r['loss'])}"]
+        # A figure the step did not compute is left out (step 0 of the default solver has
+        # the validation figures of the first pass, not yet its training loss and gradient).
+        status = [f"loss {fmt(r['loss'])}"] if r.get("loss") is not None else []
         if r.get("val_auc") is not None:
             status.append(f"val AUC {r['val_auc']:.4f}")
         elif r.get("val_loss") is not None:
             status.append(f"val loss {fmt(r['val_loss'])}")
-        status += [f"|grad| {fmt(r['grad_norm'], '.2e')}",
-                   f"{fmt(r['pairs_per_s'], ',.0f')} pairs/s"]
+        if r.get("grad_norm") is not None:
+            status.append(f"|grad| {fmt(r['grad_norm'], '.2e')}")
+        status.append(f"{fmt(r['pairs_per_s'], ',.0f')} pairs/s")
         tracker.update(r["step"], status)
 
     return on_step

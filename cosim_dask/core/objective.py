@@ -61,3 +61,10 @@ class Objective:
         if not np.isfinite(average).all():  # a run's fit ran off: the caller's check says so
             return np.full_like(np.asarray(params, dtype=np.float64), np.nan)
         return params_from_metric(self.parameterisation, average)
+
+    def validate_ahead(self, params: np.ndarray) -> bool:
+        """Score the validation rows at ``params`` now, ahead of the full pass there, when
+        the ``partial_sum`` can (its ``validate_ahead``; the figures go to its
+        ``last_validation``): True when it did."""
+        ahead = getattr(self.partial_sum, "validate_ahead", None)
+        return bool(ahead is not None and ahead(params))

@@ -9,6 +9,7 @@ runs in-process or on a Dask cluster is not the solver's business.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -61,6 +62,11 @@ class Solver:
 
     def step(self, evaluate: Evaluate, project: Project) -> StepInfo:
         raise NotImplementedError
+
+    def settle(self, evaluate: Evaluate) -> int:
+        """Evaluate a start that :meth:`start` left for later (the passes it took: 0 or 1);
+        the driver calls it before every step, and before saving a run that took none."""
+        return 0
 
     # State for checkpoints: a flat dict of arrays and numbers.
     def state(self) -> dict[str, np.ndarray | float | int]:
@@ -266,6 +272,11 @@ class StreamLBFGS(LBFGS):
     short on others, where the first L-BFGS steps close most of the gap (plain L-BFGS from
     the identity: 6 passes to within 0.001). Where ``evaluate`` has no ``local_average``
     this is plain L-BFGS.
+
+    Where ``evaluate.validate_ahead(average)`` scores the validation rows at the average
+    (without a full pass), step 0 ends with the first pass and reports those figures, a
+    pass sooner; its training loss and gradient come with step 1, whose first pass is the
+    full pass at the average that L-BFGS starts from (:meth:`settle`).
     """
 
     name = "stream+lbfgs"
@@ -274,13 +285,31 @@ class StreamLBFGS(LBFGS):
     def __init__(self, memory: int = 10, lr: float = 0.1, fit: LocalFit | None = None) -> None:
         super().__init__(memory=memory, lr=lr)
         self.fit = fit or LocalFit()
+        #: The start's full pass is still to come (:meth:`settle`).
+        self.pending = False
 
     def start(self, params: np.ndarray, evaluate: Evaluate) -> StepInfo:
         local = getattr(evaluate, "local_average", None)
         if local is None:
             return super().start(params, evaluate)
-        info = super().start(local(params, self.fit), evaluate)
+        average = local(params, self.fit)
+        ahead = getattr(evaluate, "validate_ahead", None)
+        if ahead is not None and ahead(average):
+            # The average's validation figures are in after one pass, so step 0 reports
+            # them now (its training loss and gradient are not known: NaN); the full pass
+            # at the average, which L-BFGS needs, opens step 1 (:meth:`settle`).
+            self.params = np.ascontiguousarray(average, dtype=np.float64)
+            self.loss, self.grad, self.pending = math.nan, None, True
+            return StepInfo(math.nan, math.nan, 0.0, 1)
+        info = super().start(average, evaluate)
         return StepInfo(info.loss, info.grad_norm, info.step_size, info.evaluations + 1)
+
+    def settle(self, evaluate: Evaluate) -> int:
+        if not self.pending:
+            return 0
+        super().start(self.params, evaluate)
+        self.pending = False
+        return 1
 
 
 SOLVERS: dict[str, type[Solver]] = {

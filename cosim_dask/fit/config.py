@@ -24,7 +24,7 @@ precision a pair store keeps). The choices, and the evidence for them (the digit
   relative validation loss (training loss without validation rows). Plain L-BFGS from the
   identity needed 6 passes to get within 0.001 held-out AUC of the best on the demo's
   synthetic pairs (200,000 × d = 64) and ran 14–17; the first pass's average alone was within
-  it there (0.9642 against 0.9648: 2 passes, counting the pass that evaluates it), 0.0036
+  it there (0.9642 against 0.9648: step 0 reports it after that one pass), 0.0036
   short on a ``cosim generate`` store of the same kind (0.9604 against 0.9640; 0.9633 after
   two L-BFGS steps), 0.0016 at d = 128 (400,000 pairs). Runs ended after 5–8 passes.
   ``scripts/bench_converge.py`` compares it with the

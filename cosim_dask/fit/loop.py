@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -91,9 +91,11 @@ def run_solver(
                 time.perf_counter() - started, targets_binary, on_step)
     while state.step < config.steps and state.stop_reason is None:
         started = time.perf_counter()
-        before = solver.loss
         guarded.step = state.step + 1
+        settled = solver.settle(guarded)
+        before = solver.loss
         info = solver.step(guarded, form.project)
+        info = replace(info, evaluations=info.evaluations + settled)
         if not math.isfinite(info.loss) or not np.isfinite(solver.params).all():
             what = "parameters" if math.isfinite(info.loss) else "loss"
             raise diverged(config, state.step + 1, f"the {what} became inf/nan")
@@ -107,6 +109,8 @@ def run_solver(
             checkpoint(solver, state)
     if state.stop_reason is None:
         state.stop_reason = "max steps"
+    if solver.settle(guarded):  # no step taken: the saved solver state needs its start
+        count_passes()
     return state
 
 
@@ -166,6 +170,12 @@ class _Guarded:
         self._check(averaged)
         return averaged
 
+    def validate_ahead(self, params: np.ndarray) -> bool:
+        """The objective's :meth:`Objective.validate_ahead`: True when the validation
+        figures at ``params`` are in (``last_validation``) before a full pass there."""
+        self._check(params)
+        return self.objective.validate_ahead(params)
+
 
 def _record(state, source, loss, grad_norm, step_size, evaluations, seconds, binary, on_step):
     stats = getattr(source, "last_validation", None)
@@ -173,8 +183,9 @@ def _record(state, source, loss, grad_norm, step_size, evaluations, seconds, bin
     pairs = getattr(source, "last_pairs", 0) * max(evaluations, 1)
     record = {
         "step": state.step,
-        "loss": loss,
-        "grad_norm": grad_norm,
+        # NaN: not computed at this step (step 0 of a start whose full pass comes later).
+        "loss": loss if math.isfinite(loss) else None,
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
         "step_size": step_size,
         "evaluations": evaluations,
         "passes": round(state.passes, 6),

@@ -134,7 +134,9 @@ def test_train_logs_every_step_and_titles_its_table(store, tmp_path, cluster_add
     # One line a step (step 0 is the start); the last one says done.
     counts = [int(re.match(r"train: (\d+)/4 steps · ", line).group(1)) for line in lines]
     assert counts == [0, 1, 2, 3, 4], lines
-    assert all("loss " in line and "elapsed " in line for line in lines)
+    assert all("elapsed " in line and "val AUC " in line for line in lines)
+    # Step 0 (the first pass) has its validation figures; its loss comes with step 1.
+    assert "loss " not in lines[0] and all("loss " in line for line in lines[1:]), lines
     assert all(re.search(r" · eta ≤ [\d.]+s$", line) for line in lines[1:-1]), lines
     assert lines[-1].endswith(" · done")
     assert "validation pairs" in result.stdout and "held-out" not in result.stdout

@@ -3,6 +3,8 @@ mini-batch Adam and averaged. Same result in this process and on the shared 2-wo
 cluster, persisted or streamed from a store; its passes counted; and on a small problem it
 reaches the plain L-BFGS optimum's held-out AUC within two passes."""
 
+from dataclasses import replace
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from cosim_dask.dist.passes import (
 from cosim_dask.dist.tasks import score_rows
 from cosim_dask.errors import InvalidPairsError
 from cosim_dask.fit.config import TrainConfig
-from cosim_dask.fit.loop import run_solver
+from cosim_dask.fit.loop import run_solver, state_from_attrs, state_to_attrs
 
 #: Small runs so that 6,000 pairs in chunks of 500 make several runs.
 FIT = LocalFit(run_rows=2000, batch_rows=256, min_steps=16)
@@ -116,10 +118,9 @@ def held_auc(form, params, held):
 
 
 def test_reaches_the_lbfgs_optimum_within_two_passes():
-    """On a small problem: the first pass's average (two passes: the fit, then the pass
-    that evaluates it) is within 0.001 held-out AUC of plain L-BFGS run to convergence; the
-    run stops on its validation figures before it, still there, and every step records its
-    passes."""
+    """On a small problem: the first pass's average (reported by step 0 after that one pass)
+    is within 0.001 held-out AUC of plain L-BFGS run to convergence; the run stops on its
+    validation figures before it, still there, and every step records its passes."""
     x, y, t, A_star = synthetic_pairs(30_000, 16, rank=4, noise=0.3, targets="binary", seed=2)
     held = synthetic_chunk(20_000, A_star, noise=0.3, targets="binary", seed=2, chunk=99)
     config = TrainConfig(validation=0.1, steps=40)
@@ -136,8 +137,82 @@ def test_reaches_the_lbfgs_optimum_within_two_passes():
         results[name] = state, seen
     optimum = results["lbfgs"][1][-1][1]
     state, seen = results["stream+lbfgs"]
-    assert seen[0][0] == 2.0 and seen[0][1] >= optimum - 0.001
+    # Step 0 reports the first pass's average after that one pass (its validation rows are
+    # scored ahead of the full pass at it, which opens step 1).
+    assert seen[0][0] == 1.0 and seen[0][1] >= optimum - 0.001
+    assert seen[1][0] == 3.0
+    assert state.history[0]["loss"] is None and state.history[0]["val_auc"] is not None
     assert [p for p, _ in seen] == sorted(p for p, _ in seen)
     assert seen[-1][1] >= optimum - 0.001
     assert state.passes == seen[-1][0] < results["lbfgs"][0].passes
     assert "gained" in state.stop_reason and "<= 0.0003" in state.stop_reason
+
+
+class SpiedPairs(LocalPairs):
+    """LocalPairs noting what each pass it runs computes (the work itself unchanged)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.runs = []
+
+    def run(self, params, spec, chunks):
+        self.runs.append((np.array(params), spec.with_train, spec.with_validation))
+        return super().run(params, spec, chunks)
+
+
+def test_step_0_reports_the_average_before_the_full_pass_at_it(data):
+    """Step 0 comes after the first pass and a pass over the validation rows alone, with the
+    average's figures; step 1 opens with the full pass at the average, which does not score
+    the validation rows again; later passes do."""
+    form = FactorMetric()
+    source = SpiedPairs(*data, form, "mse", chunk_rows=500, validation=0.2)
+    records = []
+    run_solver(Objective(form, source), get_solver("stream+lbfgs", fit=FIT), form.initial(8),
+               TrainConfig(validation=0.2, steps=3, tol=0),
+               on_step=lambda r: records.append((dict(r), len(source.runs))))
+    first, runs_by_then = records[0]
+    assert runs_by_then == 1 and source.runs[0][1:] == (False, True)
+    average = source.runs[0][0]
+    assert first["passes"] == 1.0 and first["evaluations"] == 1
+    assert first["loss"] is None and first["grad_norm"] is None
+    expected = source.validate(average)  # scored afresh: the same figures
+    assert first["val_auc"] == expected.auc() and first["val_loss"] == expected.mean_loss
+    params, with_train, with_validation = source.runs[1]
+    assert np.array_equal(params, average) and with_train and not with_validation
+    step_1, runs_by_then = records[1]
+    assert all(v for _, _, v in source.runs[2:runs_by_then])
+    # Step 1's passes: every run since the validation rows' own (runs[0]).
+    assert step_1["loss"] is not None and step_1["evaluations"] == runs_by_then - 1 >= 2
+    assert step_1["passes"] == runs_by_then
+
+
+def test_without_validation_rows_step_0_has_the_full_pass(data):
+    form = FactorMetric()
+    source = local_pairs(data, form)
+    state = run_solver(Objective(form, source), get_solver("stream+lbfgs", fit=FIT),
+                       form.initial(8), TrainConfig(validation=0.0, steps=1))
+    first = state.history[0]
+    assert first["passes"] == 2.0 and first["evaluations"] == 2
+    assert first["loss"] is not None and first["grad_norm"] is not None
+
+
+def test_no_steps_still_leave_a_solver_state_that_resumes_exactly(data):
+    """A run of 0 steps takes the full pass at the average before it ends, so its solver
+    state resumes to the very steps of a run that went on."""
+    form = FactorMetric()
+    config = TrainConfig(validation=0.2, steps=3, tol=0)
+
+    def objective():
+        return Objective(form, local_pairs(data, form, validation=0.2))
+
+    whole = get_solver("stream+lbfgs", fit=FIT)
+    run_solver(objective(), whole, form.initial(8), config)
+    first = get_solver("stream+lbfgs", fit=FIT)
+    state = run_solver(objective(), first, form.initial(8), replace(config, steps=0))
+    assert state.step == 0 and state.passes == 2.0 and first.grad is not None
+    resumed = get_solver("stream+lbfgs", fit=FIT)
+    resumed.restore(first.state())
+    state = run_solver(objective(), resumed, None, config,
+                       state=state_from_attrs(state_to_attrs(state)))  # as a checkpoint
+    assert state.step == 3
+    np.testing.assert_array_equal(resumed.params, whole.params)
