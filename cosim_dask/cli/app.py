@@ -17,14 +17,45 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from cosim_dask import __version__
 from cosim_dask.cli import store, tools, train
 from cosim_dask.cli.options import on_off
 from cosim_dask.cli.output import Terminated, debugging, echo, set_debug, set_mode
 
+
+class _Command(TyperCommand):
+    """A command whose ``--help`` shows no ``<bool>``: a flag takes no value (as our own
+    flags show, :func:`~cosim_dask.cli.options.on_off`)."""
+
+    def get_help_option(self, ctx):
+        return _without_metavar(super().get_help_option(ctx))
+
+
+class _Group(TyperGroup):
+    """The root: ``--help`` and Typer's completion flags without ``<bool>`` too."""
+
+    def get_help_option(self, ctx):
+        return _without_metavar(super().get_help_option(ctx))
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if param.name in ("install_completion", "show_completion"):
+                _without_metavar(param)
+        return params
+
+
+def _without_metavar(option):
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
     name="cosim",
+    cls=_Group,
     help="Learn a cosine-similarity metric from labelled pairs of vectors, at any scale.",
     # `cosim --install-completion` / `--show-completion SHELL`: the completion script calls
     # `cosim` back with _COSIM_COMPLETE set, which Typer answers before any command runs.
@@ -79,7 +110,7 @@ def short_help(command: Callable) -> str:
 
 for command in (store.generate, store.ingest, store.info, train.train, train.evaluate,
                 tools.transform, tools.report, version):
-    app.command(short_help=short_help(command))(command)
+    app.command(short_help=short_help(command), cls=_Command)(command)
 
 
 def main(args: Sequence[str] | None = None) -> NoReturn:

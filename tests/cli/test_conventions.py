@@ -72,26 +72,24 @@ def test_completion_answers_through_the_entry_point(tmp_path):
 
 # --- flags ----------------------------------------------------------------------------------
 
-#: Typer's own flags, which it draws with a type column whatever we do.
-TYPERS_OWN = {"help", "install_completion", "show_completion"}
-
-
 def test_every_help_has_h_and_shows_flags_without_a_value():
-    """Each command's help, rendered once: -h works, and no flag of ours shows a type column
-    (`--overwrite <bool>` reads as if it took a value)."""
+    """Each command's help, rendered once: -h works, and no flag shows a type column
+    (`--overwrite <bool>` reads as if it took a value), Typer's own (--help, the completion
+    flags) included."""
     root = typer.main.get_command(app)
     commands = {"": root, **{name: root.commands[name] for name in root.commands}}
     checked = 0
     for name, command in commands.items():
         text = ok(*([name] if name else []), "-h").stdout
         assert f"Usage: cosim {name} [OPTIONS]".replace("  ", " ") in text
-        for param in command.params:
-            if getattr(param, "is_flag", False) and param.name not in TYPERS_OWN:
-                option = max(param.opts, key=len)
-                rows = [line for line in text.splitlines() if f"{option} " in line]
-                assert rows and all("<bool>" not in row for row in rows), (name, rows)
-                checked += 1
-    assert checked >= 20  # --overwrite, --json and --quiet of every command, and the rest
+        assert "<bool>" not in text, (name, text)
+        flags = [max(param.opts, key=len) for param in command.params
+                 if getattr(param, "is_flag", False)] + ["--help"]
+        for option in flags:
+            rows = [line for line in text.splitlines() if f"{option} " in line]
+            assert rows and all("<bool>" not in row for row in rows), (name, rows)
+            checked += 1
+    assert checked >= 30  # --help, --overwrite, --json and --quiet of every command, ...
 
 
 def test_a_flag_takes_no_value(tmp_path):
