@@ -173,6 +173,12 @@ class Pairs:
         """The first pass's work: each run's chunks in turn (:func:`local_task`)."""
         raise NotImplementedError
 
+    @property
+    def cheap_to_read(self) -> bool:
+        """Reading every chunk costs little beside a training pass (data in memory, or a
+        local store: a training pass is compute-bound there)."""
+        return True
+
     def validate(self, params: np.ndarray) -> ScoreStats:
         """Validation statistics alone (one pass over the validation rows)."""
         spec = replace(self.spec, with_train=False, with_validation=True)
@@ -184,9 +190,11 @@ class Pairs:
 
         The first pass's average is scored this way, so its figures come a pass sooner: the
         validation rows alone are scored (a tenth of the rows by default; a read of each
-        chunk where it streams) and the full pass after scores none.
+        chunk where it streams) and the full pass after scores none. Not where a read of the
+        data costs about a pass (:attr:`cheap_to_read`): there the figures wait for the full
+        pass, as they did before.
         """
-        if self.spec.validation <= 0:
+        if self.spec.validation <= 0 or not self.cheap_to_read:
             return False
         self.last_validation = self.validate(params)
         self._validated = np.array(params, copy=True)
@@ -304,6 +312,11 @@ class DaskPairs(Pairs):
         self.read_ahead = read_ahead
         #: Full passes over persisted chunks as one task per worker's run.
         self.worker_runs = worker_runs
+
+    @property
+    def cheap_to_read(self) -> bool:
+        # From object storage a read of the store takes about as long as a training pass.
+        return not (self.source.streaming and is_url(self.pieces[0].path))
 
     def _params_ref(self, params: np.ndarray, n_tasks: int = 1):
         mode = self.broadcast

@@ -195,6 +195,15 @@ def test_generate_train_evaluate_transform_on_s3(s3, tmp_path):
                    for m, s in ((model, store), (tmp_path / "model.zarr", local))]
     A_s3, A_local = load_model(model).A, load_model(tmp_path / "model.zarr").A
     np.testing.assert_array_equal(A_s3, A_local)
+    # Step 0's figures (the first pass's average): from local disk right after that pass,
+    # its validation rows read and scored alone; from object storage, where that read costs
+    # about a pass, with the full pass at the average, as step 0's loss. The same figures.
+    first_s3, first_local = load_model(model).history[0], load_model(
+        tmp_path / "model.zarr").history[0]
+    assert (first_s3["passes"], first_local["passes"]) == (2.0, 1.0)
+    assert first_s3["loss"] is not None and first_local["loss"] is None
+    assert first_s3["val_auc"] == first_local["val_auc"] is not None
+    assert first_s3["val_loss"] == first_local["val_loss"]
     assert reports[0]["split"] == "validation"
     assert reports[0]["learned"] == reports[1]["learned"]
 
