@@ -348,7 +348,7 @@ class CosineMetricLearner(_Params):
 
     def _run(self, source, config: TrainConfig, form, params0, binary: bool):
         objective = Objective(form, source, config.regularization)
-        solver = config.make_solver()
+        solver = config.make_solver(binary)
         on_step = self._log_step if self.verbose else None
         state = run_solver(objective, solver, params0, config, on_step=on_step,
                            targets_binary=binary)

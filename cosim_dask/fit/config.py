@@ -58,8 +58,9 @@ from typing import Any
 import numpy as np
 
 from cosim_dask.core.forms import Parameterisation, get_parameterisation
+from cosim_dask.core.local import first_pass_fit
 from cosim_dask.core.losses import Loss, get_loss
-from cosim_dask.core.solvers import Solver, get_solver
+from cosim_dask.core.solvers import Solver, StreamLBFGS, get_solver
 from cosim_dask.dist.tree import resolve_split_every
 from cosim_dask.errors import ANY, CosimError, Message
 
@@ -195,7 +196,11 @@ class TrainConfig:
     def make_parameterisation(self) -> Parameterisation:
         return get_parameterisation(self.param, self.rank)
 
-    def make_solver(self) -> Solver:
+    def make_solver(self, binary: bool = True) -> Solver:
+        """The solver; ``binary``: whether the targets are binary labels, which chooses the
+        streaming first pass's fit (:func:`~cosim_dask.core.local.first_pass_fit`)."""
+        if self.solver == StreamLBFGS.name:
+            return get_solver(self.solver, lr=self.lr, fit=first_pass_fit(binary))
         return get_solver(self.solver, lr=self.lr)
 
     @property

@@ -159,10 +159,10 @@ def _train_store(store_path, target, config, *, client, options, overwrite, resu
         return TrainResult(checkpoint.model, state, "none", 0.0, resumed_complete=True)
     split_every = resolve_split_every(options.split_every)
     form = config.make_parameterisation()
-    solver = config.make_solver()
+    binary = store.targets == "binary"
+    solver = config.make_solver(binary)
     state = _restore(checkpoint.model, solver, out) if resume else None
 
-    binary = store.targets == "binary"
     cache = choose_cache(options.cache, store_bytes(store), cluster_memory(client))
     pieces = make_pieces(client, store, cache, options.split_every)
     pairs = DaskPairs(
@@ -322,7 +322,7 @@ def check_request(
     if checkpoint is None or not checkpoint.is_current(out):
         checkpoint = Checkpoint.read(out)
     _check_checkpoint(checkpoint.model, out, config, store, options)
-    _restore(checkpoint.model, config.make_solver(), out)  # its solver state must load too
+    _restore(checkpoint.model, config.make_solver(store.targets == "binary"), out)  # must load
     return store, checkpoint
 
 
