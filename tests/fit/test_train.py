@@ -115,6 +115,37 @@ def test_graded_targets_recover_hidden_metric(graded_store, tmp_path, cluster_ad
     assert cos >= 0.99
 
 
+def test_a_graded_store_gets_the_graded_first_pass(graded_store, tmp_path, cluster_address):
+    """`cosim train` picks the first pass's fit from the store's target kind: after step 0
+    a graded store's model is the graded fit's average, computed in this process on the same
+    chunks, rows and seed, and not the binary labels' fit's."""
+    from threadpoolctl import threadpool_limits
+
+    from cosim_dask.core.local import GRADED_FIT, LocalFit
+    from cosim_dask.core.objective import Objective
+    from cosim_dask.dist.passes import LocalPairs
+    from cosim_dask.fit.config import TrainConfig
+
+    out = tmp_path / "g.zarr"
+    cosim("train", graded_store, "--out", out, "--steps", 0, "--validation", 0.1,
+          "--scheduler", cluster_address)
+    model = load_model(out)
+    assert model.history[0]["passes"] == 1.0
+    root = zarr.open_group(graded_store, mode="r")
+    x, y, t = (root[name][...] for name in ("x", "y", "target"))
+    config = TrainConfig(validation=0.1)
+    form = config.make_parameterisation()
+    averages = {}
+    for name, fit in (("graded", GRADED_FIT), ("binary", LocalFit())):
+        source = LocalPairs(x, y, t, form, config.make_loss(binary=False), chunk_rows=3000,
+                            validation=0.1, seed=config.seed)
+        with threadpool_limits(limits=1):  # as the workers run
+            params = Objective(form, source).local_average(form.initial(10), fit)
+        averages[name] = form.metric(params)
+    np.testing.assert_allclose(model.A, averages["graded"], rtol=1e-9, atol=1e-12)
+    assert not np.allclose(model.A, averages["binary"], rtol=1e-3)
+
+
 def test_factor_form_and_stream_equals_memory(binary_store, tmp_path, cluster_address):
     models = {}
     for cache in ("memory", "stream"):
