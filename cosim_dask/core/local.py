@@ -56,7 +56,8 @@ class LocalFit:
     reach 0.9635–0.9637 (best 0.96418). lr 0.8 rather than 0.6: 0.96346 against 0.96312 at
     200k × 64 with batches of 8,192, 0.96460 against 0.96453 at 2M × 128. Smaller batches
     rather than more epochs, for the same steps, lost: 0.96248 (200k × 64, 64 steps of
-    3,125) and 0.95810 (600k × 256, 128 steps of 4,218).
+    3,125) and 0.95810 (600k × 256, 128 steps of 4,218). These defaults are for binary
+    labels; graded targets take :data:`GRADED_FIT` (:func:`first_pass_fit`).
     """
 
     run_rows: int = 1_048_576
