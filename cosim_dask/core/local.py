@@ -5,8 +5,10 @@ The chunks are cut into runs of consecutive chunks (:func:`local_runs`), about
 chunk sizes, never on the cluster. Each run starts from the same parameters and walks its
 chunks one after the other (in a seeded order), taking Adam steps over seeded mini-batches of
 each chunk's training rows (:func:`local_steps`); every mini-batch gradient is the chunk
-kernel's (:meth:`Parameterisation.chunk_partial`). Every row is read once: the phase is one
-pass. The runs' fitted metrics are then averaged (:class:`MetricSum`), added in run order.
+kernel's (:meth:`Parameterisation.chunk_partial`; with in-chunk negatives,
+:meth:`Parameterisation.negatives_partial` over the batch and its negatives). Every row is
+read once: the phase is one pass. The runs' fitted metrics are then averaged
+(:class:`MetricSum`), added in run order.
 Each run's result depends only on the start, its rows and the seed, so the average does not
 depend on how many workers ran the runs or when.
 
@@ -34,6 +36,7 @@ import numpy as np
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.core.kernel import scratch_array, take_rows
 from cosim_dask.core.losses import Loss
+from cosim_dask.core.negatives import negative_partners
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,11 @@ class MetricSum:
         return self.total / self.weight
 
 
+#: Where the first pass's negative draws start (``negative_partners``' ``epoch``, one per
+#: batch): apart from the full passes' draws, which count epochs from 0.
+LOCAL_NEGATIVES_DRAW = 1 << 40
+
+
 def local_runs(rows: list[int], run_rows: int, seed: int) -> list[list[int]]:
     """The chunks of each run, in the order the run visits them.
 
@@ -160,12 +168,17 @@ def local_runs(rows: list[int], run_rows: int, seed: int) -> list[list[int]]:
 
 def local_steps(x: np.ndarray, y: np.ndarray, t: np.ndarray, state: LocalState,
                 form: Parameterisation, loss: Loss, fit: LocalFit, *, seed: int, chunk: int,
-                include: np.ndarray | None = None) -> LocalState:
+                include: np.ndarray | None = None, negatives: int = 0,
+                positive_weight: int = 1) -> LocalState:
     """Adam over mini-batches of one chunk's ``include``d rows (all when None), continuing
     ``state``; returns the new state (``state`` is not changed).
 
     The batches are a permutation drawn from ``(seed, chunk)`` alone (per epoch: the state
-    says how many). Invalid pairs are
+    says how many). With ``negatives`` K, each batch's positive pairs get K negatives made
+    inside the batch (:func:`~cosim_dask.core.negatives.negative_partners`, drawn from
+    ``(seed, chunk)`` and the batch's number), weighed as a full pass weighs them
+    (``positive_weight``): the first pass fits the objective the full passes compute, not
+    the positives alone, which every similarity of 1 would fit. Invalid pairs are
     skipped here (counted in ``skipped``); the caller decides whether that is an error.
     The state's ``loss`` adds up the mini-batch losses of each chunk's last epoch; its
     ``tail`` the parameters after every step past half the run's planned steps.
@@ -175,14 +188,22 @@ def local_steps(x: np.ndarray, y: np.ndarray, t: np.ndarray, state: LocalState,
     total, count, skipped = state.loss, state.count, state.skipped
     tail, tail_steps = (None if state.tail is None else state.tail.copy()), state.tail_steps
     rng = np.random.default_rng([int(seed), 0x10CA1, 0xC4, int(chunk)])
+    batches = 0
     for epoch in range(state.epochs):
         order = rows[rng.permutation(len(rows))]
         last = epoch == state.epochs - 1
         for lo in range(0, len(order), fit.batch_rows):
             # Sorted indices gather the rows forwards (faster); the batch is the same set.
             batch = np.sort(order[lo: lo + fit.batch_rows])
-            p = form.chunk_partial(*gather_rows(x, y, batch), t[batch], params, loss,
-                                   on_invalid="skip")
+            xb, yb = gather_rows(x, y, batch)
+            if negatives:
+                partners = negative_partners(t[batch] > 0, negatives, seed, chunk,
+                                             LOCAL_NEGATIVES_DRAW + batches)
+                p = form.negatives_partial(xb, yb, t[batch], params, loss, partners,
+                                           positive_weight=positive_weight, on_invalid="skip")
+            else:
+                p = form.chunk_partial(xb, yb, t[batch], params, loss, on_invalid="skip")
+            batches += 1
             if last:
                 total, count, skipped = total + p.loss, count + p.count, skipped + p.skipped
             if p.count == 0:

@@ -227,7 +227,8 @@ def local_task(data, state: LocalState | np.ndarray, spec: ChunkSpec, fit: Local
     include = ~val if val.any() else None
     skipped = state.skipped
     state = local_steps(x, y, t, state, spec.parameterisation, spec.loss, fit, seed=spec.seed,
-                        chunk=index, include=include)
+                        chunk=index, include=include, negatives=spec.negatives,
+                        positive_weight=spec.positive_weight)
     if state.skipped > skipped and spec.on_invalid == "raise":
         # The mini-batches skip invalid pairs; the chunk kernel names the first one.
         spec.parameterisation.chunk_partial(x, y, t, state.params, spec.loss, chunk_id=index,

@@ -68,23 +68,28 @@ def local_pairs(data, form, **kw):
     return LocalPairs(x, y, t, form, "mse", chunk_rows=500, **kw)
 
 
-@pytest.mark.parametrize("form", [FactorMetric(), FullMetric()])
-def test_first_pass_same_in_process_and_on_the_cluster(client, data, form):
+@pytest.mark.parametrize("form,negatives", [(FactorMetric(), 0), (FullMetric(), 0),
+                                            (FactorMetric(), 3)])
+def test_first_pass_same_in_process_and_on_the_cluster(client, data, form, negatives):
     x, y, t = data
     start = form.initial(8)
     with threadpool_limits(limits=1):  # as the workers run
-        local = local_pairs(data, form, validation=0.2, seed=3).local_fit(start, FIT)
+        local = local_pairs(data, form, validation=0.2, seed=3,
+                            negatives=negatives).local_fit(start, FIT)
     pieces = persisted_pieces(client, *(da.from_array(a, chunks=(500,) + a.shape[1:])
                                         for a in (x, y, t)))
-    remote = DaskPairs(client, pieces, form, "mse", validation=0.2, seed=3)
+    remote = DaskPairs(client, pieces, form, "mse", validation=0.2, seed=3, negatives=negatives)
     fitted = remote.local_fit(start, FIT)
-    assert fitted.count == local.count < 6000  # the validation rows were not fitted
+    assert fitted.count == local.count
+    if not negatives:  # (with negatives, count is of the augmented pairs)
+        assert local.count < 6000  # the validation rows were not fitted
     np.testing.assert_allclose(fitted.total, local.total, rtol=1e-12, atol=1e-12)
     assert fitted.weight == local.weight
     assert remote.passes == 1.0
     again = remote.local_fit(start, FIT)
     np.testing.assert_array_equal(again.total, fitted.total)  # run to run: the same bits
-    other = local_pairs(data, form, validation=0.2, seed=4).local_fit(start, FIT)
+    other = local_pairs(data, form, validation=0.2, seed=4,
+                        negatives=negatives).local_fit(start, FIT)
     assert not np.allclose(other.total, local.total)  # the seed matters
 
 
@@ -185,6 +190,33 @@ def test_graded_targets_reach_the_optimum_mse_within_one_percent_in_two_passes()
     assert model.history_[0]["passes"] == 1.0 and "gained" in model.stop_reason_
     # Its step 0 (the first pass's average) was already within 1 % of where it ended.
     assert model.history_[0]["val_loss"] <= 1.01 * model.history_[-1]["val_loss"]
+
+
+def test_positive_pairs_first_pass_fits_their_negatives_too():
+    """Positive pairs with in-chunk negatives: the first pass's mini-batches get their
+    negatives as the full passes do, so its average is near the optimum of that objective
+    (the positives alone would pull every similarity to 1: 80 % above it on larger data),
+    the same for every run of the same seed, and different for another seed."""
+    x, y, t, _ = synthetic_pairs(60_000, 16, rank=4, noise=0.1, targets="binary", seed=7)
+    x, y = x[t > 0], y[t > 0]
+    ones = np.ones(len(x))
+    config = TrainConfig(negatives=4)
+    form, loss = config.make_parameterisation(), config.make_loss(binary=True)
+
+    def run(solver, steps, seed=0):
+        source = LocalPairs(x, y, ones, form, loss, chunk_rows=5000, seed=seed, negatives=4,
+                            positive_weight=config.positive_weight)
+        state = run_solver(Objective(form, source), solver, form.initial(16),
+                           replace(config, steps=steps, seed=seed))
+        return state.history, solver.params
+
+    optimum = run(get_solver("lbfgs"), 40)[0][-1]["loss"]
+    history, params = run(config.make_solver(binary=True), 0)
+    assert history[0]["passes"] == 2.0  # the first pass, then the full pass at its average
+    assert history[0]["loss"] <= 1.01 * optimum
+    again = run(config.make_solver(binary=True), 0)[1]
+    np.testing.assert_array_equal(again, params)
+    assert not np.allclose(run(config.make_solver(binary=True), 0, seed=1)[1], params)
 
 
 class SpiedPairs(LocalPairs):
