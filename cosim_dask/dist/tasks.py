@@ -31,7 +31,7 @@ from cosim_dask.core.local import (
     metric_sum,
 )
 from cosim_dask.core.losses import Loss
-from cosim_dask.core.negatives import negative_partners
+from cosim_dask.core.negatives import NEGATIVE_LABEL, negative_partners
 from cosim_dask.core.retrieval import RetrievalStats, candidate_blocks, retrieval_stats
 from cosim_dask.core.stats import ScoreStats
 from cosim_dask.data.reader import StoreSlice, prefetch, read_group, read_slice
@@ -61,7 +61,12 @@ class ChunkSpec:
     ``joint``: keep the joint histogram of scores and targets (for Spearman's rho).
     ``negatives``: K negatives per positive training pair, made inside the chunk
     (:mod:`cosim_dask.core.negatives`), drawn from (``seed``, chunk, ``epoch``); the stored
-    pairs weigh ``positive_weight`` each, a negative 1.
+    pairs weigh ``positive_weight`` each, a negative 1. The validation statistics then
+    count K negatives per positive validation pair too (partners among the validation
+    positives, the same every pass), so that the figures that stop training measure the
+    objective it fits: without them a positive-only store's validation loss rewards every
+    similarity being 1 and its AUC is undefined. Evaluation (``splits``) scores the stored
+    pairs alone, as ``cosim evaluate`` does.
     ``retrieval``: evaluation, with the parameters being A: retrieval statistics
     (:mod:`cosim_dask.core.retrieval`) of A and of plain cosine over the positive pairs of
     the rows of ``splits[0]``, among candidate blocks of this size drawn from
@@ -137,6 +142,10 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
     if spec.with_validation:
         rows = np.flatnonzero(val) if spec.validation > 0 else None
         validation = score_rows(x, y, t, A, spec.loss, spec.joint, rows=rows)
+        if spec.negatives:
+            eligible = (val if rows is not None else np.ones(len(x), bool)) & (t > 0)
+            partners = negative_partners(eligible, spec.negatives, spec.seed, index)
+            validation = validation + score_negatives(x, y, A, spec.loss, partners, spec.joint)
     if spec.splits:
         scores = {}
         for split in spec.splits:
@@ -173,6 +182,19 @@ def score_rows(x: np.ndarray, y: np.ndarray, t: np.ndarray, A: np.ndarray | None
         t = t[rows]
     ok = np.isfinite(s) & np.isfinite(t)
     s, t = s[ok], t[ok]
+    values, _ = loss.pointwise(s, t)
+    return ScoreStats.of(s, t, values, joint=joint)
+
+
+def score_negatives(x: np.ndarray, y: np.ndarray, A: np.ndarray | None, loss: Loss,
+                    partners: np.ndarray, joint: bool = False) -> ScoreStats:
+    """Score statistics of in-chunk negatives (x_i, y_j), j in ``partners[:, i]`` (−1: none;
+    from :func:`~cosim_dask.core.negatives.negative_partners`), each against the label of a
+    negative; invalid pairs are left out."""
+    k, i = np.nonzero(partners >= 0)
+    s = pair_similarity(x[i], y[partners[k, i]], A, on_invalid="nan")
+    s = s[np.isfinite(s)]
+    t = np.full(len(s), NEGATIVE_LABEL)
     values, _ = loss.pointwise(s, t)
     return ScoreStats.of(s, t, values, joint=joint)
 

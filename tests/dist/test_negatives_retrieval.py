@@ -56,6 +56,37 @@ def test_a_pass_with_negatives_equals_the_written_out_pairs(client, views):
     np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_validation_figures_count_the_validation_rows_negatives(client, views):
+    """With negatives, each pass's validation statistics are those of the validation
+    positives and their own in-chunk negatives (partners among the validation positives),
+    written out as pairs: a positive-only store gets a validation AUC, and its validation
+    loss is of the objective trained."""
+    x, y, t = views
+    K, seed = 3, 4
+    A = np.eye(6) + 0.1
+    pairs = on_cluster(client, x, y, t, FullMetric(), negatives=K, validation=0.2, seed=seed)
+    pairs(A)
+    got = pairs.last_validation
+    s_all, t_all = [], []
+    for c in range(4):
+        sl = slice(c * ROWS, (c + 1) * ROWS)
+        val = validation_mask(c, ROWS, 0.2, seed)
+        p = negative_partners(val, K, seed, c)
+        xc, yc = x[sl], y[sl]
+        s_all += [pair_similarity(xc[val], yc[val], A)]
+        s_all += [pair_similarity(xc[val], yc[p[k][val]], A) for k in range(K)]
+        t_all += [np.ones(val.sum())] + [-np.ones(val.sum())] * K
+    s_all, t_all = np.concatenate(s_all), np.concatenate(t_all)
+    assert got.count == len(s_all) == (K + 1) * np.count_nonzero(t_all > 0)
+    assert got.mean_loss == pytest.approx(np.mean((s_all - t_all) ** 2), rel=1e-9)
+    pos, neg = s_all[t_all > 0], s_all[t_all < 0]
+    exact_auc = np.mean(pos[:, None] > neg[None, :])
+    assert got.auc() == pytest.approx(exact_auc, abs=2e-3)  # within the score bins
+    # Evaluation scores the stored pairs alone (as `cosim evaluate`): one class, no AUC.
+    scores = pairs.score(A, ("validation",))["learned/validation"]
+    assert scores.count == len(pos) and np.isnan(scores.auc())
+
+
 def test_negatives_give_the_same_bits_on_the_cluster_and_in_process(client, views):
     """The partners depend on (seed, chunk, epoch) only: 2 workers and one process agree."""
     x, y, t = views
