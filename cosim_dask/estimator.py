@@ -152,7 +152,8 @@ class CosineMetricLearner(_Params):
     batch_chunks : chunks per mini-batch for stochastic solvers.
     negatives : K > 0 gives every positive pair K negatives made inside its chunk, by
         pairing its x with the y of other positive pairs of the chunk (seeded; never the
-        pair itself), with the target of a label −1: for positive pairs only (``y`` all +1).
+        pair itself), with the target of a label −1: for positive pairs only (``y`` all +1),
+        which are refused without it (alone they would fit every similarity to 1).
     chunk_rows : pairs per chunk (None: 65,536 for NumPy inputs, a Dask input's own chunks).
     split_every : fan-in of the reduction tree (None: Dask's ``split_every`` config, or 8).
     client : a ``distributed.Client`` to fit on; always used when given.
@@ -174,7 +175,8 @@ class CosineMetricLearner(_Params):
     components_ : (k, d) L with A = LᵀL (M for the factor form, A^½ for the full form):
         plain cosine similarity of ``transform(X)`` rows equals the learned similarity.
     threshold_ : similarity threshold of :meth:`predict`, calibrated for accuracy on the
-        training pairs (:meth:`calibrate_threshold` and :meth:`set_threshold` change it).
+        training pairs (with ``negatives``, and their negatives, at the resolution of the
+        score histograms; :meth:`calibrate_threshold` and :meth:`set_threshold` change it).
     classes_ : binary labels only: (2,) the labels of y's kind in y's dtype, ``[-1, 1]`` or
         ``[0, 1]`` (both even if y held one of them); ``classes_[1]`` means similar.
     n_iter_ : solver steps taken.
@@ -322,6 +324,12 @@ class CosineMetricLearner(_Params):
             classes = _labels(raw.dtype, bool(self._compute(has_zero) if is_dask(raw)
                                               else has_zero))
         config = self._config(binary)
+        if binary and not config.negatives and not bool(
+                self._compute((y < 0).any()) if is_dask(y) else (y < 0).any()):
+            # Fitted alone, positive pairs pull every similarity to 1: a useless metric.
+            raise CosimError("y holds one class only (+1: positive pairs), which says nothing "
+                             "of what a non-match looks like; pass negatives=K (e.g. 4) to "
+                             "pair each x with the y of K other pairs of its chunk")
         form = config.make_parameterisation()
         params0 = form.initial(d, seed=self.random_state)
         in_process = self.client is None and (
@@ -330,12 +338,11 @@ class CosineMetricLearner(_Params):
                 and pairs.size < IN_PROCESS_MAX_FLOATS)
         )
         if in_process:
-            state, solver, scores, targets = self._fit_in_process(pairs, y, config, form,
+            state, solver, self.threshold_ = self._fit_in_process(pairs, y, config, form,
                                                                   params0)
         else:
-            state, solver, scores, targets = self._fit_on_cluster(pairs, y, config, form,
+            state, solver, self.threshold_ = self._fit_on_cluster(pairs, y, config, form,
                                                                   params0)
-        self.threshold_ = calibrated_threshold(scores, targets, "accuracy")
         self._set_learned(build_model(form, solver.params, config, state,
                                       targets="binary" if binary else "graded"),
                           state, d, "in-process" if in_process else "cluster")
@@ -367,8 +374,10 @@ class CosineMetricLearner(_Params):
 
         with threadpool_limits(limits=self.blas_threads):
             state, solver = self._run(source, config, form, params0, _binary(y))
+            if config.negatives:
+                return state, solver, _negatives_threshold(source, form.metric(solver.params))
         scores = pair_similarity(x0, x1, form.metric(solver.params), on_invalid="nan")
-        return state, solver, scores, y
+        return state, solver, calibrated_threshold(scores, y, "accuracy")
 
     def _fit_on_cluster(self, pairs, y, config, form, params0):
         client, owned = self._client()
@@ -383,15 +392,19 @@ class CosineMetricLearner(_Params):
                                positive_weight=config.positive_weight)
             targets = client.compute(pieces.held[2]).result()
             state, solver = self._run(source, config, form, params0, _binary(targets))
-            scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
-                                                 form.metric(solver.params))).result()
+            if config.negatives:
+                threshold = _negatives_threshold(source, form.metric(solver.params))
+            else:
+                scores = client.compute(_dask_scores(pieces.held[0], pieces.held[1],
+                                                     form.metric(solver.params))).result()
+                threshold = calibrated_threshold(scores, targets, "accuracy")
         finally:
             if owned is not None:
                 # Deferred, as in _client: importing cosim_dask does not load distributed.
                 from cosim_dask.dist.cluster import close
 
                 close(*owned)
-        return state, solver, scores, targets
+        return state, solver, threshold
 
     def _client(self):
         """(client, owned): the given client, the current one, or a new LocalCluster's.
@@ -628,6 +641,14 @@ def _labels(dtype: np.dtype, has_zero: bool) -> np.ndarray:
     they are one or the other)."""
     zero_one = has_zero or np.dtype(dtype).kind in "bu"
     return np.array([0 if zero_one else -1, 1]).astype(dtype)
+
+
+def _negatives_threshold(source, A: np.ndarray) -> float:
+    """The accuracy-best threshold of a fit with in-chunk negatives: on the training pairs
+    and their negatives (one scoring pass, binned at the score histograms' resolution, 2/8192).
+    On the stored pairs alone, all positive, it would fall below every score and ``predict``
+    would call every pair similar."""
+    return source.score(A, ("train",))["learned/train"].best_threshold()
 
 
 def _binary(y: np.ndarray) -> bool:

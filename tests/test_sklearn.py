@@ -105,9 +105,23 @@ def test_predict_returns_labels_of_ys_kind_and_dtype(pairs_y, kind, dtype):
 @pytest.mark.parametrize("y,classes", [(np.ones(40, np.uint8), [0, 1]), (np.zeros(40, int), [0, 1]),
                                        (np.ones(40, bool), [False, True]), (np.ones(40), [-1, 1])])
 def test_a_y_of_one_label_keeps_both_labels_of_its_kind(pairs_y, y, classes):
-    model = CosineMetricLearner(max_iter=2).fit(pairs_y[0][:40], y)
+    # Positive pairs alone need negatives made for them (see the next test).
+    negatives = 2 if y.any() else 0
+    model = CosineMetricLearner(max_iter=2, negatives=negatives).fit(pairs_y[0][:40], y)
     assert model.classes_.dtype == y.dtype and model.classes_.tolist() == classes
     assert set(model.predict(pairs_y[0]).tolist()) <= set(classes)
+
+
+def test_positive_pairs_alone_are_refused_without_negatives(pairs_y):
+    """All +1 and no negatives would fit every similarity to 1: a one-line error naming
+    the way out; with negatives, predict tells the pairs from random pairings."""
+    pairs = pairs_y[0][pairs_y[1] > 0]
+    with pytest.raises(CosimError, match="one class only .* pass negatives=K"):
+        CosineMetricLearner(max_iter=2).fit(pairs, np.ones(len(pairs)))
+    model = CosineMetricLearner(negatives=4).fit(pairs, np.ones(len(pairs)))
+    shuffled = np.stack([pairs[:, 0], pairs[np.random.default_rng(0).permutation(len(pairs)),
+                                             1]], axis=1)
+    assert np.mean(model.predict(pairs) > 0) > np.mean(model.predict(shuffled) > 0) + 0.2
 
 
 def test_graded_targets_have_no_classes_and_predict_plus_minus_one(pairs_y):

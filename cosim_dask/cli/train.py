@@ -168,16 +168,16 @@ def train(
         else:
             say(console, f"stopped: {result.state.stop_reason} after {result.state.step} "
                          f"steps in {result.seconds:.1f} s")
+            held_out = attrs.get("validation_figures")
+            _print_figures(held_out or attrs.get("train_figures"),
+                           split_title("validation" if held_out else "train",
+                                       (attrs.get("settings") or {}).get("validation")
+                                       or 0.0))
             if live.get("positive_only"):
-                # AUC and accuracy need negatives; positive pairs have retrieval figures.
-                echo(f"{store} holds positive pairs only: rank them with `cosim evaluate "
-                     f"{out} {store} --retrieval`")
-            else:
-                held_out = attrs.get("validation_figures")
-                _print_figures(held_out or attrs.get("train_figures"),
-                               split_title("validation" if held_out else "train",
-                                           (attrs.get("settings") or {}).get("validation")
-                                           or 0.0))
+                # Those figures are of each pair against its in-chunk negatives; retrieval
+                # ranks it among many.
+                echo(f"{store} holds positive pairs only (the figures count their in-chunk "
+                     f"negatives): rank them with `cosim evaluate {out} {store} --retrieval`")
             echo(f"model written to {out}")
         # The results are out first; then the page stays up as long as asked.
         if linger > 0 and scheduler is None and live.get("url"):
@@ -206,7 +206,7 @@ def _on_start(console: Console, tracker: Tracker, live: dict) -> Callable[[dict]
         if info.get("live_hint"):
             say(console, info["live_hint"])
         s = info["store"]
-        live["positive_only"] = s.attrs.get("target_stats", {}).get("count_neg") == 0
+        live["positive_only"] = s.positive_only
         resumed = info["resumed_at"]
         say(console,
             f"{s.n:,} pairs × {s.d} dims in {info['chunks']} chunks; data "

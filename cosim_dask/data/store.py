@@ -148,6 +148,13 @@ class PairStore:
         return self.location or self.path
 
     @property
+    def positive_only(self) -> bool:
+        """Every target is +1: a binary store whose target statistics count no −1 (checked
+        against the arrays' size when the store was opened)."""
+        stats = self.attrs.get("target_stats") or {}
+        return self.targets == "binary" and stats.get("count_neg") == 0
+
+    @property
     def n_chunks(self) -> int:
         """Number of row chunks (the last may be shorter)."""
         return -(-self.n // self.chunk_rows)

@@ -65,8 +65,9 @@ class ChunkSpec:
     count K negatives per positive validation pair too (partners among the validation
     positives, the same every pass), so that the figures that stop training measure the
     objective it fits: without them a positive-only store's validation loss rewards every
-    similarity being 1 and its AUC is undefined. Evaluation (``splits``) scores the stored
-    pairs alone, as ``cosim evaluate`` does.
+    similarity being 1 and its AUC is undefined. So do the statistics of ``splits`` (a
+    training run's final figures and thresholds); ``cosim evaluate``, which knows no
+    negatives, scores the stored pairs alone.
     ``retrieval``: evaluation, with the parameters being A: retrieval statistics
     (:mod:`cosim_dask.core.retrieval`) of A and of plain cosine over the positive pairs of
     the rows of ``splits[0]``, among candidate blocks of this size drawn from
@@ -139,12 +140,16 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
         return ChunkResult(None, None, None, _retrieval(x, y, t, val, params, spec, index))
     if spec.with_validation or spec.splits:
         A = spec.parameterisation.metric(params)
+    # With negatives, the figures of a split count its positive pairs' in-chunk negatives
+    # too (drawn as the full passes draw them, epoch 0: the same every pass).
+    masks = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}
     if spec.with_validation:
+        split = "validation" if spec.validation > 0 else "all"
         rows = np.flatnonzero(val) if spec.validation > 0 else None
         validation = score_rows(x, y, t, A, spec.loss, spec.joint, rows=rows)
         if spec.negatives:
-            eligible = (val if rows is not None else np.ones(len(x), bool)) & (t > 0)
-            partners = negative_partners(eligible, spec.negatives, spec.seed, index)
+            partners = negative_partners(masks[split] & (t > 0), spec.negatives, spec.seed,
+                                         index)
             validation = validation + score_negatives(x, y, A, spec.loss, partners, spec.joint)
     if spec.splits:
         scores = {}
@@ -152,11 +157,15 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
             # Each split scores its own rows: a pair's learned similarity can differ in its
             # last bit with the other rows of its BLAS block, and these figures must be the
             # ones the training passes and `cosim evaluate` report.
-            rows = {"train": np.flatnonzero(~val), "validation": np.flatnonzero(val),
-                    "all": None}[split]
+            rows = None if split == "all" else np.flatnonzero(masks[split])
+            partners = (negative_partners(masks[split] & (t > 0), spec.negatives, spec.seed,
+                                          index) if spec.negatives else None)
             for name, metric in (("learned", A), ("plain", None)):
-                scores[f"{name}/{split}"] = score_rows(x, y, t, metric, spec.loss,
-                                                       spec.joint, rows=rows)
+                stats = score_rows(x, y, t, metric, spec.loss, spec.joint, rows=rows)
+                if partners is not None:
+                    stats = stats + score_negatives(x, y, metric, spec.loss, partners,
+                                                    spec.joint)
+                scores[f"{name}/{split}"] = stats
     return ChunkResult(train, validation, scores)
 
 

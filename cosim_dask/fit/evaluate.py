@@ -38,11 +38,13 @@ def score_pieces(
     splits: tuple[str, ...] = ("all",),
     joint: bool = False,
     split_every: int | None = None,
+    negatives: int = 0,
 ) -> dict[str, ScoreStats]:
     """ScoreStats keyed ``"learned/<split>"`` and ``"plain/<split>"``: one evaluation pass
-    (:meth:`cosim_dask.dist.passes.Pairs.score`)."""
+    (:meth:`cosim_dask.dist.passes.Pairs.score`); with ``negatives``, each split's positive
+    pairs' in-chunk negatives count too (a run trained with them: its final figures)."""
     pairs = DaskPairs(client, pieces, FullMetric(), loss, validation=validation, seed=seed,
-                      split_every=split_every)
+                      split_every=split_every, negatives=negatives)
     return pairs.score(A, splits, joint=joint)
 
 

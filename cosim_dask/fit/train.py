@@ -317,6 +317,12 @@ def check_request(
         raise CosimError(
             f"{{negatives}} needs positive pairs (a binary or positive-only store); "
             f"{store_path!r} has graded targets", params={"negatives": ANY})
+    if store.positive_only and not config.negatives:
+        # Fitted alone, positive pairs pull every similarity to 1: a useless metric.
+        raise CosimError(
+            f"{store_path!r} holds positive pairs only (every target +1), which say nothing "
+            "of what a non-match looks like; pass {negatives} K (e.g. 4) to pair each x with "
+            "the y of K other pairs of its chunk", params={"negatives": ANY})
     if not resume:
         return store, None
     if checkpoint is None or not checkpoint.is_current(out):
@@ -393,7 +399,7 @@ def _final_figures(client, pieces, A, config: TrainConfig, binary: bool, split_e
     splits = ("train", "validation") if config.validation > 0 else ("train",)
     stats = score_pieces(client, pieces, A, loss=config.make_loss(binary),
                          validation=config.validation, seed=config.seed, splits=splits,
-                         split_every=split_every)
+                         split_every=split_every, negatives=config.negatives)
     figures: dict[str, Any] = {"train_figures": summarize(stats, "train", binary=binary)}
     if binary:
         figures["threshold"] = figures["train_figures"]["learned"]["threshold"]

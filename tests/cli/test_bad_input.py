@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 import cosim_dask
 from cosim_dask.cli.app import app
-from cosim_dask.data.ingest import generate_store
+from cosim_dask.data.ingest import generate_store, ingest_arrays
 from cosim_dask.data.store import create_store, open_store
 from cosim_dask.errors import (
     CosimError,
@@ -69,6 +69,8 @@ def world(tmp_path_factory):
     generate_store(w / "sx.zarr", pairs=100, dim=6, rank=2, targets="binary", seed=1)
     np.save(w / "sx.zarr" / "x.npy", rng.standard_normal((50, 6)).astype(np.float32))
     (w / "link-to-store").symlink_to(w / "store.zarr")
+    # Positive pairs only (no targets given): training them needs --negatives.
+    ingest_arrays(w / "positive.zarr", x=w / "x.npy", y=w / "y.npy", target=None)
     return w
 
 
@@ -308,6 +310,8 @@ CLI_CASES = [
     ("lr-nan", [*TRAIN, "--lr", "nan"], ["--lr nan", "finite"]),
     ("steps-huge", [*TRAIN, "--steps", "100000000000000000000"], ["--steps ", "10,000,000"]),
     ("negatives-too-many", [*TRAIN, "--negatives", "65"], ["--negatives 65", "between 0 and 64"]),
+    ("positive-only-without-negatives", ["train", "{w}/positive.zarr", "--out", "{w}/new.zarr"],
+     ["holds positive pairs only", "pass --negatives K"]),
     ("retrieval-one-candidate", ["evaluate", M, S, "--retrieval", "--candidates", "1"],
      ["'--candidates'"]),
     ("regularization-inf", [*TRAIN, "--regularization", "inf"], ["--regularization inf"]),

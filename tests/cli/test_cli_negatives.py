@@ -30,9 +30,20 @@ def test_positive_pairs_train_with_negatives_and_rank_better_than_plain_cosine(
     result = cosim_main("train", store, "--out", model, "--negatives", "2", "--steps", "6",
                         "--validation", "0.2", "--scheduler", cluster_address)
     assert result.exit_code == 0, result.output
-    assert "holds positive pairs only: rank them with `cosim evaluate" in result.stdout
-    assert "auc" not in result.stdout  # no AUC/accuracy table without negatives
-    assert load_model(model).attrs["settings"]["negatives"] == 2
+    assert ("holds positive pairs only (the figures count their in-chunk negatives): rank "
+            "them with `cosim evaluate") in result.stdout
+    # The table is of each validation pair against its in-chunk negatives: an AUC, and a
+    # threshold that tells a pair from a random one.
+    trained = load_model(model)
+    assert trained.attrs["settings"]["negatives"] == 2
+    figures = trained.attrs["validation_figures"]
+    assert "auc" in result.stdout and figures["learned"]["auc"] > figures["plain"]["auc"] + 0.05
+    assert -1.0 < trained.attrs["threshold"] < 1.0
+    # Without negatives, positive pairs alone would fit every similarity to 1: refused.
+    result = cosim_main("train", store, "--out", tmp_path / "none.zarr", "--scheduler",
+                        cluster_address)
+    assert result.exit_code == 2 and "pass --negatives K" in result.output
+    assert not (tmp_path / "none.zarr").exists()
     result = cosim_main("evaluate", model, store, "--retrieval", "--candidates", "50",
                         "--json", "--scheduler", cluster_address)
     assert result.exit_code == 0, result.output

@@ -82,9 +82,13 @@ def test_validation_figures_count_the_validation_rows_negatives(client, views):
     pos, neg = s_all[t_all > 0], s_all[t_all < 0]
     exact_auc = np.mean(pos[:, None] > neg[None, :])
     assert got.auc() == pytest.approx(exact_auc, abs=2e-3)  # within the score bins
-    # Evaluation scores the stored pairs alone (as `cosim evaluate`): one class, no AUC.
-    scores = pairs.score(A, ("validation",))["learned/validation"]
-    assert scores.count == len(pos) and np.isnan(scores.auc())
+    # A training run's final figures count them too (the same as its last step's); an
+    # evaluation without negatives (`cosim evaluate`) scores the stored pairs alone.
+    final = pairs.score(A, ("validation",))["learned/validation"]
+    assert final.count == got.count and final.loss == pytest.approx(got.loss, rel=1e-12)
+    stored = on_cluster(client, x, y, t, FullMetric(), validation=0.2, seed=seed)
+    stored = stored.score(A, ("validation",))["learned/validation"]
+    assert stored.count == len(pos) and np.isnan(stored.auc())
 
 
 def test_negatives_give_the_same_bits_on_the_cluster_and_in_process(client, views):
