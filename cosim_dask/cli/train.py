@@ -332,7 +332,9 @@ def evaluate(
     if retrieval:
         _print_retrieval(report, store)
         return
-    echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs")
+    negatives = (f" (positive pairs, each with {report['negatives']} in-chunk negatives)"
+                 if report.get("negatives") else "")
+    echo(f"{report['split']} rows of {store}: {report['learned']['pairs']:,} pairs{negatives}")
     fraction = (loaded.attrs.get("settings") or {}).get("validation") or 0.0
     _print_figures(report, split_title(report["split"], fraction))
 

@@ -88,6 +88,11 @@ def roc_points(stats: ScoreStats, max_points: int = 201) -> dict[str, list[float
     return {"fpr": fpr[keep].round(6).tolist(), "tpr": tpr[keep].round(6).tolist()}
 
 
+#: In-chunk negatives per pair when evaluating a store of positive pairs with a model
+#: trained without them.
+EVALUATE_NEGATIVES = 4
+
+
 def evaluate_model(
     model_path: str | Model, store_path: str, *, client: Client, split: str = "auto",
     split_every: int | None = None,
@@ -99,19 +104,28 @@ def evaluate_model(
     ``split="auto"`` uses the validation rows when the store is the one the model was trained
     on (and it held rows out), else every row. Accuracy uses the thresholds calibrated on the
     training rows at training time.
+
+    Positive pairs alone are one class: on a store of them, each pair is scored with
+    in-chunk negatives (``"negatives"`` in the report), as many as the model was trained
+    with (else :data:`EVALUATE_NEGATIVES`), drawn from its seed: on its training store the
+    figures are its training run's final ones.
     """
     model, store, split, fraction = _model_and_rows(model_path, store_path, split)
     settings = model.attrs.get("settings", {})
     binary = store.targets == "binary"
     loss = _model_loss(model.attrs, binary)
+    negatives = (int(settings.get("negatives") or 0) or EVALUATE_NEGATIVES
+                 if store.positive_only else 0)
     pieces = store_pieces(store.source, store.chunk_slices(), identity=store.fingerprint)
     stats = score_pieces(client, pieces, model.A,
                          loss=loss, validation=fraction, seed=int(settings.get("seed", 0)),
-                         splits=(split,), joint=not binary, split_every=split_every)
+                         splits=(split,), joint=not binary, split_every=split_every,
+                         negatives=negatives)
     thresholds = {"learned": model.attrs.get("threshold"),
                   "plain": model.attrs.get("plain_threshold")}
     report = summarize(stats, split, binary=binary, thresholds=thresholds)
-    return {"split": split, "model": _shown(model_path), "store": str(store_path), **report}
+    return {"split": split, "model": _shown(model_path), "store": str(store_path),
+            "negatives": negatives, **report}
 
 
 def _model_and_rows(model_path: str | Model, store_path: str, split: str

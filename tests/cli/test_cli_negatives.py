@@ -39,6 +39,14 @@ def test_positive_pairs_train_with_negatives_and_rank_better_than_plain_cosine(
     figures = trained.attrs["validation_figures"]
     assert "auc" in result.stdout and figures["learned"]["auc"] > figures["plain"]["auc"] + 0.05
     assert -1.0 < trained.attrs["threshold"] < 1.0
+    # `cosim evaluate` scores them the same way (the model's K and seed): the same figures.
+    result = cosim_main("evaluate", model, store, "--json", "--scheduler", cluster_address)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["negatives"] == 2 and report["split"] == "validation"
+    for name in ("learned", "plain"):
+        assert report[name]["pairs"] == figures[name]["pairs"]
+        assert report[name]["auc"] == pytest.approx(figures[name]["auc"], abs=1e-12)
     # Without negatives, positive pairs alone would fit every similarity to 1: refused.
     result = cosim_main("train", store, "--out", tmp_path / "none.zarr", "--scheduler",
                         cluster_address)
