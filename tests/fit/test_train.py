@@ -171,14 +171,16 @@ def counting_model_reads(monkeypatch) -> list:
     return reads
 
 
-@pytest.mark.parametrize("solver,cut", [("lbfgs", 3), ("stream+lbfgs", 0)])
+@pytest.mark.parametrize("solver,cut,negatives", [("lbfgs", 3, 0), ("stream+lbfgs", 0, 0),
+                                                  ("stream+lbfgs", 0, 2)])
 def test_resume_equals_uninterrupted(binary_store, tmp_path, cluster_address, monkeypatch,
-                                     solver, cut):
+                                     solver, cut, negatives):
     """Cut mid-run (L-BFGS), or (the default schedule) right after its streaming first
-    pass, then resumed: the same metric, history and passes as one uninterrupted run."""
+    pass, with or without in-chunk negatives, then resumed: the same metric, history and
+    passes as one uninterrupted run."""
     whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
     common = ["--steps", 8, "--checkpoint-every", 2, "--solver", solver,
-              "--scheduler", cluster_address]
+              "--negatives", negatives, "--scheduler", cluster_address]
     cosim("train", binary_store, "--out", whole, *common)
     cosim("train", binary_store, "--out", part, *common[:1], cut, *common[2:])
     assert load_model(part).attrs["steps"] == cut
