@@ -140,16 +140,20 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
         return ChunkResult(None, None, None, _retrieval(x, y, t, val, params, spec, index))
     if spec.with_validation or spec.splits:
         A = spec.parameterisation.metric(params)
-    # With negatives, the figures of a split count its positive pairs' in-chunk negatives
-    # too (drawn as the full passes draw them, epoch 0: the same every pass).
     masks = {"train": ~val, "validation": val, "all": np.ones(len(x), bool)}
+
+    def split_partners(split: str) -> np.ndarray | None:
+        # With negatives, a split's figures count its positive pairs' in-chunk negatives too
+        # (drawn as the full passes draw them, epoch 0: the same every pass).
+        return (negative_partners(masks[split] & (t > 0), spec.negatives, spec.seed, index)
+                if spec.negatives else None)
+
     if spec.with_validation:
         split = "validation" if spec.validation > 0 else "all"
         rows = np.flatnonzero(val) if spec.validation > 0 else None
         validation = score_rows(x, y, t, A, spec.loss, spec.joint, rows=rows)
-        if spec.negatives:
-            partners = negative_partners(masks[split] & (t > 0), spec.negatives, spec.seed,
-                                         index)
+        partners = split_partners(split)
+        if partners is not None:
             validation = validation + score_negatives(x, y, A, spec.loss, partners, spec.joint)
     if spec.splits:
         scores = {}
@@ -158,8 +162,7 @@ def chunk_result(x: np.ndarray, y: np.ndarray, t: np.ndarray, params: np.ndarray
             # last bit with the other rows of its BLAS block, and these figures must be the
             # ones the training passes and `cosim evaluate` report.
             rows = None if split == "all" else np.flatnonzero(masks[split])
-            partners = (negative_partners(masks[split] & (t > 0), spec.negatives, spec.seed,
-                                          index) if spec.negatives else None)
+            partners = split_partners(split)
             for name, metric in (("learned", A), ("plain", None)):
                 stats = score_rows(x, y, t, metric, spec.loss, spec.joint, rows=rows)
                 if partners is not None:
