@@ -324,12 +324,8 @@ class CosineMetricLearner(_Params):
             classes = _labels(raw.dtype, bool(self._compute(has_zero) if is_dask(raw)
                                               else has_zero))
         config = self._config(binary)
-        if binary and not config.negatives and not bool(
-                self._compute((y < 0).any()) if is_dask(y) else (y < 0).any()):
-            # Fitted alone, positive pairs pull every similarity to 1: a useless metric.
-            raise CosimError("y holds one class only (+1: positive pairs), which says nothing "
-                             "of what a non-match looks like; pass negatives=K (e.g. 4) to "
-                             "pair each x with the y of K other pairs of its chunk")
+        if binary:
+            _check_both_classes(y, config.negatives, self._compute)
         form = config.make_parameterisation()
         params0 = form.initial(d, seed=self.random_state)
         in_process = self.client is None and (
@@ -641,6 +637,21 @@ def _labels(dtype: np.dtype, has_zero: bool) -> np.ndarray:
     they are one or the other)."""
     zero_one = has_zero or np.dtype(dtype).kind in "bu"
     return np.array([0 if zero_one else -1, 1]).astype(dtype)
+
+
+def _check_both_classes(y, negatives: int, compute) -> None:
+    """Binary labels of one class alone fit a useless metric (+1 only: every similarity
+    pulled to 1; −1 only: to the negative target): a one-line error naming the way out.
+    Positive pairs with ``negatives`` have their other class made for them."""
+    lo, hi = (float(compute(v) if is_dask(v) else v) for v in (y.min(), y.max()))
+    has_pos, has_neg = hi > 0, lo < 0
+    if not has_pos:
+        raise CosimError("y holds one class only (-1: every pair different), which says "
+                         "nothing of what a match looks like; give some pairs labelled +1")
+    if not has_neg and not negatives:
+        raise CosimError("y holds one class only (+1: positive pairs), which says nothing "
+                         "of what a non-match looks like; pass negatives=K (e.g. 4) to "
+                         "pair each x with the y of K other pairs of its chunk")
 
 
 def _negatives_threshold(source, A: np.ndarray) -> float:

@@ -155,6 +155,12 @@ class PairStore:
         return self.targets == "binary" and stats.get("count_neg") == 0
 
     @property
+    def negative_only(self) -> bool:
+        """Every target is −1: a binary store whose target statistics count no +1."""
+        stats = self.attrs.get("target_stats") or {}
+        return self.targets == "binary" and stats.get("count_pos") == 0
+
+    @property
     def n_chunks(self) -> int:
         """Number of row chunks (the last may be shorter)."""
         return -(-self.n // self.chunk_rows)

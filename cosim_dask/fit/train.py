@@ -317,6 +317,10 @@ def check_request(
         raise CosimError(
             f"{{negatives}} needs positive pairs (a binary or positive-only store); "
             f"{store_path!r} has graded targets", params={"negatives": ANY})
+    if store.negative_only:
+        raise CosimError(
+            f"{store_path!r} holds negative pairs only (every target -1), which say nothing "
+            "of what a match looks like; add pairs labelled +1 (cosim ingest)")
     if store.positive_only and not config.negatives:
         # Fitted alone, positive pairs pull every similarity to 1: a useless metric.
         raise CosimError(

@@ -71,6 +71,8 @@ def world(tmp_path_factory):
     (w / "link-to-store").symlink_to(w / "store.zarr")
     # Positive pairs only (no targets given): training them needs --negatives.
     ingest_arrays(w / "positive.zarr", x=w / "x.npy", y=w / "y.npy", target=None)
+    ingest_arrays(w / "negative.zarr", x=w / "x.npy", y=w / "y.npy",
+                  target=-np.ones(50, np.float32))
     return w
 
 
@@ -312,6 +314,8 @@ CLI_CASES = [
     ("negatives-too-many", [*TRAIN, "--negatives", "65"], ["--negatives 65", "between 0 and 64"]),
     ("positive-only-without-negatives", ["train", "{w}/positive.zarr", "--out", "{w}/new.zarr"],
      ["holds positive pairs only", "pass --negatives K"]),
+    ("negative-only", ["train", "{w}/negative.zarr", "--out", "{w}/new.zarr", "--negatives", "2"],
+     ["holds negative pairs only", "add pairs labelled +1"]),
     ("retrieval-one-candidate", ["evaluate", M, S, "--retrieval", "--candidates", "1"],
      ["'--candidates'"]),
     ("regularization-inf", [*TRAIN, "--regularization", "inf"], ["--regularization inf"]),
