@@ -251,6 +251,38 @@ def cosine(n: np.ndarray, m: np.ndarray, cross: np.ndarray, ok: np.ndarray) -> n
     return np.clip(s, -1.0, 1.0)  # roundoff can leave |s| a hair above 1
 
 
+def indexed_similarity(x: np.ndarray, y: np.ndarray, A: np.ndarray | None, i: np.ndarray,
+                       j: np.ndarray) -> np.ndarray:
+    """Similarity of the pairs (x[i[k]], y[j[k]]), NaN where it is undefined.
+
+    For many pairs made of few rows (in-chunk negatives: K pairs per row) each row's
+    product with A is computed once, not once per pair as :func:`pair_similarity` of the
+    gathered rows would: the GEMMs shrink K-fold and what is left per pair is a dot
+    product. The same formula as :func:`pair_similarity` (xᵀAy / sqrt(xᵀAx · yᵀAy), GEMMs
+    in the input's precision, sums in float64), to float roundoff.
+    """
+    x, y, _ = as_pair_arrays(x, y)
+    d = x.shape[1]
+    x_rows, i_at = np.unique(np.asarray(i, dtype=np.intp), return_inverse=True)
+    y_rows, j_at = np.unique(np.asarray(j, dtype=np.intp), return_inverse=True)
+    xr, yr = x[x_rows], y[y_rows]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf rows come out as NaN
+        if A is None:
+            xa, ya = xr, yr
+        else:
+            A_c = _check_metric(A, d).astype(x.dtype)
+            xa, ya = xr @ A_c, yr @ A_c
+        n = np.einsum("ij,ij->i", xr, xa).astype(np.float64)[i_at]
+        m = np.einsum("ij,ij->i", yr, ya).astype(np.float64)[j_at]
+        cross = np.empty(len(i_at), dtype=np.float64)
+        block = default_block_rows(d)
+        for lo in range(0, len(i_at), block):  # the gathered rows stay a block at a time
+            cross[lo: lo + block] = np.einsum("ij,ij->i", xa[i_at[lo: lo + block]],
+                                              yr[j_at[lo: lo + block]])
+    ok = valid_mask(n, m, cross, None)
+    return np.where(ok, cosine(n, m, cross, ok), np.nan)
+
+
 def _row_indices(rows, n: int) -> np.ndarray:
     """``rows`` as in-range integer indices: a boolean mask of the n pairs is taken as the
     pairs it marks; anything else (floats, out-of-range indices) is an error, never a

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from cosim_dask.core.forms import Parameterisation
-from cosim_dask.core.kernel import Partial, as_pair_arrays, pair_similarity
+from cosim_dask.core.kernel import (
+    Partial,
+    as_pair_arrays,
+    indexed_similarity,
+    pair_similarity,
+)
 from cosim_dask.core.local import (
     LocalFit,
     LocalState,
@@ -204,7 +209,7 @@ def score_negatives(x: np.ndarray, y: np.ndarray, A: np.ndarray | None, loss: Lo
     from :func:`~cosim_dask.core.negatives.negative_partners`), each against the label of a
     negative; invalid pairs are left out."""
     k, i = np.nonzero(partners >= 0)
-    s = pair_similarity(x[i], y[partners[k, i]], A, on_invalid="nan")
+    s = indexed_similarity(x, y, A, i, partners[k, i])
     s = s[np.isfinite(s)]
     t = np.full(len(s), NEGATIVE_LABEL)
     values, _ = loss.pointwise(s, t)

@@ -437,3 +437,26 @@ def test_gathered_rows_never_copy_the_whole_input(rng, strided):
     np.testing.assert_array_equal(got, x[rows])
     assert got is out
     assert peak < x.nbytes // 100  # about the rows gathered, not the 12.8 MB input
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("learned", [True, False])
+def test_indexed_similarity_is_pair_similarity_of_the_gathered_rows(rng, dtype, learned):
+    """Many pairs from few rows, as in-chunk negatives make them (repeats, any order,
+    more pairs than rows): the similarities of the gathered pairs, NaN where a row is
+    zero or NaN, to float roundoff."""
+    from cosim_dask.core.kernel import indexed_similarity
+
+    x = rng.standard_normal((300, 12)).astype(dtype)
+    y = rng.standard_normal((300, 12)).astype(dtype)
+    x[7] = 0.0
+    y[11, 3] = np.nan
+    A = random_spd(rng, 12) if learned else None
+    i = rng.integers(0, 300, 5000)
+    j = rng.integers(0, 300, 5000)
+    got = indexed_similarity(x, y, A, i, j)
+    want = pair_similarity(x[i], y[j], A, on_invalid="nan")
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).any()
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=tol, atol=tol)
