@@ -542,10 +542,26 @@ class CosineMetricLearner(_Params):
 
         metric-learn's score for pair learners, kept rather than scikit-learn's classifier
         accuracy: it ranks metrics without depending on ``threshold_``. Pairs whose similarity
-        is undefined (a zero vector) are left out.
+        is undefined (a zero vector) are left out. Positive pairs only (``y`` all +1, a
+        model fitted with ``negatives``): the AUC of each pair against its in-chunk
+        negatives, made as in the fit (``negatives`` per pair, chunks of ``chunk_rows``,
+        ``random_state``), so that a search over positive pairs ranks its candidates.
         """
         scores, y = self._materialised(pairs, y)
+        if self.negatives and len(y) and (y > 0).all():
+            return self._positive_pairs_auc(pairs)
         return roc_auc(scores, y)
+
+    def _positive_pairs_auc(self, pairs: Any) -> float:
+        pairs = check_pairs(pairs)
+        if is_dask(pairs):
+            pairs = check_pairs(pairs.compute())
+        x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
+        source = LocalPairs(x0, x1, np.ones(len(pairs)), FullMetric(), "mse",
+                            chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
+                            seed=self.random_state, negatives=self.negatives)
+        with threadpool_limits(limits=self.blas_threads):
+            return source.score(self.metric_, ("all",))["learned/all"].auc()
 
     def score_retrieval(self, pairs: Any, *, candidates: int = 1000, seed: int = 0
                         ) -> dict[str, dict[str, float]]:

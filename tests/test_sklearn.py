@@ -125,6 +125,16 @@ def test_positive_pairs_alone_are_refused_without_negatives(pairs_y):
         with pytest.raises(CosimError, match="one class only"):
             CosineMetricLearner(max_iter=2).fit(da.from_array(pairs), da.from_array(y))
     model = CosineMetricLearner(negatives=4).fit(pairs, np.ones(len(pairs)))
+    # score on positive pairs: each against its in-chunk negatives, as a labelled set of the
+    # pairs and those negatives written out would score.
+    from cosim_dask.core.negatives import negative_partners
+
+    partners = negative_partners(np.ones(len(pairs), bool), 4, model.random_state, 0)
+    k, i = np.nonzero(partners >= 0)
+    written = np.concatenate([pairs, np.stack([pairs[i, 0], pairs[partners[k, i], 1]], 1)])
+    labels = np.r_[np.ones(len(pairs)), -np.ones(len(i))]
+    auc = model.score(pairs, np.ones(len(pairs)))
+    assert 0.6 < auc == pytest.approx(model.score(written, labels), abs=2e-3)
     shuffled = np.stack([pairs[:, 0], pairs[np.random.default_rng(0).permutation(len(pairs)),
                                              1]], axis=1)
     assert np.mean(model.predict(pairs) > 0) > np.mean(model.predict(shuffled) > 0) + 0.2
