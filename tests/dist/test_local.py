@@ -69,7 +69,7 @@ def local_pairs(data, form, **kw):
 
 
 @pytest.mark.parametrize("form,negatives", [(FactorMetric(), 0), (FullMetric(), 0),
-                                            (FactorMetric(), 3)])
+                                            (FactorMetric(), 3), (FullMetric(), 3)])
 def test_first_pass_same_in_process_and_on_the_cluster(client, data, form, negatives):
     x, y, t = data
     start = form.initial(8)
