@@ -30,9 +30,11 @@ from threadpoolctl import threadpool_limits
 
 from cosim_dask.core.checks import check_is_fitted, check_pairs, check_targets, is_dask
 from cosim_dask.core.forms import FullMetric
-from cosim_dask.core.kernel import pair_similarity
+from cosim_dask.core.kernel import indexed_similarity, pair_similarity
+from cosim_dask.core.negatives import negative_partners
 from cosim_dask.core.objective import Objective
 from cosim_dask.core.stats import calibrated_threshold, roc_auc
+from cosim_dask.data.split import chunk_slices
 from cosim_dask.dist.passes import DaskPairs, LocalPairs, persisted_pieces
 from cosim_dask.dist.tree import resolve_split_every
 from cosim_dask.errors import CosimError, ShapeError
@@ -506,14 +508,40 @@ class CosineMetricLearner(_Params):
         return self
 
     def _materialised(self, pairs: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs' similarities and targets, in memory, undefined ones left out. Positive
+        pairs only (``y`` all +1) of a model fitted with ``negatives``: with each pair's
+        in-chunk negatives (label −1) made as in the fit, so that a score or a threshold
+        has both classes to go by."""
         scores = self.pair_score(pairs)
         y, _ = check_targets(y, pairs.shape[0])
         if is_dask(scores):
             scores = self._compute(scores)
         if is_dask(y):
             y = self._compute(y)
+        y = np.asarray(y, dtype=np.float64)
+        if self.negatives and len(y) and (y > 0).all():
+            negative = self._negative_scores(pairs)
+            scores, y = np.concatenate([scores, negative]), np.r_[y, -np.ones(len(negative))]
         ok = np.isfinite(scores)
-        return scores[ok], np.asarray(y, dtype=np.float64)[ok]
+        return scores[ok], y[ok]
+
+    def _negative_scores(self, pairs: Any) -> np.ndarray:
+        """Similarities of the pairs' in-chunk negatives: ``negatives`` per pair, chunks of
+        ``chunk_rows``, drawn from ``random_state`` as the fit's full passes draw them."""
+        pairs = check_pairs(pairs)
+        if is_dask(pairs):
+            pairs = check_pairs(self._compute(pairs))
+        x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
+        out = [np.empty(0)]
+        for chunk, rows in enumerate(chunk_slices(len(pairs),
+                                                  self.chunk_rows or DEFAULT_CHUNK_ROWS)):
+            partners = negative_partners(np.ones(rows.stop - rows.start, bool), self.negatives,
+                                         self.random_state, chunk)
+            k, i = np.nonzero(partners >= 0)
+            with threadpool_limits(limits=self.blas_threads):
+                out.append(indexed_similarity(x0[rows], x1[rows], self.metric_, i,
+                                              partners[k, i]))
+        return np.concatenate(out)
 
     def _compute(self, array):
         return self.client.compute(array).result() if self.client is not None else \
@@ -524,7 +552,9 @@ class CosineMetricLearner(_Params):
                             ) -> CosineMetricLearner:
         """Set ``threshold_`` from labelled pairs (metric-learn's strategies).
 
-        The n similarities are materialised in memory (8 bytes a pair).
+        The n similarities are materialised in memory (8 bytes a pair). Positive pairs only
+        (``y`` all +1, a model fitted with ``negatives``): calibrated on the pairs and their
+        in-chunk negatives, as :meth:`score` scores them.
 
         Parameters
         ----------
@@ -548,20 +578,7 @@ class CosineMetricLearner(_Params):
         ``random_state``), so that a search over positive pairs ranks its candidates.
         """
         scores, y = self._materialised(pairs, y)
-        if self.negatives and len(y) and (y > 0).all():
-            return self._positive_pairs_auc(pairs)
         return roc_auc(scores, y)
-
-    def _positive_pairs_auc(self, pairs: Any) -> float:
-        pairs = check_pairs(pairs)
-        if is_dask(pairs):
-            pairs = check_pairs(pairs.compute())
-        x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
-        source = LocalPairs(x0, x1, np.ones(len(pairs)), FullMetric(), "mse",
-                            chunk_rows=self.chunk_rows or DEFAULT_CHUNK_ROWS,
-                            seed=self.random_state, negatives=self.negatives)
-        with threadpool_limits(limits=self.blas_threads):
-            return source.score(self.metric_, ("all",))["learned/all"].auc()
 
     def score_retrieval(self, pairs: Any, *, candidates: int = 1000, seed: int = 0
                         ) -> dict[str, dict[str, float]]:

@@ -134,7 +134,12 @@ def test_positive_pairs_alone_are_refused_without_negatives(pairs_y):
     written = np.concatenate([pairs, np.stack([pairs[i, 0], pairs[partners[k, i], 1]], 1)])
     labels = np.r_[np.ones(len(pairs)), -np.ones(len(i))]
     auc = model.score(pairs, np.ones(len(pairs)))
-    assert 0.6 < auc == pytest.approx(model.score(written, labels), abs=2e-3)
+    assert 0.6 < auc == pytest.approx(model.score(written, labels), abs=1e-12)
+    # calibrate_threshold likewise: on positives alone it would fall below every score.
+    for strategy in ("accuracy", "f_beta"):
+        on_pairs = model.calibrate_threshold(pairs, np.ones(len(pairs)), strategy).threshold_
+        on_written = model.calibrate_threshold(written, labels, strategy).threshold_
+        assert on_pairs == on_written and np.min(model.pair_score(pairs)) < on_pairs
     shuffled = np.stack([pairs[:, 0], pairs[np.random.default_rng(0).permutation(len(pairs)),
                                              1]], axis=1)
     assert np.mean(model.predict(pairs) > 0) > np.mean(model.predict(shuffled) > 0) + 0.2
