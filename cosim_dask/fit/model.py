@@ -28,7 +28,7 @@ import cosim_dask.objectstore as objectstore
 from cosim_dask import __version__
 from cosim_dask.core.forms import Parameterisation
 from cosim_dask.errors import ModelError
-from cosim_dask.fit.config import TrainConfig
+from cosim_dask.fit.config import MAX_NEGATIVES, TrainConfig
 from cosim_dask.fit.loop import TrainState, state_to_attrs
 from cosim_dask.outputs import MODEL, Output, UrlOutput, claim_output, is_url, recover
 
@@ -378,6 +378,11 @@ def _check_settings(settings: dict, path: str | Path) -> None:
         if key in settings and not _fits(settings[key], hint):
             raise _damaged(path, f"settings.{key} is {settings[key]!r:.60}, expected "
                                  f"{getattr(hint, '__name__', hint)}")
+    # Sizes work when read back (`cosim evaluate` makes that many negatives per pair).
+    negatives = settings.get("negatives")
+    if isinstance(negatives, int) and not 0 <= negatives <= MAX_NEGATIVES:
+        raise _damaged(path, f"settings.negatives is {negatives!r:.60}, expected 0 to "
+                             f"{MAX_NEGATIVES}")
 
 
 def _read(group, name: str, path: str | Path) -> np.ndarray:

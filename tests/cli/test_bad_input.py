@@ -102,6 +102,7 @@ def _damaged_models(w):
     _model_with(w / "model-history-junk.zarr", attrs={"history": [{"step": 1, "loss": "low"}]})
     _model_with(w / "model-settings-list.zarr", attrs={"settings": ["mse", "factor"]})
     _model_with(w / "model-settings-type.zarr", attrs={"settings": {"loss": 3, "seed": 0}})
+    _model_with(w / "model-negatives-huge.zarr", attrs={"settings": {"negatives": 10**9}})
     _model_with(w / "model-steps-str.zarr", attrs={"steps": "10"})
     _model_with(w / "model-threshold-str.zarr", attrs={"threshold": "0.5"})
     solver = {"params": np.eye(6), "grad": np.zeros((6, 6)), "loss": 1.0, "iteration": 1}
@@ -210,6 +211,7 @@ CLI_CASES = [
         ("history-junk", ["history[0].loss"]),
         ("settings-list", ["attribute 'settings'", "expected a dict"]),
         ("settings-type", ["settings.loss is 3", "expected str"]),
+        ("negatives-huge", ["settings.negatives is 1000000000", "expected 0 to 64"]),
         ("steps-str", ["attribute 'steps' is '10'", "expected a count"]),
         ("threshold-str", ["attribute 'threshold'", "number or null"]))],
     *[(f"model-{kind}-resume", ["train", S, "--out", f"{{w}}/model-{kind}.zarr", "--resume",
