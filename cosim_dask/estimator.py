@@ -307,7 +307,8 @@ class CosineMetricLearner(_Params):
         ----------
         pairs : (n_pairs, 2, n_features) NumPy or Dask array
         y : (n_pairs,) targets: ±1 labels, {0, 1} labels (0 = different), or graded in [−1, 1].
-            Binary labels set ``classes_``; a y holding only 1s reads as ±1 labels.
+            Binary labels set ``classes_``; a y holding only 1s reads as ±1 labels (positive
+            pairs: fitted with ``negatives``, refused without).
 
         Returns
         -------
