@@ -75,7 +75,7 @@ def train(
              "−1: opposite).")] = None,
     negatives: Annotated[int, typer.Option(
         min=0, help="Negatives per positive pair, made inside each chunk by pairing x with "
-        "the y of other pairs (for stores of positive pairs only; 0: none).")
+        "the y of other pairs (needed by stores of positive pairs only; 0: none).")
         ] = DEFAULTS.negatives,
     param: Annotated[Parameterisation, typer.Option(
         help="factor: learn M (k × d) with A = MᵀM; full: learn A itself, projected onto "
