@@ -83,7 +83,7 @@ def _child(spec: dict) -> None:
                 from cosim_dask.core.objective import Objective
 
                 objective = Objective(form, source, config.regularization)
-                solver = config.make_solver()
+                solver = config.make_solver(binary)
 
                 def on_step(record):
                     nonlocal paused
