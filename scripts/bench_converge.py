@@ -16,17 +16,25 @@ disk. Workloads, on the demo's synthetic pairs (``cosim generate --rank 8 --nois
   disk    2,000,000 × d = 128 in a store on disk; held out: the store's validation rows
           (the 10 % ``cosim train`` holds out by default), which PyTorch does not train on.
           PyTorch reads the store into memory with zarr (each array whole).
+  positive  200,000 positive pairs × d = 64 in memory, a retrieval task: x and y share an
+          8-dimensional signal (y's a noisy copy of x's) under 56 dimensions of independent,
+          louder nuisance, rotated at random, so plain cosine is mostly nuisance. Ours: the
+          estimator with ``negatives=4``; PyTorch: the same recipe with 4 in-batch negatives
+          a pair (the batch's y rolled by 1..4, target 0). Held out: 10,000 further positives,
+          each with 4 random partners among them labelled −1 (AUC and MSE as above).
 
 Target: the best held-out AUC any run reaches, minus 0.001, and a held-out MSE within 1 % of
-the best. Every run is a fresh process; its clock starts before its imports (start-up
-counted: import + cluster start for ours, import for torch; loading the data counted for
-both), and the held-out evaluation between steps is not counted. A pass is one read of every
+the best. On the positive workload Adam's AUC swings above where it settles (an early peak a
+user could not know to stop at), so there the AUC bar is the best AUC a run ends with.
+Every run is a fresh process; its clock starts before its imports (start-up counted: import
++ cluster start for ours, import for torch; loading the data counted for both), and the
+held-out evaluation between steps is not counted. A pass is one read of every
 training row (a partial pass counts as its fraction). Medians of ``--repeats`` interleaved
 runs.
 
-Usage: python scripts/bench_converge.py [--quick] [--only memory|disk] [--repeats 3]
+Usage: python scripts/bench_converge.py [--quick] [--only memory|disk|positive] [--repeats 3]
        [--workdir DIR]
---quick: 40,000 × 32 and 200,000 × 64 (a smoke run, < 1 min).
+--quick: 40,000 × 32, 200,000 × 64 and 40,000 × 32 (a smoke run, < 1 min).
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ TORCH_EPOCHS = 2.0
 EVALS_PER_EPOCH = 10
 AUC_SLACK = 1e-3
 MSE_SLACK = 0.01
+#: In-chunk (ours) or in-batch (PyTorch) negatives per pair of the positive workload.
+NEGATIVES = 4
 
 
 # ---------------------------------------------------------------- child processes
@@ -69,7 +79,7 @@ def _child(spec: dict) -> None:
     def now() -> float:
         return time.time() - t0 - paused
 
-    if spec["kind"] == "ours-memory":
+    if spec["kind"] in ("ours-memory", "ours-positive"):
         from cosim_dask.core.stats import ScoreStats  # noqa: F401 - part of the import cost
         from cosim_dask.estimator import CosineMetricLearner
         from cosim_dask.fit.loop import run_solver
@@ -98,7 +108,7 @@ def _child(spec: dict) -> None:
                                    targets_binary=binary)
                 return state, solver
 
-        Timed().fit(pairs, y)
+        Timed(negatives=spec.get("negatives", 0)).fit(pairs, y)
         done = now()
     elif spec["kind"] == "ours-disk":
         from cosim_dask.dist.cluster import ClusterConfig, close, connect
@@ -134,8 +144,15 @@ def _child(spec: dict) -> None:
             order = rows[torch.randperm(n)]
             for lo in range(0, n, batch):
                 idx = order[lo: lo + batch]
-                s = torch.nn.functional.cosine_similarity(x[idx] @ M.T, y[idx] @ M.T)
-                loss = torch.mean((s - t[idx]) ** 2)
+                u, v = x[idx] @ M.T, y[idx] @ M.T
+                s = torch.nn.functional.cosine_similarity(u, v)
+                if spec.get("negatives"):
+                    # In-batch negatives: each x with the y of the next 1..K pairs, target 0.
+                    rolled = [torch.nn.functional.cosine_similarity(u, v.roll(k, 0))
+                              for k in range(1, spec["negatives"] + 1)]
+                    loss = torch.cat([(s - t[idx]) ** 2, *(r ** 2 for r in rolled)]).mean()
+                else:
+                    loss = torch.mean((s - t[idx]) ** 2)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -240,6 +257,17 @@ def prepare(name: str, n: int, d: int, work: Path) -> dict:
     from cosim_dask.data.synthetic import hidden_metric, synthetic_chunk
 
     rank, noise = 8, 0.3
+    if name == "positive":
+        x, y = _views(n + 10_000, d, rank, seed=0)
+        np.savez(work / "data.npz", pairs=np.stack([x[:n], y[:n]], axis=1), y=np.ones(n))
+        hx, hy = x[n:], y[n:]
+        rng = np.random.default_rng(1)
+        partners = [rng.permutation(len(hx)) for _ in range(NEGATIVES)]
+        np.savez(work / "held.npz", x=np.concatenate([hx] * (NEGATIVES + 1)),
+                 y=np.concatenate([hy, *(hy[p] for p in partners)]),
+                 t=np.r_[np.ones(len(hx)), -np.ones(NEGATIVES * len(hx))])
+        return {"data": str(work / "data.npz"), "held": str(work / "held.npz"),
+                "negatives": NEGATIVES}
     if name == "memory":
         from cosim_dask.data.synthetic import synthetic_pairs
 
@@ -263,6 +291,21 @@ def prepare(name: str, n: int, d: int, work: Path) -> dict:
     return {**spec, "held": str(work / "held.npz")}
 
 
+def _views(n: int, d: int, signal: int, seed: int):
+    """Positive pairs (x, y) for retrieval: a shared ``signal``-dimensional part (y's a
+    noisy copy of x's) under d − signal dimensions of independent, louder nuisance, both
+    rotated by one random orthogonal matrix (float32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, signal))
+    x = np.concatenate([z, 1.5 * rng.standard_normal((n, d - signal))], axis=1)
+    y = np.concatenate([z + 0.5 * rng.standard_normal((n, signal)),
+                        1.5 * rng.standard_normal((n, d - signal))], axis=1)
+    rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (x @ rotation).astype(np.float32), (y @ rotation).astype(np.float32)
+
+
 def workload(name: str, n: int, d: int, repeats: int, work: Path, grid: list) -> None:
     print(f"\n== {name}: {n:,} pairs × d = {d}", flush=True)
     spec = prepare(name, n, d, work)
@@ -272,7 +315,11 @@ def workload(name: str, n: int, d: int, repeats: int, work: Path, grid: list) ->
              for b, lr in grid}
     first["ours"] = run_child(ours)
     runs = {k: [v] for k, v in first.items()}
-    best_auc = max(p["auc"] for r in first.values() for p in r["points"] if p["auc"])
+    peak_auc = max(p["auc"] for r in first.values() for p in r["points"] if p["auc"])
+    best_auc = peak_auc
+    if name == "positive":  # the best AUC a run ends with (see the docstring)
+        best_auc = max(r["points"][-1]["auc"] for r in first.values())
+        print(f"highest held-out AUC at any point of any run: {peak_auc:.5f}")
     best_mse = min(p["mse"] for r in first.values() for p in r["points"])
     reached = {k: to_target(v, best_auc, best_mse) for k, v in first.items()}
     torch_key = min((k for k in first if k != "ours"),
@@ -321,7 +368,7 @@ def workload(name: str, n: int, d: int, repeats: int, work: Path, grid: list) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=("memory", "disk"))
+    parser.add_argument("--only", choices=("memory", "disk", "positive"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -333,7 +380,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         sizes = {"memory": (40_000, 32) if args.quick else (200_000, 64),
-                 "disk": (200_000, 64) if args.quick else (2_000_000, 128)}
+                 "disk": (200_000, 64) if args.quick else (2_000_000, 128),
+                 "positive": (40_000, 32) if args.quick else (200_000, 64)}
         for name, (n, d) in sizes.items():
             if args.only in (None, name):
                 sub = work / name
