@@ -534,12 +534,12 @@ class CosineMetricLearner(_Params):
             pairs = check_pairs(self._compute(pairs))
         x0, x1 = pairs[:, 0, :], pairs[:, 1, :]
         out = [np.empty(0)]
-        for chunk, rows in enumerate(chunk_slices(len(pairs),
-                                                  self.chunk_rows or DEFAULT_CHUNK_ROWS)):
-            partners = negative_partners(np.ones(rows.stop - rows.start, bool), self.negatives,
-                                         self.random_state, chunk)
-            k, i = np.nonzero(partners >= 0)
-            with threadpool_limits(limits=self.blas_threads):
+        with threadpool_limits(limits=self.blas_threads):
+            for chunk, rows in enumerate(chunk_slices(len(pairs),
+                                                      self.chunk_rows or DEFAULT_CHUNK_ROWS)):
+                partners = negative_partners(np.ones(rows.stop - rows.start, bool),
+                                             self.negatives, self.random_state, chunk)
+                k, i = np.nonzero(partners >= 0)
                 out.append(indexed_similarity(x0[rows], x1[rows], self.metric_, i,
                                               partners[k, i]))
         return np.concatenate(out)
@@ -677,7 +677,12 @@ def _check_both_classes(y, negatives: int, compute) -> None:
     """Binary labels of one class alone fit a useless metric (+1 only: every similarity
     pulled to 1; −1 only: to the negative target): a one-line error naming the way out.
     Positive pairs with ``negatives`` have their other class made for them."""
-    lo, hi = (float(compute(v) if is_dask(v) else v) for v in (y.min(), y.max()))
+    if is_dask(y):
+        import dask.array as da
+
+        lo, hi = compute(da.stack([y.min(), y.max()]))  # one pass over y
+    else:
+        lo, hi = y.min(), y.max()
     has_pos, has_neg = hi > 0, lo < 0
     if not has_pos:
         raise CosimError("y holds one class only (-1: every pair different), which says "

@@ -151,14 +151,16 @@ class PairStore:
     def positive_only(self) -> bool:
         """Every target is +1: a binary store whose target statistics count no −1 (checked
         against the arrays' size when the store was opened)."""
-        stats = self.attrs.get("target_stats") or {}
-        return self.targets == "binary" and stats.get("count_neg") == 0
+        return self._counts_none("count_neg")
 
     @property
     def negative_only(self) -> bool:
         """Every target is −1: a binary store whose target statistics count no +1."""
+        return self._counts_none("count_pos")
+
+    def _counts_none(self, count: str) -> bool:
         stats = self.attrs.get("target_stats") or {}
-        return self.targets == "binary" and stats.get("count_pos") == 0
+        return self.targets == "binary" and stats.get(count) == 0
 
     @property
     def n_chunks(self) -> int:
